@@ -1,19 +1,260 @@
-"""Runs a study plan over a transport: QC, then the analyses the plan lists. (stub)"""
+"""Run a study plan over a transport: describe sites, harmonise variants, QC, write results.
+
+The plan is a plain dict (built from the Hydra config by :mod:`fedgen.study.plan`), so the
+same runner serves the Flower ServerApp and the in-process transport used by fast tests.
+Results are written to a staging folder and published only when complete.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
+import platform
+import shutil
+import sys
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from fedgen.federation.transport import Request, Transport
+import numpy as np
+
+import fedgen
+from fedgen.analyses.qc import decode_variant_table
+from fedgen.errors import FedgenError
+from fedgen.federation.transport import Reply, Request, Transport
+from fedgen.stats import qc as qcstats
+from fedgen.study.align import Alignment, SiteVariants, align_variants, check_genome_builds
+from fedgen.study.writers import atomic_write_json, publish_dir, staging_dir, write_tsv
+
+log = logging.getLogger("fedgen.study")
+
+DEFAULT_BLOCK = 8192
+
+
+class StudyContext:
+    """Mutable state of one run: bytes and rounds per site, timings, notes."""
+
+    def __init__(self, plan: dict[str, Any], transport: Transport) -> None:
+        self.plan = plan
+        self.transport = transport
+        self.bytes_sent: dict[str, int] = {}
+        self.messages: dict[str, int] = {}
+        self.rounds = 0
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    def query(self, request: Request) -> dict[str, Reply]:
+        replies = self.transport.query(request)
+        self.rounds += 1
+        for site, r in replies.items():
+            self.bytes_sent[site] = self.bytes_sent.get(site, 0) + int(r.nbytes)
+            self.messages[site] = self.messages.get(site, 0) + 1
+        return replies
+
+    def timed(self, name: str) -> "_Timer":
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, ctx: StudyContext, name: str) -> None:
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ctx.timings[self.name] = round(self.ctx.timings.get(self.name, 0.0) + time.perf_counter() - self.t0, 3)
+
+
+def blockwise_sum(
+    ctx: StudyContext,
+    analysis: str,
+    aln: Alignment,
+    *,
+    key: str,
+    params: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
+    label: str = "",
+) -> np.ndarray:
+    """Request ``analysis`` for all study variants (or ``rows`` of them) in blocks; sum sites."""
+    sel = np.arange(len(aln)) if rows is None else np.asarray(rows)
+    block = int(ctx.plan.get("block_size") or DEFAULT_BLOCK)
+    parts: list[np.ndarray] = []
+    n_blocks = max(1, -(-len(sel) // block))
+    report = _progress(label or analysis, n_blocks)
+    for b in range(n_blocks):
+        r = sel[b * block : (b + 1) * block]
+        req = Request(
+            analysis,
+            params=dict(params or {}),
+            per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r]} for s in aln.idx},
+        )
+        replies = ctx.query(req)
+        total = None
+        for site, rep in replies.items():
+            if key not in rep.arrays:
+                raise FedgenError(f"site {site}: reply to {analysis} has no {key!r} array")
+            a = rep.arrays[key]
+            if a.shape[0] != len(r):
+                raise FedgenError(f"site {site}: reply to {analysis} has {a.shape[0]} rows, expected {len(r)}")
+            total = a.copy() if total is None else total + a
+        assert total is not None
+        parts.append(total)
+        report(b + 1)
+    return np.concatenate(parts, axis=0)
+
+
+def _progress(label: str, total: int) -> Callable[[int], None]:
+    last = [0.0]
+
+    def report(done: int) -> None:
+        now = time.perf_counter()
+        if done == total or now - last[0] > 2.0:
+            last[0] = now
+            log.info("%s: block %d/%d", label, done, total)
+
+    return report
+
+
+def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
+    plan = ctx.plan
+    req = Request(
+        "site_info",
+        params={"phenotypes": list(plan.get("phenotypes") or []), "covariates": list(plan.get("covariates") or [])},
+    )
+    replies = ctx.query(req)
+    expected = list(plan.get("sites") or [])
+    if expected:
+        missing = [s for s in expected if s not in replies]
+        if missing:
+            raise FedgenError(f"site(s) {', '.join(missing)} did not take part")
+        replies = {s: replies[s] for s in expected}
+    for site, rep in replies.items():
+        c = rep.meta["counts"]
+        log.info(
+            "site %s: %d samples analysed (%d in VCF only, %d in samples table only), %d variants",
+            site, c["samples"], c["vcf_only_samples"], c["table_only_samples"], c["variants"],
+        )
+    ctx.notes.extend(check_genome_builds({s: r.meta.get("contigs", {}) for s, r in replies.items()}))
+    tables = {}
+    for s, rep in replies.items():
+        chrom, pos, ids, ref, alt = decode_variant_table(rep.arrays["variants"])
+        tables[s] = SiteVariants(chrom, pos, ids, ref, alt)
+    aln = align_variants(tables)
+    log.info("%d variants shared by all %d sites", len(aln), len(replies))
+    return replies, aln
 
 
 def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
-    """Run ``plan`` and write results to ``plan["output_dir"]``; returns the manifest."""
-    replies = transport.query(Request("ping"))
-    out = Path(plan["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"sites": {s: r.meta for s, r in replies.items()}}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    """Run ``plan`` and publish results to ``plan["output_dir"]``; returns the manifest."""
+    t_start = time.time()
+    ctx = StudyContext(plan, transport)
+    out = Path(plan["output_dir"]).resolve()
+    stage = staging_dir(out)
+    try:
+        with ctx.timed("describe_sites"):
+            info, aln = describe_sites(ctx)
+        results: dict[str, Any] = {}
+        analyses = list(plan.get("analyses") or ["freq", "missing", "hardy"])
+        with ctx.timed("genotype_counts"):
+            counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
+        with ctx.timed("write_qc"):
+            results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
+        manifest = build_manifest(plan, ctx, info, aln, results, t_start)
+        atomic_write_json(stage / "manifest.json", manifest)
+        publish_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("results written to %s", out)
     return manifest
+
+
+def write_qc_outputs(
+    out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass list."""
+    chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
+    ref, alt = aln.ref.tolist(), aln.alt.tolist()
+    written = []
+    hardy = qcstats.variant_hardy(counts)
+    if "freq" in analyses:
+        f, obs = qcstats.variant_alt_freq(counts)
+        write_tsv(out / "freq.afreq", ["#CHROM", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"], [chrom, ids, ref, alt, f, obs])
+        written.append("freq.afreq")
+    if "missing" in analyses:
+        m, n, fm = qcstats.variant_missing(counts)
+        write_tsv(out / "missing.vmiss", ["#CHROM", "ID", "MISSING_CT", "OBS_CT", "F_MISS"], [chrom, ids, m, n, fm])
+        written.append("missing.vmiss")
+    if "hardy" in analyses:
+        cols = ["HOM_A1_CT", "HET_A1_CT", "TWO_AX_CT", "O(HET_A1)", "E(HET_A1)", "P"]
+        write_tsv(out / "hardy.hardy", ["#CHROM", "ID", "A1", "AX", *cols], [chrom, ids, ref, alt, *[hardy[c] for c in cols]])
+        written.append("hardy.hardy")
+    filt = qcstats.qc_pass(counts, maf=qc.get("maf"), geno=qc.get("geno"), hwe=qc.get("hwe"), hwe_p=hardy["P"])
+    fails = [k for k in ("fail_geno", "fail_maf", "fail_hwe") if k in filt]
+    reason = []
+    for i in range(len(aln)):
+        r = ",".join(k[5:] for k in fails if filt[k][i])
+        reason.append(r or ".")
+    write_tsv(
+        out / "variants.tsv",
+        ["#CHROM", "POS", "ID", "REF", "ALT", "QC_PASS", "QC_FAIL"],
+        [chrom, aln.pos, ids, ref, alt, filt["pass"].astype(np.int64), reason],
+    )
+    written.append("variants.tsv")
+    qc_summary = {
+        "filters": {k: qc.get(k) for k in ("maf", "geno", "hwe")},
+        "variants": len(aln),
+        "pass": int(filt["pass"].sum()),
+        **{k: int(filt[k].sum()) for k in fails},
+    }
+    log.info("QC: %d of %d variants pass (%s)", qc_summary["pass"], len(aln),
+             ", ".join(f"{k}: {qc_summary[k]}" for k in fails) or "no filters")
+    return {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
+
+
+def build_manifest(
+    plan: dict[str, Any], ctx: StudyContext, info: dict[str, Reply], aln: Alignment, results: dict[str, Any], t_start: float
+) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"fedgen": fedgen.__version__, "python": platform.python_version()}
+    for pkg in ("flwr", "numpy", "scipy", "pysam", "hydra-core"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    sites = {}
+    for s, rep in info.items():
+        sites[s] = {
+            "fedgen_version": rep.meta.get("version"),
+            "vcf": rep.meta.get("vcf"),
+            "samples_file": rep.meta.get("samples_file"),
+            **rep.meta["counts"],
+            "harmonisation": aln.report.get(s, {}),
+            "bytes_sent": ctx.bytes_sent.get(s, 0),
+            "messages": ctx.messages.get(s, 0),
+            "epsilon_spent": 0.0,
+            "delta_spent": 0.0,
+        }
+    return {
+        "fedgen_manifest": 1,
+        "study_id": plan.get("study_id") or uuid.uuid4().hex,
+        "study": plan.get("name", "study"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_seconds": round(time.time() - t_start, 3),
+        "federation": plan.get("federation", "unknown"),
+        "privacy": plan.get("privacy", {"mode": "none"}),
+        "versions": versions,
+        "platform": {"system": platform.system(), "machine": platform.machine(), "argv": sys.argv[:1]},
+        "config": plan.get("config", {}),
+        "sites": sites,
+        "samples_total": int(sum(r.meta["counts"]["samples"] for r in info.values())),
+        "variants": {"study": len(aln), **{f"qc_{k}": v for k, v in results["qc"].items() if k != "filters"}},
+        "qc": results["qc"],
+        "files": results["files"],
+        "rounds": ctx.rounds,
+        "timings": ctx.timings,
+        "notes": ctx.notes,
+    }

@@ -1,0 +1,42 @@
+# fedgen: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.fedgen-installed
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast fixtures bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: a CPU wheel of exactly this version is available here, while any other
+# torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/fedgen simulate --out $(DEMO_DIR)/data --seed 1
+	$(VENV)/bin/fedgen run output_dir=$(DEMO_DIR)/results
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+fixtures: install
+	$(PY) scripts/make_reference_fixtures.py
+	$(PY) scripts/make_hwe_fixtures.py
+
+bench: install
+	$(PY) scripts/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

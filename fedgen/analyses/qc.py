@@ -1,0 +1,77 @@
+"""Site-side partials for QC: site description and genotype counts per variant.
+
+``site_info`` describes the site's data (variant table, contig lengths, sample counts) so the
+aggregator can harmonise variants across sites; ``genotype_counts`` returns, per requested
+variant, the number of analysed samples that are hom-REF, het, hom-ALT and missing. Both are
+sums over samples; neither has a samples axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+import fedgen
+from fedgen.analyses import register
+from fedgen.cohort.cohort import load_cohort
+from fedgen.errors import FedgenError
+
+
+def encode_variant_table(chrom, pos, ids, ref, alt) -> np.ndarray:
+    """Variant table as UTF-8 TSV bytes in a uint8 array (one line per variant)."""
+    lines = "\n".join(f"{c}\t{p}\t{i}\t{r}\t{a}" for c, p, i, r, a in zip(chrom, pos.tolist(), ids, ref, alt))
+    return np.frombuffer(lines.encode(), dtype=np.uint8).copy()
+
+
+def decode_variant_table(buf: np.ndarray) -> tuple[list[str], np.ndarray, list[str], list[str], list[str]]:
+    text = np.asarray(buf, dtype=np.uint8).tobytes().decode()
+    if not text:
+        return [], np.empty(0, np.int64), [], [], []
+    rows = [line.split("\t") for line in text.split("\n")]
+    chrom = [r[0] for r in rows]
+    pos = np.fromiter((int(r[1]) for r in rows), dtype=np.int64, count=len(rows))
+    return chrom, pos, [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+
+
+@register("site_info")
+def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    for col in list(params.get("phenotypes") or []) + list(params.get("covariates") or []):
+        cohort.table.require(col)
+    table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
+    meta = {
+        "site": cohort.site,
+        "version": fedgen.__version__,
+        "vcf": cohort.vcf.name,
+        "samples_file": cohort.table.path.name,
+        "counts": cohort.counts,
+        "contigs": cohort.contigs,
+    }
+    return {"variants": table}, meta
+
+
+def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if "idx" not in arrays:
+        raise FedgenError("request has no variant index array 'idx'")
+    idx = np.asarray(arrays["idx"], dtype=np.int64)
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= cohort.dosage.shape[0])):
+        raise FedgenError("variant indices out of range for this site's data")
+    flip = np.asarray(arrays.get("flip", np.zeros(len(idx), np.uint8)), dtype=bool)
+    if flip.shape != idx.shape:
+        raise FedgenError("'flip' must have one entry per requested variant")
+    return idx, flip
+
+
+@register("genotype_counts")
+def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
+    cohort = load_cohort(node_config)
+    idx, flip = _block_args(cohort, arrays)
+    g = cohort.block(idx, flip)
+    counts = np.empty((len(idx), 4), dtype=np.int64)
+    for k, code in enumerate((0, 1, 2, -1)):
+        counts[:, k] = np.count_nonzero(g == code, axis=1)
+    if np.any(counts.sum(axis=1) != cohort.n_samples):
+        raise FedgenError("internal check failed: genotype codes outside {0,1,2,missing}")
+    return {"counts": counts}, {"n_samples": cohort.n_samples}

@@ -1,0 +1,261 @@
+"""A site's cohort: cached genotype matrix, variant table and the matched samples table.
+
+The genotype cache lives in the site's state folder (``<state_dir>/cache``) and is reused
+while the VCF's path, size and modification time are unchanged. It is written to a temporary
+folder and renamed into place, so an interrupted ingest never leaves a half cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedgen.cohort.contigs import autosome_number, harmonise_contig
+from fedgen.cohort.samples import SamplesTable, read_samples_table
+from fedgen.cohort.vcf import file_fingerprint, read_vcf
+from fedgen.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Cohort:
+    """One site's data, ready for analyses.
+
+    ``dosage`` is (variants, VCF samples) int8 ALT dosage, -1 = missing, memory-mapped.
+    ``sample_cols`` are the VCF columns of the analysed samples (those in both the VCF and the
+    samples table), in VCF order; ``table_rows`` are their rows in the samples table.
+    """
+
+    site: str
+    vcf: Path
+    chrom: np.ndarray
+    pos: np.ndarray
+    ids: np.ndarray
+    ref: np.ndarray
+    alt: np.ndarray
+    dosage: np.ndarray
+    vcf_samples: list[str]
+    contigs: dict[str, int | None]
+    table: SamplesTable
+    sample_cols: np.ndarray
+    table_rows: np.ndarray
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_cols)
+
+    def sample_values(self, column: str, *, numeric: bool = True) -> np.ndarray:
+        """Samples-table column for the analysed samples, aligned to ``sample_cols``."""
+        if numeric:
+            return self.table.numeric(column)[self.table_rows]
+        return np.asarray(self.table.require(column), dtype=object)[self.table_rows]
+
+    def block(self, idx: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+        """Dosages of variants ``idx`` for the analysed samples, (len(idx), n_samples) int8.
+
+        ``flip`` marks variants whose REF/ALT are swapped relative to the study's alleles.
+        """
+        g = np.asarray(self.dosage[np.asarray(idx, dtype=np.int64)])
+        if len(self.sample_cols) != g.shape[1] or not self._all_cols:
+            g = g[:, self.sample_cols]
+        if flip is not None and np.any(flip):
+            f = np.asarray(flip, dtype=bool)
+            sub = g[f]
+            g[f] = np.where(sub < 0, sub, 2 - sub)
+        return g
+
+    @property
+    def _all_cols(self) -> bool:
+        return len(self.sample_cols) == len(self.vcf_samples) and bool(
+            np.all(self.sample_cols == np.arange(len(self.vcf_samples)))
+        )
+
+
+_COHORTS: dict[str, Cohort] = {}
+
+
+def default_state_dir(vcf: Path) -> Path:
+    return Path(vcf).resolve().parent / "fedgen-state"
+
+
+def load_cohort(node_config: Mapping[str, Any], *, progress: bool = False) -> Cohort:
+    """Load (and cache) the cohort described by a site's node config.
+
+    Keys: ``site``, ``vcf``, ``samples``, optional ``state_dir``.
+    """
+    site = str(node_config.get("site") or "site")
+    for key in ("vcf", "samples"):
+        if not node_config.get(key):
+            raise InputError(f"site configuration has no {key!r} path")
+    vcf = Path(str(node_config["vcf"])).expanduser()
+    samples = Path(str(node_config["samples"])).expanduser()
+    state = Path(str(node_config.get("state_dir") or default_state_dir(vcf))).expanduser()
+    if not vcf.exists():
+        raise InputError(f"{vcf}: VCF/BCF file not found")
+    if not samples.exists():
+        raise InputError(f"{samples}: samples table not found")
+    fp = file_fingerprint(vcf)
+    sp = file_fingerprint(samples)
+    memo_key = json.dumps([site, fp, sp, str(state)], sort_keys=True)
+    hit = _COHORTS.get(memo_key)
+    if hit is not None:
+        return hit
+    geno = _load_or_build_cache(vcf, state, fp, progress=progress)
+    table = read_samples_table(samples)
+    cohort = _match(site, vcf, geno, table)
+    _COHORTS.clear()  # one cohort per process is the common case; keep memory bounded
+    _COHORTS[memo_key] = cohort
+    return cohort
+
+
+def _cache_key(fp: Mapping[str, Any]) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, **fp}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _load_or_build_cache(vcf: Path, state: Path, fp: Mapping[str, Any], *, progress: bool) -> dict[str, Any]:
+    cache_root = state / "cache"
+    path_tag = hashlib.sha256(str(fp["path"]).encode()).hexdigest()[:12]
+    final = cache_root / f"{path_tag}-{_cache_key(fp)}"
+    if (final / "meta.json").exists():
+        try:
+            return _open_cache(final)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("genotype cache %s unreadable (%s); rebuilding", final, exc)
+            shutil.rmtree(final, ignore_errors=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{state}: cannot create the site's state folder ({exc.strerror})") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_root))
+    try:
+        _build_cache(vcf, tmp, fp, progress=progress)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in cache_root.glob(f"{path_tag}-*"):  # older caches of the same file
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return _open_cache(final)
+
+
+def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool) -> None:
+    t0 = time.perf_counter()
+    header, blocks, stats = read_vcf(vcf)
+    n = len(header.samples)
+    chrom: list[str] = []
+    pos: list[np.ndarray] = []
+    ids: list[str] = []
+    ref: list[str] = []
+    alt: list[str] = []
+    n_var = 0
+    with open(out / "dosage.i8", "wb") as fh:
+        for blk in blocks:
+            chrom.extend(blk.chrom)
+            pos.append(blk.pos)
+            ids.extend(blk.ids)
+            ref.extend(blk.ref)
+            alt.extend(blk.alt)
+            fh.write(np.ascontiguousarray(blk.dosage).tobytes())
+            n_var += len(blk.pos)
+            if progress and n_var and n_var % 50000 < len(blk.pos):
+                log.info("%s: %d variants read", vcf.name, n_var)
+    if n_var == 0:
+        raise InputError(f"{vcf}: VCF has no biallelic variant records ({stats.records} records read)")
+    np.savez(
+        out / "variants.npz",
+        chrom=np.asarray(chrom),
+        pos=np.concatenate(pos),
+        ids=np.asarray(ids),
+        ref=np.asarray(ref),
+        alt=np.asarray(alt),
+    )
+    meta = {
+        "version": CACHE_VERSION,
+        "fingerprint": dict(fp),
+        "samples": header.samples,
+        "contigs": header.contigs,
+        "n_variants": n_var,
+        "stats": {
+            "records": stats.records,
+            "multiallelic_skipped": stats.multiallelic,
+            "general_path_records": stats.general_path,
+            "records_without_gt": stats.no_gt,
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+    log.info(
+        "%s: cached %d variants x %d samples in %.1f s (%d multi-allelic records skipped)",
+        vcf.name, n_var, n, meta["seconds"], stats.multiallelic,
+    )
+
+
+def _open_cache(path: Path) -> dict[str, Any]:
+    meta = json.loads((path / "meta.json").read_text())
+    v = np.load(path / "variants.npz")
+    n = len(meta["samples"])
+    dosage = np.memmap(path / "dosage.i8", dtype=np.int8, mode="r", shape=(meta["n_variants"], n))
+    return {"meta": meta, "variants": {k: v[k] for k in v.files}, "dosage": dosage}
+
+
+def _match(site: str, vcf: Path, geno: dict[str, Any], table: SamplesTable) -> Cohort:
+    meta = geno["meta"]
+    vcf_samples: list[str] = meta["samples"]
+    pos_in_table = {iid: i for i, iid in enumerate(table.iid)}
+    cols = [j for j, s in enumerate(vcf_samples) if s in pos_in_table]
+    if not cols:
+        raise InputError(
+            f"{table.path}: no sample overlap between the samples table ({len(table.iid)} IIDs, e.g. "
+            f"{', '.join(table.iid[:3])}) and {vcf.name} ({len(vcf_samples)} samples, e.g. "
+            f"{', '.join(vcf_samples[:3])})"
+        )
+    rows = [pos_in_table[vcf_samples[j]] for j in cols]
+    var = geno["variants"]
+    chrom = np.asarray([harmonise_contig(c) for c in var["chrom"].tolist()])
+    contigs_raw: dict[str, int | None] = meta["contigs"]
+    contigs = {harmonise_contig(k): v for k, v in contigs_raw.items()}
+    counts = {
+        "vcf_samples": len(vcf_samples),
+        "table_samples": len(table.iid),
+        "samples": len(cols),
+        "vcf_only_samples": len(vcf_samples) - len(cols),
+        "table_only_samples": len(table.iid) - len(cols),
+        "variants": int(meta["n_variants"]),
+        "autosomal_variants": int(np.count_nonzero([autosome_number(c) > 0 for c in chrom.tolist()])),
+        **{k: int(v) for k, v in meta["stats"].items()},
+    }
+    return Cohort(
+        site=site,
+        vcf=vcf,
+        chrom=chrom,
+        pos=var["pos"],
+        ids=var["ids"],
+        ref=var["ref"],
+        alt=var["alt"],
+        dosage=geno["dosage"],
+        vcf_samples=vcf_samples,
+        contigs=contigs,
+        table=table,
+        sample_cols=np.asarray(cols, dtype=np.int64),
+        table_rows=np.asarray(rows, dtype=np.int64),
+        counts=counts,
+    )

@@ -1,0 +1,93 @@
+"""Hydra configuration → study plan (a plain JSON-able dict) and per-site node configs."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fedgen.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+KNOWN_ANALYSES = ("freq", "missing", "hardy")
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """Compose the study config from ``fedgen/conf`` (= ``configs/``) plus Hydra overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """Validate a composed config and return (plan, node_configs)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = Path(base_dir or Path.cwd())
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    assert isinstance(resolved, dict)
+    study = resolved.get("study") or {}
+    fed = resolved.get("federation") or {}
+    sites_cfg = resolved.get("sites") or {}
+    if not isinstance(sites_cfg, dict) or not sites_cfg:
+        raise ConfigError("no sites configured (select a sites file with sites=NAME)")
+    node_configs: dict[str, dict[str, str]] = {}
+    for name, sc in sites_cfg.items():
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"site name {name!r}: use letters, digits, '-' or '_'")
+        sc = sc or {}
+        if not isinstance(sc, dict):
+            raise ConfigError(f"sites.{name}: expected a mapping with vcf and samples")
+        nc = {"site": str(name)}
+        if fed.get("mode") != "remote":
+            for key in ("vcf", "samples"):
+                if not sc.get(key):
+                    raise ConfigError(f"sites.{name}.{key} is not set")
+                nc[key] = str((base / str(sc[key])).expanduser().resolve())
+            if sc.get("state_dir"):
+                nc["state_dir"] = str((base / str(sc["state_dir"])).expanduser().resolve())
+        node_configs[str(name)] = nc
+    analyses = list(study.get("analyses") or KNOWN_ANALYSES)
+    unknown = [a for a in analyses if a not in KNOWN_ANALYSES]
+    if unknown:
+        raise ConfigError(f"study.analyses: unknown analysis {', '.join(unknown)} (known: {', '.join(KNOWN_ANALYSES)})")
+    qc = study.get("qc") or {}
+    for k, v in qc.items():
+        if k not in ("maf", "geno", "hwe"):
+            raise ConfigError(f"study.qc.{k}: unknown filter (known: maf, geno, hwe)")
+        if v is not None and not (isinstance(v, (int, float)) and 0 <= float(v) <= 1):
+            raise ConfigError(f"study.qc.{k} must be a number in [0, 1] or null, got {v!r}")
+    out = resolved.get("output_dir")
+    if not out:
+        raise ConfigError("output_dir is not set")
+    plan = {
+        "study_id": uuid.uuid4().hex,
+        "name": str(study.get("name", "study")),
+        "output_dir": str((base / str(out)).expanduser().resolve()),
+        "sites": list(node_configs),
+        "analyses": analyses,
+        "phenotypes": [str(p) for p in study.get("phenotypes") or []],
+        "covariates": [str(c) for c in study.get("covariates") or []],
+        "qc": {k: (None if qc.get(k) is None else float(qc[k])) for k in ("maf", "geno", "hwe")},
+        "block_size": int(study.get("block_size") or 8192),
+        "timeout": float(fed.get("timeout") or 600),
+        "connect_timeout": float(fed.get("connect_timeout") or 120),
+        "federation": fed.get("mode", "local"),
+        "privacy": resolved.get("privacy") or {"mode": "none"},
+        "config": resolved,
+    }
+    if plan["privacy"].get("mode", "none") != "none":
+        raise ConfigError(f"privacy mode {plan['privacy'].get('mode')!r} is not available in this version")
+    return plan, node_configs

@@ -1,0 +1,217 @@
+"""Small synthetic VCFs with real-world variety, for tests and reference fixtures.
+
+A pooled genotype matrix is drawn once; :func:`write_vcf` writes any subset of its samples
+with a chosen convention (``chr`` prefix, FORMAT layout, phasing, BCF, REF/ALT swap, sample
+order), and :func:`write_pooled_vcf` writes the canonical pooled file PLINK reads. Splitting
+the pooled samples across sites and comparing federated results with PLINK on the pooled file
+is the "federated equals pooled" test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class SynthData:
+    """Pooled truth: dosages (variants × samples, -1 missing) plus per-call decorations."""
+
+    chrom: list[str]
+    pos: np.ndarray
+    ids: list[str]
+    ref: list[str]
+    alt: list[str]
+    dosage: np.ndarray
+    samples: list[str]
+    half_call: np.ndarray  # bool, a missing call written as './1' style half call
+    haploid: np.ndarray  # bool, a call written haploid ('0' or '1'; dosage 0 or 2)
+    multiallelic: list[int] = field(default_factory=list)  # extra records (not in dosage)
+    pheno: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def make_synth(
+    n_samples: int = 300,
+    n_variants: int = 400,
+    *,
+    seed: int = 0,
+    missing_rate: float = 0.02,
+    contigs: tuple[str, ...] = ("1", "2", "22"),
+    extremes: bool = True,
+) -> SynthData:
+    """Random genotypes with HWE-ish frequencies, missing calls, half calls, haploid calls."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(0.6, 1.2, n_variants).clip(0.002, 0.998)
+    if extremes:
+        k = max(4, n_variants // 20)
+        p[:k] = rng.choice([0.0, 1.0, 0.001, 0.999], k)
+    g = (rng.random((n_variants, n_samples)) < p[:, None]).astype(np.int8) + (
+        rng.random((n_variants, n_samples)) < p[:, None]
+    ).astype(np.int8)
+    if extremes:  # departures from HWE: all-het and excess-hom rows
+        g[k : k + 3] = 1
+        g[k + 3, : n_samples // 2] = 0
+        g[k + 3, n_samples // 2 :] = 2
+    miss = rng.random(g.shape) < missing_rate
+    g[miss] = -1
+    half = miss & (rng.random(g.shape) < 0.2)
+    hap = (~miss) & (g != 1) & (rng.random(g.shape) < 0.01)
+    per = -(-n_variants // len(contigs))
+    chrom = [contigs[min(i // per, len(contigs) - 1)] for i in range(n_variants)]
+    pos = np.zeros(n_variants, dtype=np.int64)
+    for c in contigs:
+        m = np.array([x == c for x in chrom])
+        pos[m] = np.sort(rng.choice(np.arange(1000, 10_000_000), m.sum(), replace=False))
+    bases = np.array(list("ACGT"))
+    ref_i = rng.integers(0, 4, n_variants)
+    alt_i = (ref_i + rng.integers(1, 4, n_variants)) % 4
+    ref = bases[ref_i].tolist()
+    alt = bases[alt_i].tolist()
+    if n_variants > 10:  # a few indels
+        ref[5] = ref[5] + "TG"
+        alt[7] = alt[7] + "CCA"
+    ids = [f"rs{1000 + i}" if i % 17 else "." for i in range(n_variants)]
+    samples = [f"S{i:05d}" for i in range(n_samples)]
+    multi = sorted(rng.choice(n_variants, size=min(3, n_variants), replace=False).tolist())
+    bin_ = (rng.random(n_samples) < 0.4).astype(float)
+    bin_[rng.random(n_samples) < 0.05] = np.nan
+    qt = rng.normal(size=n_samples)
+    qt[rng.random(n_samples) < 0.05] = np.nan
+    return SynthData(chrom, pos, ids, ref, alt, g, samples, half, hap, multi, {"BIN": bin_, "QT": qt})
+
+
+def _calls(d: np.ndarray, half: np.ndarray, hap: np.ndarray, phased: np.ndarray, swap: bool) -> np.ndarray:
+    """Genotype strings (object array) for one block of records."""
+    if swap:
+        d = np.where(d < 0, d, 2 - d)
+    sep = np.where(phased, "|", "/")
+    a = np.where(d == 2, "1", "0")
+    b = np.where(d >= 1, "1", "0")
+    out = np.char.add(np.char.add(a, sep), b).astype(object)
+    out[d < 0] = "./."
+    hc = half & (d < 0)
+    out[hc] = np.where(np.arange(hc.sum()) % 2, "./1", "0/.")
+    hp = hap & (d >= 0) & (d != 1)
+    out[hp] = np.where(d[hp] == 2, "1", "0")
+    return out
+
+
+def write_vcf(
+    data: SynthData,
+    path: Path,
+    *,
+    cols: np.ndarray | None = None,
+    chr_prefix: bool = False,
+    fmt: str = "GT",
+    phased: float = 0.0,
+    swap_rows: np.ndarray | None = None,
+    shuffle_samples: int | None = None,
+    compress: str = "bgzip",
+    with_multiallelic: bool = True,
+    contig_lengths: dict[str, int] | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Write samples ``cols`` of ``data`` as a VCF/BCF; returns the sample order written.
+
+    ``fmt`` is ``"GT"`` or ``"GT:AD:DP:GQ:PL"``; ``compress`` is ``"bgzip"``, ``"gzip"``, ``"none"``
+    or ``"bcf"``. ``swap_rows`` lists variants written with REF and ALT exchanged.
+    """
+    rng = np.random.default_rng(seed)
+    cols = np.arange(len(data.samples)) if cols is None else np.asarray(cols)
+    if shuffle_samples is not None:
+        cols = np.random.default_rng(shuffle_samples).permutation(cols)
+    names = [data.samples[c] for c in cols]
+    swap = np.zeros(len(data.pos), dtype=bool)
+    if swap_rows is not None:
+        swap[np.asarray(swap_rows)] = True
+    lengths = contig_lengths or {c: 250_000_000 - 1000 * int(c) if c.isdigit() else 150_000_000 for c in dict.fromkeys(data.chrom)}
+    cname = (lambda c: f"chr{c}") if chr_prefix else (lambda c: c)
+    lines = ["##fileformat=VCFv4.2"]
+    for c, ln in lengths.items():
+        lines.append(f"##contig=<ID={cname(c)},length={ln}>")
+    lines.append('##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">')
+    if fmt != "GT":
+        lines += [
+            '##FORMAT=<ID=AD,Number=R,Type=Integer,Description="Allelic depths">',
+            '##FORMAT=<ID=DP,Number=1,Type=Integer,Description="Read depth">',
+            '##FORMAT=<ID=GQ,Number=1,Type=Integer,Description="Genotype quality">',
+            '##FORMAT=<ID=PL,Number=G,Type=Integer,Description="Phred-scaled likelihoods">',
+        ]
+    lines.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *names]))
+    n = len(cols)
+    multi = set(data.multiallelic) if with_multiallelic else set()
+    for i in range(len(data.pos)):
+        ph = rng.random(n) < phased
+        calls = _calls(data.dosage[i, cols], data.half_call[i, cols], data.haploid[i, cols], ph, bool(swap[i]))
+        r, a = (data.alt[i], data.ref[i]) if swap[i] else (data.ref[i], data.alt[i])
+        if fmt != "GT":
+            dp = rng.integers(5, 60, n)
+            extra = [f":{x // 2},{x - x // 2}:{x}:{min(99, x + 10)}:0,{x},{3 * x}" for x in dp.tolist()]
+            calls = np.array([c + e for c, e in zip(calls.tolist(), extra)], dtype=object)
+        fixed = [cname(data.chrom[i]), str(data.pos[i]), data.ids[i], r, a, ".", "PASS", ".", fmt]
+        lines.append("\t".join(fixed + calls.tolist()))
+        if i in multi:  # a multi-allelic record right after, at a different position
+            gts = rng.choice(["0/1", "1/2", "0/2", "0/0", "./."], n)
+            fixed = [cname(data.chrom[i]), str(data.pos[i] + 1), ".", "A", "C,G", ".", "PASS", ".", "GT"]
+            lines.append("\t".join(fixed + gts.tolist()))
+    text = "\n".join(lines) + "\n"
+    path = Path(path)
+    if compress == "none":
+        path.write_text(text)
+    elif compress == "gzip":
+        import gzip
+
+        with gzip.open(path, "wt") as fh:
+            fh.write(text)
+    elif compress in ("bgzip", "bcf"):
+        import pysam
+
+        plain = path.with_name(path.name + ".tmp.vcf")
+        plain.write_text(text)
+        if compress == "bgzip":
+            pysam.tabix_compress(str(plain), str(path), force=True)
+            pysam.tabix_index(str(path), preset="vcf", force=True)
+        else:
+            with pysam.VariantFile(str(plain)) as src, pysam.VariantFile(str(path), "wb", header=src.header) as dst:
+                for rec in src:
+                    dst.write(rec)
+        plain.unlink()
+    else:
+        raise ValueError(compress)
+    return names
+
+
+def write_pooled_vcf(data: SynthData, path: Path) -> None:
+    """The canonical pooled file for PLINK: half calls as missing, haploid calls as homozygotes."""
+    d = data.dosage
+    none = np.zeros_like(d, dtype=bool)
+    write_vcf(
+        SynthData(data.chrom, data.pos, data.ids, data.ref, data.alt, d, data.samples, none, none),
+        path,
+        compress="none",
+        with_multiallelic=False,
+    )
+
+
+def write_samples(data: SynthData, path: Path, cols: np.ndarray, *, extra_ids: int = 0, binary_12: bool = False) -> None:
+    """Samples table for ``cols`` (plus ``extra_ids`` IIDs not in any VCF), rows reversed."""
+    lines = ["IID\tBIN\tQT\tage\tsex"]
+    rng = np.random.default_rng(len(cols))
+    for c in list(cols)[::-1]:
+        b = data.pheno["BIN"][c]
+        q = data.pheno["QT"][c]
+        bs = "NA" if np.isnan(b) else str(int(b) + (1 if binary_12 else 0))
+        qs = "NA" if np.isnan(q) else f"{q:.6f}"
+        lines.append(f"{data.samples[c]}\t{bs}\t{qs}\t{rng.integers(20, 80)}\t{rng.integers(1, 3)}")
+    for k in range(extra_ids):
+        lines.append(f"NOTINVCF{k}\t1\t0.5\t40\t1")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def run_plink2(args: list[str], cwd: Path) -> None:
+    """Run plink2 (the AVX2 build when present, for reproducible numerics)."""
+    exe = "/usr/lib/plink2/plink2-avx2" if Path("/usr/lib/plink2/plink2-avx2").exists() else "plink2"
+    subprocess.run([exe, *args], cwd=cwd, check=True, capture_output=True)
