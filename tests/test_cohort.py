@@ -273,3 +273,13 @@ def test_existing_results_survive_a_failed_run(site, tmp_path):
         run_plan(plan, InProcessTransport({"hk": {"site": "hk", "vcf": str(site / "missing.vcf"), "samples": str(site / "s.tsv")}}))
     assert (out / "manifest.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_vcf_path_is_a_directory(site, tmp_path):
+    _bad({"vcf": str(site), "samples": str(site / "s.tsv")}, tmp_path, r"is a directory, expected a VCF/BCF file")
+
+
+def test_samples_table_is_not_tab_separated(site, tmp_path):
+    p = site / "comma.csv"
+    p.write_text("IID,BIN\nS00001,1\n")
+    _bad({"vcf": str(site / "g.vcf.gz"), "samples": str(p)}, tmp_path, r"comma\.csv: samples table has no IID column \(is it tab-separated\?\)")
