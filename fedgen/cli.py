@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FedgenError as exc:
-        log.error("%s", exc)
         print(f"fedgen: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -160,6 +160,10 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
             counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
         with ctx.timed("write_qc"):
             results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
+        with ctx.timed("plots"):
+            from fedgen.results.plots import qc_plots
+
+            results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
         manifest = build_manifest(plan, ctx, info, aln, results, t_start)
         atomic_write_json(stage / "manifest.json", manifest)
         publish_dir(stage, out)
