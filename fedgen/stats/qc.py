@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedgen.stats.hwe import hwe_exact_p
+from fedgen.stats.hwe import hwe_exact_p, hwe_het_expected, hwe_het_observed
 
 
 def _split(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,11 +45,8 @@ def variant_hardy(counts: np.ndarray, *, midp: bool = False) -> dict[str, np.nda
     Returns HOM_A1_CT, HET_A1_CT, TWO_AX_CT, O(HET_A1), E(HET_A1), P (Wigginton exact test).
     """
     hom_ref, het, hom_alt, _ = _split(counts)
-    n = hom_ref + het + hom_alt
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = (2 * hom_ref + het) / n
-        o = het / n
-        e = f * (1 - f / 2)
+    o = hwe_het_observed(het, hom_ref, hom_alt)
+    e = hwe_het_expected(het, hom_ref, hom_alt)
     return {
         "HOM_A1_CT": hom_ref,
         "HET_A1_CT": het,
