@@ -63,6 +63,22 @@ def test_object_arrays_are_refused():
         encode_request("x", {}, {"bad": np.array([{"a": 1}], dtype=object)})
 
 
+def test_fab_carries_no_code():
+    """The FAB `flwr run` ships holds only pyproject.toml: sites import their installed fedgen."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedgen.federation.local import APP_DIR
+
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(APP_DIR)))
+    assert sorted(fab.namelist()) == [".info/CONTENT", "pyproject.toml"]
+    text = fab.read("pyproject.toml").decode()
+    assert 'clientapp = "fedgen.federation.client_app:app"' in text
+    assert 'serverapp = "fedgen.federation.server_app:app"' in text
+
+
 # ---------------------------------------------------------------- transport on a fake Grid
 
 
@@ -175,6 +191,44 @@ def test_flower_error_reply_becomes_site_error():
     t = FlowerTransport(ErrGrid({5: {"site": "hk"}}), expected_sites=["hk"], connect_timeout=1, timeout=1)
     with pytest.raises(SiteError, match="site hk: Flower error 3: ClientApp crashed"):
         t.query(Request("boom"))
+
+
+def _run_server_main(grid, plan, capsys):
+    from flwr.app import Context, RecordDict
+
+    from fedgen.federation.server_app import STATUS_MARKER, main
+
+    capsys.readouterr()
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"plan": json.dumps(plan)})
+    main(grid, ctx)
+    err = capsys.readouterr().err
+    marker = [line for line in err.splitlines() if line.startswith(STATUS_MARKER)]
+    assert len(marker) == 1
+    status = json.loads(Path(plan["status_file"]).read_text())
+    assert json.loads(marker[0][len(STATUS_MARKER) :]) == status
+    return status, err
+
+
+def test_server_app_ok_error_and_internal_error(tmp_path, capsys, caplog, monkeypatch):
+    import fedgen.federation.server_app as server_app
+
+    monkeypatch.setattr(server_app, "_setup_logging", lambda: None)  # keep this process's logging as is
+    grid = FakeGrid({11: {"site": "hk"}, 22: {"site": "sz"}})
+    plan = {"task": "ping", "output_dir": str(tmp_path / "out"), "sites": ["hk", "sz"], "timeout": 2,
+            "connect_timeout": 1, "status_file": str(tmp_path / "st" / "status.json")}  # fmt: skip
+    status, _ = _run_server_main(grid, plan, capsys)
+    assert status == {"status": "ok"}
+    assert set(json.loads((tmp_path / "out" / "manifest.json").read_text())["sites"]) == {"hk", "sz"}
+
+    caplog.clear()
+    status, _ = _run_server_main(grid, {**plan, "sites": ["hk", "sz", "mo"]}, capsys)
+    assert status["status"] == "error" and status["message"].startswith("site mo: did not connect within 1 s")
+    assert "Traceback" not in caplog.text
+
+    (tmp_path / "file").write_text("")
+    status, _ = _run_server_main(grid, {**plan, "output_dir": str(tmp_path / "file" / "out")}, capsys)
+    assert status["status"] == "error" and status["message"].startswith("internal error: NotADirectoryError")
+    assert "Traceback" in caplog.text and "Traceback" not in status["message"]  # logged, not reported
 
 
 # ---------------------------------------------------------------- end to end on real Flower

@@ -84,6 +84,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "block_size": int(study.get("block_size") or 8192),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
+        "run_timeout": float(fed.get("run_timeout") or 7200),
         "federation": fed.get("mode", "local"),
         "privacy": resolved.get("privacy") or {"mode": "none"},
         "config": resolved,

@@ -1,0 +1,147 @@
+"""Aggregator side of fedgen on Flower: run a study plan over the Grid.
+
+``context.run_config["plan"]`` is the JSON text of the study plan (set by the
+launcher with ``flwr run --run-config``). The outcome is written to
+``plan["status_file"]`` (``{"status": "ok"}`` or ``{"status": "error",
+"message": ...}``) and also printed as one ``STATUS_MARKER`` line, which reaches
+the submitter through Flower's log stream when the status file is not on the
+submitter's machine (remote SuperLink).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedgen.errors import ConfigError, FedgenError
+
+log = logging.getLogger("fedgen.server")
+
+#: Prefix of the status line in the ServerApp log (followed by the status JSON).
+STATUS_MARKER = "FEDGEN-STATUS "
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CONNECT_TIMEOUT = 60.0
+
+app = ServerApp()
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _setup_logging() -> None:
+    """Send fedgen's INFO logs to stderr, which Flower streams to `flwr run --stream`."""
+    root = logging.getLogger("fedgen")
+    if not any(getattr(h, "_fedgen_serverapp", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fedgen %(levelname)s %(name)s: %(message)s"))
+        handler._fedgen_serverapp = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def parse_plan(run_config: Any) -> dict[str, Any]:
+    raw = run_config.get("plan", "") if run_config is not None else ""
+    if not raw:
+        raise ConfigError("the run has no study plan (run config 'plan' is empty)")
+    try:
+        plan = json.loads(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"the study plan is not valid JSON: {exc}") from None
+    if not isinstance(plan, dict):
+        raise ConfigError("the study plan must be a JSON object")
+    return plan
+
+
+def ping_study(plan: dict[str, Any], transport: Any) -> dict[str, Any]:
+    """Connectivity check (``plan["task"] == "ping"``): every site answers ``ping``.
+
+    Writes ``output_dir/manifest.json`` with each site's answer (name, fedgen
+    version) and reply size; touches no genotype data.
+    """
+    from fedgen.federation.transport import Request
+
+    t0 = time.perf_counter()
+    replies = transport.query(Request("ping"))
+    manifest = {
+        "task": "ping",
+        "sites": {s: r.meta for s, r in replies.items()},
+        "bytes_received": {s: r.nbytes for s, r in replies.items()},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    out = Path(plan["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def run_study(grid: Grid, plan: dict[str, Any]) -> dict[str, Any]:
+    """Build the Flower transport for ``plan`` and run it; returns the manifest."""
+    from fedgen.federation.flower import FlowerTransport
+
+    sites = plan.get("sites")
+    if sites is not None and (not isinstance(sites, list) or not all(isinstance(s, str) for s in sites)):
+        raise ConfigError("plan 'sites' must be a list of site names")
+    transport = FlowerTransport(
+        grid,
+        expected_sites=sites,
+        connect_timeout=float(plan.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+        timeout=float(plan.get("timeout", DEFAULT_TIMEOUT)),
+    )
+    if plan.get("task") == "ping":
+        return ping_study(plan, transport)
+    from fedgen.study.runner import run_plan
+
+    return run_plan(plan, transport)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    status_file: str | None = None
+    try:
+        plan = parse_plan(context.run_config)
+        status_file = plan.get("status_file") or None
+        log.info("study started (sites: %s)", ", ".join(map(str, plan.get("sites") or [])) or "any")
+        run_study(grid, plan)
+        status: dict[str, Any] = {"status": "ok"}
+        log.info("study finished; results in %s", plan.get("output_dir"))
+    except FedgenError as exc:
+        status = {"status": "error", "message": str(exc)}
+        log.error("study failed: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - report, don't crash without a status
+        status = {"status": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
+        log.error("study failed with an internal error:\n%s", traceback.format_exc())
+    if status_file:
+        try:
+            atomic_write_json(status_file, status)
+        except OSError as exc:
+            log.error("could not write the status file %s: %s", status_file, exc)
+    print(STATUS_MARKER + json.dumps(status), file=sys.stderr, flush=True)
