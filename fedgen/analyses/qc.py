@@ -17,6 +17,8 @@ from fedgen.analyses import register
 from fedgen.cohort.cohort import load_cohort
 from fedgen.errors import FedgenError
 
+SUB_BLOCK = 4096  # variants decoded at once at the site
+
 
 def encode_variant_table(chrom, pos, ids, ref, alt) -> np.ndarray:
     """Variant table as UTF-8 TSV bytes in a uint8 array (one line per variant)."""
@@ -68,10 +70,11 @@ def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arra
     """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
     cohort = load_cohort(node_config)
     idx, flip = _block_args(cohort, arrays)
-    g = cohort.block(idx, flip)
     counts = np.empty((len(idx), 4), dtype=np.int64)
-    for k, code in enumerate((0, 1, 2, -1)):
-        counts[:, k] = np.count_nonzero(g == code, axis=1)
+    for s in range(0, len(idx), SUB_BLOCK):  # bounded memory whatever the request size
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        for k, code in enumerate((0, 1, 2, -1)):
+            counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
     if np.any(counts.sum(axis=1) != cohort.n_samples):
         raise FedgenError("internal check failed: genotype codes outside {0,1,2,missing}")
     return {"counts": counts}, {"n_samples": cohort.n_samples}

@@ -90,6 +90,9 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+LOCAL_SUPERNODE_POLL = 0.05  # seconds; see fedgen.federation.supernode
+
+
 def flower_cmd(name: str) -> str:
     """Absolute path of a Flower console script next to this interpreter (else from PATH)."""
     cand = Path(sys.executable).parent / name
@@ -567,7 +570,7 @@ class LocalFederation:
         port = _reserve_port(self._ports)
         self.supernode_ports[site] = port
         argv = [
-            flower_cmd("flower-supernode"),
+            sys.executable, "-m", "fedgen.federation.supernode",
             "--insecure",
             "--superlink", self.control_address,
             "--host", HOST,
@@ -577,7 +580,8 @@ class LocalFederation:
         with open(logfile, "ab") as fh:
             fh.write(f"\n=== fedgen: starting {' '.join(argv)}\n".encode())
             fh.flush()
-            return self.procs.spawn(f"supernode-{site}", argv, env=flower_env(home), cwd=self.workdir, stdout=fh)
+            env = {**flower_env(home), "FEDGEN_SUPERNODE_POLL": str(LOCAL_SUPERNODE_POLL)}
+            return self.procs.spawn(f"supernode-{site}", argv, env=env, cwd=self.workdir, stdout=fh)
 
     # -- running a study
 

@@ -81,7 +81,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "phenotypes": [str(p) for p in study.get("phenotypes") or []],
         "covariates": [str(c) for c in study.get("covariates") or []],
         "qc": {k: (None if qc.get(k) is None else float(qc[k])) for k in ("maf", "geno", "hwe")},
-        "block_size": int(study.get("block_size") or 8192),
+        "block_size": int(study.get("block_size") or 65536),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
         "run_timeout": float(fed.get("run_timeout") or 7200),
