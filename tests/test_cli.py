@@ -84,3 +84,28 @@ def test_qc_study_on_real_flower_nodes_equals_plink(tmp_path):
     assert all(m["sites"][s]["bytes_sent"] > 0 for s in nodes)
     assert m["rounds"] >= 3  # site_info + 2 blocks of genotype counts
     assert np.isclose(sum(m["sites"][s]["samples"] for s in nodes), len(data.samples))
+
+
+@pytest.mark.slow
+def test_remote_federation_submits_to_running_superlink(tmp_path):
+    """federation=remote: an already running SuperLink with site nodes holding their own data."""
+    from fedgen.federation.local import LocalFederation
+    from fedgen.study.launch import run_study
+
+    data = make_synth(**CASES["small"])
+    nodes = split_sites(data, tmp_path / "sites", [0.6, 0.4], seed=4)
+    cfg = tmp_path / "cfg" / "sites"
+    cfg.mkdir(parents=True)
+    (cfg / "named.yaml").write_text(yaml.safe_dump({s: None for s in nodes}))  # names only
+    with LocalFederation(nodes, workdir=tmp_path / "deploy") as fed:
+        manifest = run_study(
+            [
+                "sites=named", f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "study=qc",
+                f"output_dir={tmp_path / 'out'}", "federation=remote",
+                f"federation.control_address={fed.control_address}", "federation.insecure=true",
+                "federation.run_timeout=300",
+            ],
+            base_dir=tmp_path,
+        )
+    assert manifest["federation"] == "remote"
+    assert_same_table(tmp_path / "out" / "freq.afreq", DATA / "qc" / "small.afreq")
