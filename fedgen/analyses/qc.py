@@ -15,6 +15,7 @@ import numpy as np
 import fedgen
 from fedgen.analyses import register
 from fedgen.cohort.cohort import load_cohort
+from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
@@ -39,8 +40,15 @@ def decode_variant_table(buf: np.ndarray) -> tuple[list[str], np.ndarray, list[s
 @register("site_info")
 def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
-    for col in list(params.get("phenotypes") or []) + list(params.get("covariates") or []):
-        cohort.table.require(col)
+    columns: dict[str, Any] = {}
+    rows = cohort.table_rows.tolist()
+    for role in ("phenotypes", "covariates"):
+        for col in list(params.get(role) or []):
+            values = cohort.table.require(col)
+            try:
+                columns[col] = describe_column([values[i] for i in rows], role=role[:-1])
+            except ValueError as exc:
+                raise FedgenError(f"{cohort.table.path}: column {col!r}: {exc}") from None
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
     meta = {
         "site": cohort.site,
@@ -49,6 +57,7 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
         "samples_file": cohort.table.path.name,
         "counts": cohort.counts,
         "contigs": cohort.contigs,
+        "columns": columns,
     }
     return {"variants": table}, meta
 

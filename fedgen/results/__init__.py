@@ -1,0 +1,77 @@
+"""Load a fedgen results folder into pandas DataFrames (for notebooks and scripts)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if path.suffix == ".assoc":  # PLINK 1.9: space-aligned columns
+        df = pd.read_csv(path, sep=r"\s+", na_values=["NA"])
+    else:
+        df = pd.read_csv(path, sep="\t", na_values=["NA", "nan"], keep_default_na=False, dtype={"#CHROM": str, "ID": str})
+        df = df.rename(columns={"#CHROM": "CHROM"})
+    return df
+
+
+@dataclass
+class Results:
+    """A results folder: QC tables, association tables per phenotype, manifest, plots."""
+
+    path: Path
+    manifest: dict[str, Any]
+    freq: pd.DataFrame | None = None
+    missing: pd.DataFrame | None = None
+    hardy: pd.DataFrame | None = None
+    variants: pd.DataFrame | None = None
+    glm: dict[str, pd.DataFrame] = field(default_factory=dict)
+    assoc: dict[str, pd.DataFrame] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+
+    def site_summary(self) -> pd.DataFrame:
+        """One row per site: samples, variants, harmonisation counts, bytes sent, ε spent."""
+        rows = []
+        for site, s in self.manifest.get("sites", {}).items():
+            h = s.get("harmonisation", {})
+            rows.append(
+                {
+                    "site": site,
+                    "samples": s.get("samples"),
+                    "vcf_only_samples": s.get("vcf_only_samples"),
+                    "table_only_samples": s.get("table_only_samples"),
+                    "variants": s.get("variants"),
+                    "shared_variants": h.get("shared"),
+                    "ref_alt_swapped": h.get("ref_alt_swapped"),
+                    "multiallelic_skipped": s.get("multiallelic_skipped"),
+                    "bytes_sent": s.get("bytes_sent"),
+                    "epsilon_spent": s.get("epsilon_spent"),
+                }
+            )
+        return pd.DataFrame(rows).set_index("site") if rows else pd.DataFrame()
+
+    def top_hits(self, phenotype: str, n: int = 10) -> pd.DataFrame:
+        df = self.glm[phenotype]
+        return df.sort_values("P").head(n)
+
+
+def load_results(path: str | Path) -> Results:
+    """Read every known file of a results folder."""
+    p = Path(path)
+    mf = p / "manifest.json"
+    if not mf.exists():
+        raise FileNotFoundError(f"{p}: no manifest.json (not a complete fedgen results folder)")
+    res = Results(path=p, manifest=json.loads(mf.read_text()))
+    for attr, name in (("freq", "freq.afreq"), ("missing", "missing.vmiss"), ("hardy", "hardy.hardy"), ("variants", "variants.tsv")):
+        if (p / name).exists():
+            setattr(res, attr, _read(p / name))
+    for f in sorted(p.glob("*.glm.*")):
+        res.glm[f.name.split(".glm.")[0]] = _read(f)
+    for f in sorted(p.glob("*.assoc")):
+        res.assoc[f.name[: -len(".assoc")]] = _read(f)
+    res.plots = sorted((p / "plots").glob("*.png")) if (p / "plots").exists() else []
+    return res

@@ -76,3 +76,62 @@ def _save(fig, path: Path) -> Path:
     _plt().close(fig)
     os.replace(tmp, path)
     return path
+
+
+def lambda_gc(p: np.ndarray) -> float:
+    """Genomic inflation λGC: median χ²₁ of the P values over its null expectation (0.4549)."""
+    from scipy import stats
+
+    p = np.asarray(p, dtype=float)
+    p = p[np.isfinite(p) & (p > 0) & (p <= 1)]
+    if len(p) == 0:
+        return float("nan")
+    return float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
+
+
+def manhattan_qq(
+    chrom: np.ndarray, pos: np.ndarray, p: np.ndarray, *, title: str, out_prefix: Path, highlight: set[int] | None = None
+) -> list[Path]:
+    """Manhattan and QQ plots (λGC annotated) for one set of association P values."""
+    plt = _plt()
+    from fedgen.cohort.contigs import contig_sort_key
+
+    chrom = np.asarray(chrom).astype(str)
+    pos = np.asarray(pos, dtype=np.int64)
+    p = np.asarray(p, dtype=float)
+    ok = np.isfinite(p) & (p > 0)
+    lp = np.full(len(p), np.nan)
+    lp[ok] = -np.log10(p[ok])
+    lam = lambda_gc(p)
+    order = sorted(set(chrom.tolist()), key=contig_sort_key)
+    x = np.zeros(len(p))
+    ticks, offset = [], 0.0
+    for k, c in enumerate(order):
+        m = chrom == c
+        span = pos[m].max() - pos[m].min() + 1 if m.any() else 1
+        x[m] = offset + (pos[m] - pos[m].min())
+        ticks.append((offset + span / 2, c))
+        offset += span * 1.02
+    colors = np.where(np.isin(chrom, order[::2]), "#1f4e79", "#7fa7d1")
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.scatter(x[ok], lp[ok], s=3, c=colors[ok], rasterized=True)
+    ax.axhline(-np.log10(5e-8), color="red", lw=0.8, ls="--")
+    ax.set_xticks([t for t, _ in ticks], [c for _, c in ticks])
+    ax.set_xlabel("chromosome")
+    ax.set_ylabel("-log10(P)")
+    ax.set_title(f"{title}  (λGC = {lam:.3f})")
+    fig.tight_layout()
+    written = [_save(fig, Path(f"{out_prefix}_manhattan.png"))]
+    ps = np.sort(p[ok])
+    if len(ps):
+        exp = -np.log10((np.arange(1, len(ps) + 1) - 0.5) / len(ps))
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(exp, -np.log10(ps), s=4, color="#333333")
+        lim = float(exp.max())
+        ax.plot([0, lim], [0, lim], color="red", lw=1)
+        ax.set_xlabel("expected -log10(P)")
+        ax.set_ylabel("observed -log10(P)")
+        ax.set_title(f"{title} QQ  (λGC = {lam:.3f})")
+        fig.tight_layout()
+        written.append(_save(fig, Path(f"{out_prefix}_qq.png")))
+    return written
