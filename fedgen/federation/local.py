@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -666,7 +667,9 @@ def submit_remote(
         raise ConfigError("federation.control_address (host:port of the SuperLink's Control API) is not set")
     if not insecure and root_certificates is None:
         log.info("no root certificates given; the system CA bundle verifies %s", control_address)
-    workdir = Path(workdir or Path.cwd() / ".fedgen-submit").expanduser().resolve()
+    # Flower CLI home and run logs: by default beside the results, never in the current folder
+    default_workdir = Path(str(plan.get("output_dir") or tempfile.gettempdir())).resolve().parent / ".fedgen-submit"
+    workdir = Path(workdir or default_workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     home = Path(flwr_home).expanduser().resolve() if flwr_home else workdir / "flwr-home"
     write_connection(
