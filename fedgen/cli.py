@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a study: fedgen run [HYDRA OVERRIDES], e.g. study=qc output_dir=out")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=cmd_run)
+    try:  # site-node and aggregator commands (fedgen node ..., fedgen aggregator ...)
+        from fedgen.node.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
     return p
 
 
