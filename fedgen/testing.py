@@ -80,7 +80,20 @@ def make_synth(
     bin_[rng.random(n_samples) < 0.05] = np.nan
     qt = rng.normal(size=n_samples)
     qt[rng.random(n_samples) < 0.05] = np.nan
-    return SynthData(chrom, pos, ids, ref, alt, g, samples, half, hap, multi, {"BIN": bin_, "QT": qt})
+    # covariates (drawn last so the genotypes and traits above do not depend on them)
+    age = np.round(rng.uniform(20, 80, n_samples), 1)
+    age[rng.random(n_samples) < 0.02] = np.nan
+    sex = rng.integers(1, 3, n_samples).astype(float)
+    smoking = rng.integers(0, 3, n_samples).astype(float)
+    smoking[rng.random(n_samples) < 0.02] = np.nan
+    # a trait with real genetic and covariate effects (variant 40 and 41 causal)
+    lp = -0.8 + 0.6 * np.clip(g[min(40, n_variants - 1)], 0, 2) + 0.02 * (np.nan_to_num(age, nan=50) - 50) + 0.3 * (sex - 1.5)
+    cc = (rng.random(n_samples) < 1 / (1 + np.exp(-lp))).astype(float)
+    cc[rng.random(n_samples) < 0.03] = np.nan
+    qt2 = 0.4 * np.clip(g[min(41, n_variants - 1)], 0, 2) + 0.01 * np.nan_to_num(age, nan=50) + rng.normal(size=n_samples)
+    qt2[rng.random(n_samples) < 0.03] = np.nan
+    pheno = {"BIN": bin_, "QT": qt, "CC": cc, "QT2": qt2, "age": age, "sex": sex, "smoking": smoking}
+    return SynthData(chrom, pos, ids, ref, alt, g, samples, half, hap, multi, pheno)
 
 
 def _calls(d: np.ndarray, half: np.ndarray, hap: np.ndarray, phased: np.ndarray, swap: bool) -> np.ndarray:
@@ -196,19 +209,58 @@ def write_pooled_vcf(data: SynthData, path: Path) -> None:
     )
 
 
+SMOKING = ("never", "former", "current")
+
+
+def _fmt(v: float, *, integer: bool = False, plus: int = 0) -> str:
+    if np.isnan(v):
+        return "NA"
+    return str(int(v) + plus) if integer else f"{v:.6g}"
+
+
 def write_samples(data: SynthData, path: Path, cols: np.ndarray, *, extra_ids: int = 0, binary_12: bool = False) -> None:
-    """Samples table for ``cols`` (plus ``extra_ids`` IIDs not in any VCF), rows reversed."""
-    lines = ["IID\tBIN\tQT\tage\tsex"]
-    rng = np.random.default_rng(len(cols))
+    """Samples table for ``cols`` (plus ``extra_ids`` IIDs not in any VCF), rows reversed.
+
+    ``binary_12`` writes binary traits in PLINK's 1/2 coding instead of 0/1.
+    """
+    ph = data.pheno
+    lines = ["IID\tBIN\tQT\tCC\tQT2\tage\tsex\tsmoking"]
+    plus = 1 if binary_12 else 0
     for c in list(cols)[::-1]:
-        b = data.pheno["BIN"][c]
-        q = data.pheno["QT"][c]
-        bs = "NA" if np.isnan(b) else str(int(b) + (1 if binary_12 else 0))
-        qs = "NA" if np.isnan(q) else f"{q:.6f}"
-        lines.append(f"{data.samples[c]}\t{bs}\t{qs}\t{rng.integers(20, 80)}\t{rng.integers(1, 3)}")
+        sm = ph["smoking"][c]
+        lines.append(
+            "\t".join(
+                [
+                    data.samples[c],
+                    _fmt(ph["BIN"][c], integer=True, plus=plus),
+                    _fmt(ph["QT"][c]),
+                    _fmt(ph["CC"][c], integer=True, plus=plus),
+                    _fmt(ph["QT2"][c]),
+                    _fmt(ph["age"][c]),
+                    _fmt(ph["sex"][c], integer=True),
+                    "NA" if np.isnan(sm) else SMOKING[int(sm)],
+                ]
+            )
+        )
     for k in range(extra_ids):
-        lines.append(f"NOTINVCF{k}\t1\t0.5\t40\t1")
+        lines.append(f"NOTINVCF{k}\t{1 + plus}\t0.5\t{plus}\t0.1\t40\t1\tnever")
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_pooled_pheno(data: SynthData, pheno: Path, covar: Path) -> None:
+    """PLINK 2 ``--pheno`` (binary traits 1/2-coded) and ``--covar`` files for the pooled samples."""
+    ph = data.pheno
+    with open(pheno, "w") as f:
+        f.write("#IID\tBIN\tQT\tCC\tQT2\n")
+        for i, s in enumerate(data.samples):
+            f.write(f"{s}\t{_fmt(ph['BIN'][i], integer=True, plus=1)}\t{_fmt(ph['QT'][i])}\t"
+                    f"{_fmt(ph['CC'][i], integer=True, plus=1)}\t{_fmt(ph['QT2'][i])}\n")
+    with open(covar, "w") as f:
+        f.write("#IID\tage\tsex\tsmoking\n")
+        for i, s in enumerate(data.samples):
+            sm = ph["smoking"][i]
+            cat = "NONE" if np.isnan(sm) else SMOKING[int(sm)]  # PLINK 2's missing category name
+            f.write(f"{s}\t{_fmt(ph['age'][i])}\t{_fmt(ph['sex'][i], integer=True)}\t{cat}\n")
 
 
 def run_plink2(args: list[str], cwd: Path) -> None:

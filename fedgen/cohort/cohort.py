@@ -117,7 +117,8 @@ def load_cohort(node_config: Mapping[str, Any], *, progress: bool = False) -> Co
     geno = _load_or_build_cache(vcf, state, fp, progress=progress)
     table = read_samples_table(samples)
     cohort = _match(site, vcf, geno, table)
-    _COHORTS.clear()  # one cohort per process is the common case; keep memory bounded
+    while len(_COHORTS) >= 8:  # keep memory bounded (in-process runs hold several sites)
+        _COHORTS.pop(next(iter(_COHORTS)))
     _COHORTS[memo_key] = cohort
     return cohort
 

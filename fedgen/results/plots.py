@@ -96,6 +96,8 @@ def manhattan_qq(
     plt = _plt()
     from fedgen.cohort.contigs import contig_sort_key
 
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+
     chrom = np.asarray(chrom).astype(str)
     pos = np.asarray(pos, dtype=np.int64)
     p = np.asarray(p, dtype=float)

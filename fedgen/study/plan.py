@@ -9,7 +9,7 @@ from typing import Any
 from fedgen.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-KNOWN_ANALYSES = ("freq", "missing", "hardy")
+KNOWN_ANALYSES = ("freq", "missing", "hardy", "assoc", "glm")
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -59,7 +59,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             if sc.get("state_dir"):
                 nc["state_dir"] = str((base / str(sc["state_dir"])).expanduser().resolve())
         node_configs[str(name)] = nc
-    analyses = list(study.get("analyses") or KNOWN_ANALYSES)
+    analyses = list(study.get("analyses") or KNOWN_ANALYSES[:3])
     unknown = [a for a in analyses if a not in KNOWN_ANALYSES]
     if unknown:
         raise ConfigError(f"study.analyses: unknown analysis {', '.join(unknown)} (known: {', '.join(KNOWN_ANALYSES)})")
@@ -82,6 +82,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "covariates": [str(c) for c in study.get("covariates") or []],
         "qc": {k: (None if qc.get(k) is None else float(qc[k])) for k in ("maf", "geno", "hwe")},
         "block_size": int(study.get("block_size") or 65536),
+        "glm_block_size": int(study.get("glm_block_size") or 65536),
+        "site_covariate": bool(study.get("site_covariate") or False),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
         "run_timeout": float(fed.get("run_timeout") or 7200),

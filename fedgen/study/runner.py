@@ -160,6 +160,9 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
             counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
         with ctx.timed("write_qc"):
             results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
+        association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage)
+        results["files"] += association.pop("files")
+        results["association"] = association
         with ctx.timed("plots"):
             from fedgen.results.plots import qc_plots
 
@@ -172,6 +175,39 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         raise
     log.info("results written to %s", out)
     return manifest
+
+
+def run_association_step(
+    ctx: StudyContext, aln: Alignment, counts: np.ndarray, qc_pass: np.ndarray, info: dict[str, Reply], stage: Path
+) -> dict[str, Any]:
+    """Association tests (if the plan asks for them), plots, λGC and the top hits."""
+    from fedgen.results.plots import lambda_gc, manhattan_qq
+    from fedgen.study.gwas import run_association
+
+    res = run_association(ctx, aln, counts, qc_pass, info, stage)
+    summary: dict[str, Any] = {}
+    rows = res.get("rows")
+    for pheno, r in res["association"].items():
+        entry = {k: v for k, v in r.items() if k != "p"}
+        if "p" in r:
+            p = r["p"]
+            entry["lambda_gc"] = round(lambda_gc(p), 4)
+            entry["tested"] = int(np.isfinite(p).sum())
+            order = np.argsort(np.where(np.isfinite(p), p, np.inf))[:10]
+            entry["top_hits"] = [
+                {"chrom": str(aln.chrom[rows[i]]), "pos": int(aln.pos[rows[i]]), "id": str(aln.ids[rows[i]]), "p": float(p[i])}
+                for i in order if np.isfinite(p[i])
+            ]
+            with ctx.timed("plots"):
+                plots = manhattan_qq(aln.chrom[rows], aln.pos[rows], p, title=pheno, out_prefix=stage / "plots" / pheno)
+            res["files"] += [f"plots/{q.name}" for q in plots]
+            top = entry["top_hits"][:5]
+            log.info(
+                "%s (%s): λGC = %.3f; top hits: %s", pheno, r["kind"], entry["lambda_gc"],
+                ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={h['p']:.2e})" for h in top),
+            )
+        summary[pheno] = entry
+    return {"files": res["files"], **({"phenotypes": summary} if summary else {})}
 
 
 def write_qc_outputs(
@@ -257,6 +293,7 @@ def build_manifest(
         "samples_total": int(sum(r.meta["counts"]["samples"] for r in info.values())),
         "variants": {"study": len(aln), **{f"qc_{k}": v for k, v in results["qc"].items() if k != "filters"}},
         "qc": results["qc"],
+        "association": results.get("association", {}).get("phenotypes", {}),
         "files": results["files"],
         "rounds": ctx.rounds,
         "timings": ctx.timings,

@@ -1,0 +1,147 @@
+"""Site-side partials for association testing: sums over the site's samples, per variant.
+
+* ``covar_moments``: Σx, Σx², n of numeric covariates (for pooled standardisation);
+* ``assoc_counts``: A1/A2 allele counts in cases and controls (allelic chi-square);
+* ``glm_linear``: XᵀX, Xᵀy, yᵀy, n per variant (linear regression sufficient statistics);
+* ``glm_logistic``: Hessian, gradient, n and log-likelihood at the aggregator's β per variant;
+* ``glm_firth``: information, log-likelihood and (given the pooled I⁻¹) Firth's modified score.
+
+The design (phenotype, covariates) is rebuilt from the request parameters each time; samples
+with a missing phenotype or covariate are left out, and per variant those with a missing call.
+No array has a samples axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedgen.analyses import register
+from fedgen.analyses.qc import SUB_BLOCK, _block_args
+from fedgen.cohort.cohort import Cohort, load_cohort
+from fedgen.cohort.phenotypes import _numeric, build_design
+from fedgen.errors import FedgenError
+from fedgen.stats import glm
+
+
+def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        phenotype = str(params["phenotype"])
+        kind = str(params["kind"])
+    except KeyError as exc:
+        raise FedgenError(f"request is missing parameter {exc}") from None
+    site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
+    return build_design(
+        cohort.table.columns,
+        cohort.table_rows,
+        phenotype=phenotype,
+        kind=kind,
+        covariates=list(params.get("covariates") or []),
+        site_columns=site_cols,
+        where=str(cohort.table.path),
+    )
+
+
+@register("covar_moments")
+def covar_moments(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
+    cohort = load_cohort(node_config)
+    names = list(params.get("names") or [])
+    out = np.zeros((len(names), 3))
+    for j, name in enumerate(names):
+        vals = [cohort.table.require(name)[i] for i in cohort.table_rows.tolist()]
+        x = _numeric(vals)
+        if x is None:
+            raise FedgenError(f"{cohort.table.path}: covariate {name!r} is not numeric at this site")
+        x = x[~np.isnan(x)]
+        out[j] = (x.sum(), (x * x).sum(), len(x))
+    return {"moments": out}, {}
+
+
+def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
+    idx, flip = _block_args(cohort, arrays)
+    for s in range(0, len(idx), SUB_BLOCK):
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        yield s, g[:, keep]
+
+
+@register("assoc_counts")
+def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1)."""
+    cohort = load_cohort(node_config)
+    y, _, keep = _design(cohort, {**params, "covariates": []})
+    y = y[keep]
+    case = y == 1
+    idx = np.asarray(arrays.get("idx", []))
+    out = np.zeros((len(idx), 4), dtype=np.int64)
+    for s, g in _genotypes(cohort, arrays, keep):
+        ok = g >= 0
+        gc = np.where(ok, g, 0).astype(np.int64)
+        a = gc[:, case].sum(1)
+        b = 2 * ok[:, case].sum(1) - a
+        c = gc[:, ~case].sum(1)
+        d = 2 * ok[:, ~case].sum(1) - c
+        out[s : s + len(g)] = np.stack([a, b, c, d], axis=1)
+    return {"counts": out}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+
+
+@register("glm_linear")
+def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    y, C, keep = _design(cohort, params)
+    parts = []
+    for _, g in _genotypes(cohort, arrays, keep):
+        parts.append(glm.site_linear_suffstats(g, y[keep], C[keep]))
+    return _stack(parts), {"n": int(keep.sum())}
+
+
+@register("glm_logistic")
+def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    y, C, keep = _design(cohort, params)
+    beta = _beta(arrays)
+    parts = []
+    for s, g in _genotypes(cohort, arrays, keep):
+        parts.append(glm.site_logistic_partials(g, y[keep], C[keep], beta[s : s + len(g)], with_loglik=False))
+    return _stack(parts), {"n": int(keep.sum())}
+
+
+@register("glm_firth")
+def glm_firth(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    y, C, keep = _design(cohort, params)
+    beta = _beta(arrays)
+    iinv = arrays.get("Iinv")
+    parts = []
+    for s, g in _genotypes(cohort, arrays, keep):
+        sub = None if iinv is None else np.asarray(iinv, dtype=np.float64)[s : s + len(g)]
+        parts.append(glm.site_firth_partials(g, y[keep], C[keep], beta[s : s + len(g)], sub))
+    return _stack(parts), {"n": int(keep.sum())}
+
+
+def _beta(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    if "beta" not in arrays:
+        raise FedgenError("request has no coefficient array 'beta'")
+    beta = np.asarray(arrays["beta"], dtype=np.float64)
+    if beta.ndim != 2 or beta.shape[0] != len(np.asarray(arrays.get("idx", []))):
+        raise FedgenError("'beta' must have one row per requested variant")
+    return beta
+
+
+def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {}
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]}
+
+
+@register("covar_ranges")
+def covar_ranges(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    """Per design covariate: min/max among this site's cases and among its controls.
+
+    Used only for PLINK's covariate-separation rule (binary traits). The extremes are single
+    samples' (standardised) values; under a privacy policy this request is refused.
+    """
+    cohort = load_cohort(node_config)
+    y, C, keep = _design(cohort, params)
+    return glm.site_covar_ranges(y[keep], C[keep]), {}

@@ -1,0 +1,300 @@
+"""Federated association testing at the aggregator: covariates, chi-square, linear, logistic.
+
+Every step asks the sites for sums (see :mod:`fedgen.analyses.assoc`) and finishes the
+statistic here with the same code that PLINK's pooled computation corresponds to
+(:mod:`fedgen.stats.glm`, :mod:`fedgen.stats.assoc`). Logistic regression iterates all variants
+of a block together: one message round per Newton step, never one per variant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgen.errors import ConfigError, FedgenError
+from fedgen.federation.transport import Reply, Request
+from fedgen.stats import assoc as assocstats
+from fedgen.stats import glm
+from fedgen.stats.plinkfmt import format_g4, format_g6, format_g6_from_ln
+from fedgen.study.align import Alignment
+from fedgen.study.writers import atomic_write_text, write_tsv
+
+log = logging.getLogger("fedgen.study")
+
+
+def sum_replies(replies: dict[str, Reply]) -> dict[str, np.ndarray]:
+    """Elementwise sum of every array across sites (the combine step)."""
+    total: dict[str, np.ndarray] = {}
+    for site, rep in replies.items():
+        for k, a in rep.arrays.items():
+            total[k] = np.array(a, copy=True) if k not in total else total[k] + a
+    return total
+
+
+def query_rows(
+    ctx: Any,
+    analysis: str,
+    aln: Alignment,
+    rows: np.ndarray,
+    a1_ref: np.ndarray,
+    params: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """One analysis over study variants ``rows`` (A1-oriented), in blocks, summed over sites.
+
+    ``arrays`` holds per-variant inputs aligned with ``rows`` (e.g. β); they are sliced per block.
+    """
+    block = int(ctx.plan.get("glm_block_size") or ctx.plan.get("block_size") or 65536)
+    out: dict[str, list[np.ndarray]] = {}
+    for b in range(0, len(rows), block):
+        r = rows[b : b + block]
+        flip_a1 = a1_ref[b : b + block].astype(np.uint8)
+        common = {k: v[b : b + block] for k, v in (arrays or {}).items()}
+        req = Request(
+            analysis,
+            params=params,
+            arrays=common,
+            per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r] ^ flip_a1} for s in aln.idx},
+        )
+        for k, v in sum_replies(ctx.query(req)).items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- study set-up
+
+
+def phenotype_kind(info: dict[str, Reply], name: str) -> str:
+    kinds = {s: r.meta["columns"][name]["kind"] for s, r in info.items()}
+    uniq = set(kinds.values())
+    if uniq == {"binary"}:
+        return "binary"
+    if uniq == {"quantitative"}:
+        return "quantitative"
+    if uniq <= {"binary", "quantitative"}:
+        detail = ", ".join(f"{s}: {k}" for s, k in kinds.items())
+        raise FedgenError(
+            f"phenotype {name!r} looks binary at some sites and quantitative at others ({detail}); "
+            "code a binary trait 0/1 (or PLINK's 1/2) at every site"
+        )
+    raise FedgenError(f"phenotype {name!r} must be numeric at every site")
+
+
+def prepare_covariates(ctx: Any, info: dict[str, Reply]) -> tuple[list[dict[str, Any]], dict[str, list[float]], list[str]]:
+    """Agree covariate coding across sites; standardise numeric ones with pooled mean/SD.
+
+    Returns the covariate specs sent to sites, each site's site-indicator values, and the
+    names of the design's covariate columns (for the manifest).
+    """
+    plan = ctx.plan
+    names = list(plan.get("covariates") or [])
+    specs: list[dict[str, Any]] = []
+    numeric: list[str] = []
+    for name in names:
+        kinds = {s: r.meta["columns"][name]["kind"] for s, r in info.items()}
+        if "categorical" in kinds.values():
+            if set(kinds.values()) != {"categorical"}:
+                detail = ", ".join(f"{s}: {k}" for s, k in kinds.items())
+                raise FedgenError(f"covariate {name!r} is numeric at some sites and categorical at others ({detail})")
+            levels = sorted({lv for r in info.values() for lv in r.meta["columns"][name]["levels"]})
+            if len(levels) < 2:
+                raise ConfigError(f"covariate {name!r} is constant (only level {levels[0] if levels else 'none'}) at every site")
+            specs.append({"name": name, "kind": "categorical", "levels": levels})
+        else:
+            specs.append({"name": name, "kind": "numeric"})
+            numeric.append(name)
+    if numeric:
+        rep = ctx.query(Request("covar_moments", params={"names": numeric}))
+        mom = sum_replies(rep)["moments"]
+        for name, (sx, sxx, n) in zip(numeric, mom.tolist()):
+            if n == 0:
+                raise ConfigError(f"covariate {name!r} is missing for every sample")
+            mean = sx / n
+            var = (sxx - n * mean * mean) / (n - 1) if n > 1 else 0.0
+            if not var > 1e-12 * max(1.0, mean * mean):
+                raise ConfigError(f"covariate {name!r} is constant ({mean:g} for every sample)")
+            spec = next(s for s in specs if s["name"] == name)
+            spec.update(mean=mean, sd=float(np.sqrt(var)))
+    site_cols: dict[str, list[float]] = {}
+    columns = [c for s in specs for c in ([s["name"]] if s["kind"] == "numeric" else [f"{s['name']}={lv}" for lv in s["levels"][1:]])]
+    if plan.get("site_covariate"):
+        sites = list(info)
+        if len(sites) < 2:
+            raise ConfigError("study.site_covariate needs at least two sites")
+        for s in sites:
+            site_cols[s] = [1.0 if s == t else 0.0 for t in sites[1:]]
+        columns += [f"site={t}" for t in sites[1:]]
+    return specs, site_cols, columns
+
+
+# --------------------------------------------------------------------------- the analyses
+
+
+def run_association(
+    ctx: Any, aln: Alignment, counts: np.ndarray, qc_pass: np.ndarray, info: dict[str, Reply], out: Path
+) -> dict[str, Any]:
+    """Association for every phenotype of the plan on the variants passing QC."""
+    plan = ctx.plan
+    phenos = list(plan.get("phenotypes") or [])
+    analyses = set(plan.get("analyses") or [])
+    if not phenos or not analyses & {"glm", "assoc"}:
+        return {"files": [], "association": {}}
+    rows = np.flatnonzero(qc_pass)
+    if len(rows) == 0:
+        raise FedgenError("no variant passes QC; nothing to test for association")
+    c = np.asarray(counts, dtype=np.int64)[rows]
+    alt_ct = c[:, 1] + 2 * c[:, 2]
+    obs = 2 * (c[:, 0] + c[:, 1] + c[:, 2])
+    a1_ref = assocstats.a1_is_ref(alt_ct, obs - alt_ct)
+    covs, site_cols, cov_columns = prepare_covariates(ctx, info)
+    files: list[str] = []
+    summary: dict[str, Any] = {}
+    for pheno in phenos:
+        kind = phenotype_kind(info, pheno)
+        params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols}
+        res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
+        if kind == "binary" and "assoc" in analyses:
+            with ctx.timed(f"assoc:{pheno}"):
+                files.append(_chisq(ctx, aln, rows, a1_ref, params, out))
+        if "glm" in analyses:
+            with ctx.timed(f"glm:{pheno}"):
+                if kind == "binary":
+                    name, p = _logistic(ctx, aln, rows, a1_ref, params, out, n_cov=len(cov_columns))
+                else:
+                    name, p = _linear(ctx, aln, rows, a1_ref, params, out)
+            files.append(name)
+            res["file"] = name
+            res["p"] = p
+        summary[pheno] = res
+    return {"files": files, "association": summary, "rows": rows, "a1_ref": a1_ref}
+
+
+def _variant_cols(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray) -> list[list[str]]:
+    ref = aln.ref[rows].tolist()
+    alt = aln.alt[rows].tolist()
+    a1 = [r if f else a for r, a, f in zip(ref, alt, a1_ref.tolist())]
+    return [aln.chrom[rows].tolist(), aln.pos[rows].tolist(), aln.ids[rows].tolist(), ref, alt, a1]
+
+
+def _na(strings: list[str], bad: np.ndarray) -> list[str]:
+    return ["NA" if b else s for s, b in zip(strings, bad.tolist())]
+
+
+def _linear(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]:
+    sums = query_rows(ctx, "glm_linear", aln, rows, a1_ref, params)
+    r = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
+    bad = r["errcode"] != "."
+    name = f"{params['phenotype']}.glm.linear"
+    cols = _variant_cols(aln, rows, a1_ref)
+    write_tsv(
+        out / name,
+        ["#CHROM", "POS", "ID", "REF", "ALT", "A1", "TEST", "OBS_CT", "BETA", "SE", "T_STAT", "P", "ERRCODE"],
+        [
+            *cols,
+            ["ADD"] * len(rows),
+            np.asarray(r["obs_ct"], dtype=np.int64),
+            _na(format_g6(r["beta"]), bad),
+            _na(format_g6(r["se"]), bad),
+            _na(format_g6(r["t"]), bad),
+            _na(format_g6_from_ln(r["p_ln"]), bad),
+            list(r["errcode"]),
+        ],
+    )
+    p = np.where(bad, np.nan, np.exp(r["p_ln"]))
+    return name, p
+
+
+def _covariates_separated(ctx, params) -> bool:
+    """PLINK's check that some covariate separates cases from controls (→ Firth for all).
+
+    Sites report each covariate's min/max among their cases and controls; the aggregator
+    combines them with min/max.
+    """
+    if not params["covariates"] and not params["site_columns"]:
+        return False
+    replies = ctx.query(Request("covar_ranges", params=params))
+    parts = [r.arrays for r in replies.values()]
+    ranges = {k: (np.min if k.endswith("min") else np.max)(np.stack([p[k] for p in parts]), axis=0) for k in parts[0]}
+    return glm.covariates_separated(ranges)
+
+
+def _logistic(ctx, aln, rows, a1_ref, params, out: Path, *, n_cov: int) -> tuple[str, np.ndarray]:
+    n_pred = 2 + n_cov
+    separated = _covariates_separated(ctx, params)
+    if separated:
+        log.warning("%s: a covariate separates cases from controls; every variant uses Firth regression", params["phenotype"])
+    drv = glm.LogisticDriver(len(rows), n_pred, covar_separated=separated, a1_is_ref=a1_ref)
+    rounds = 0
+    while not drv.done:
+        act = np.flatnonzero(drv.active)
+        sums = query_rows(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params, {"beta": drv.beta[act]})
+        drv.step(sums["H"], sums["grad"])
+        rounds += 1
+    res = drv.results()
+    firth = res["needs_firth"].copy()
+    fidx = np.flatnonzero(firth)
+    if len(fidx):
+        log.info("%s: Firth regression for %d variants", params["phenotype"], len(fidx))
+        fd = glm.FirthDriver(len(fidx), n_pred, obs_ct=res["obs_ct"][fidx])
+        while not fd.done:
+            act = np.flatnonzero(fd.active)
+            arrays = {"beta": fd.beta[act]}
+            if fd.need == "score":
+                arrays["Iinv"] = fd.Iinv[act]
+            sums = query_rows(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params, arrays)
+            fd.step(sums["I"], sums["loglik"], sums.get("ustar"))
+            rounds += 1
+        fr = fd.results()
+        for key in ("beta", "se", "z", "p_ln", "errcode"):
+            res[key][fidx] = fr[key]
+    log.info("%s: logistic regression in %d rounds (%d variants with Firth)", params["phenotype"], rounds, len(fidx))
+    err = np.asarray(res["errcode"]).astype(str)
+    show = (err == ".") | (err == "UNFINISHED")
+    name = f"{params['phenotype']}.glm.logistic.hybrid"
+    cols = _variant_cols(aln, rows, a1_ref)
+    write_tsv(
+        out / name,
+        ["#CHROM", "POS", "ID", "REF", "ALT", "A1", "FIRTH?", "TEST", "OBS_CT", "OR", "LOG(OR)_SE", "Z_STAT", "P", "ERRCODE"],
+        [
+            *cols,
+            ["Y" if f else "N" for f in firth.tolist()],
+            ["ADD"] * len(rows),
+            np.asarray(res["obs_ct"], dtype=np.int64),
+            _na(format_g6_from_ln(res["beta"]), ~show),
+            _na(format_g6(res["se"]), ~show),
+            _na(format_g6(res["z"]), ~show),
+            _na(format_g6_from_ln(res["p_ln"]), ~show),
+            err.tolist(),
+        ],
+    )
+    return name, np.where(show, np.exp(res["p_ln"]), np.nan)
+
+
+def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> str:
+    sums = query_rows(ctx, "assoc_counts", aln, rows, a1_ref, params)
+    c = sums["counts"]
+    r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+    name = f"{params['phenotype']}.assoc"
+    ref, alt = aln.ref[rows].tolist(), aln.alt[rows].tolist()
+    a1 = [rf if f else a for rf, a, f in zip(ref, alt, a1_ref.tolist())]
+    a2 = [a if f else rf for rf, a, f in zip(ref, alt, a1_ref.tolist())]
+    text = format_assoc(aln.chrom[rows].tolist(), aln.ids[rows].tolist(), aln.pos[rows].tolist(), a1, a2, r)
+    atomic_write_text(out / name, text)
+    return name
+
+
+def format_assoc(chrom: list[str], snp: list[str], bp: list[int], a1: list[str], a2: list[str], r: dict[str, np.ndarray]) -> str:
+    """PLINK 1.9 ``.assoc`` text: fixed-width, right-aligned columns, trailing space."""
+    cols = assocstats.format_assoc_columns(r)
+    maxlen = max((len(x) for x in snp), default=0)
+    w = 4 if maxlen <= 4 else maxlen + 2  # PLINK 1.9's SNP column width
+    lines = [f" CHR {'SNP':>{w}} {'BP':>10} {'A1':>4} {'F_A':>8} {'F_U':>8} {'A2':>4} {'CHISQ':>12} {'P':>12} {'OR':>12} "]
+    for i in range(len(snp)):
+        lines.append(
+            f"{chrom[i]:>4} {snp[i]:>{w}} {bp[i]:>10} {a1[i]:>4} {cols['F_A'][i]:>8} {cols['F_U'][i]:>8} "
+            f"{a2[i]:>4} {cols['CHISQ'][i]:>12} {cols['P'][i]:>12} {cols['OR'][i]:>12} "
+        )
+    return "\n".join(lines) + "\n"
