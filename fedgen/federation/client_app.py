@@ -8,6 +8,7 @@ site with ``flower-supernode --node-config``); a request cannot change them.
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -26,10 +27,13 @@ def handle(msg: Message, context: Context) -> Message:
     from fedgen.analyses import execute
 
     node_config = dict(context.node_config)
+    t0 = time.perf_counter()
     try:
         analysis, params, arrays = decode_request(msg.content)
         out_arrays, meta = execute(node_config, analysis, params, arrays)
+        meta = {**meta, "site_seconds": round(time.perf_counter() - t0, 3)}
         content = encode_reply(out_arrays, meta)
+        log.info("answered %s in %.2f s", analysis, meta["site_seconds"])
     except FedgenError as exc:
         log.warning("refused request: %s", exc)
         content = error_reply(str(exc))

@@ -691,8 +691,50 @@ def submit_remote(
                 timeout=timeout,
                 extra_logs=[],
             )
+    except FedgenError as exc:
+        # `flwr run` reports every TLS problem as "connection unavailable"; say which it is.
+        hint = _diagnose_connection(control_address, root_certificates, insecure) if "could not start" in str(exc) else None
+        if hint:
+            raise FedgenError(f"{hint}\n{exc}") from None
+        raise
     finally:
         procs.stop()
+
+
+def _diagnose_connection(address: str, root_certificates: str | Path | None, insecure: bool, timeout: float = 5.0) -> str | None:
+    """Why a SuperLink's Control API at ``address`` cannot be used over TLS (None if it can)."""
+    import ssl
+
+    host, _, port_text = str(address).rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        return f"federation.control_address {address!r} is not HOST:PORT"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return f"nothing listens on {address} (is the aggregator running?)"
+    except OSError as exc:
+        return f"cannot reach {address} ({exc.strerror or exc})"
+    with sock:
+        if insecure:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=str(root_certificates) if root_certificates else None)
+        except (OSError, ssl.SSLError) as exc:
+            return f"cannot read federation.root_certificates {root_certificates} ({exc})"
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            which = f"the CA in {root_certificates}" if root_certificates else "the system CA bundle"
+            return (
+                f"the TLS certificate of {address} is not trusted by {which} ({exc.verify_message}); "
+                "set federation.root_certificates to the study CA certificate (ca.pem)"
+            )
+        except (ssl.SSLError, OSError) as exc:
+            return f"TLS handshake with {address} failed ({getattr(exc, 'reason', None) or exc}); does it serve TLS?"
 
 
 # ------------------------------------------------------------------ flwr run

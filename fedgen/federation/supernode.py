@@ -1,4 +1,4 @@
-"""Flower's SuperNode with a configurable idle poll interval and fedgen's SuperExec.
+"""Flower's SuperNode with a configurable idle poll interval, fedgen's SuperExec and plain logs.
 
 flwr 1.41's SuperNode sleeps a hard-coded 3 s whenever it finds no message, and 0.5 s while
 waiting for a reply; a study of many short rounds then spends most of its time asleep. This
@@ -7,14 +7,149 @@ entry point runs the same ``flower-supernode`` with those sleeps capped at
 federations use 0.05 s; deployed nodes keep a gentler interval towards a remote SuperLink.
 ClientApp tasks are launched by :mod:`fedgen.federation.superexec` (a pre-warmed fork server)
 unless ``FEDGEN_FORK_CLIENTAPP=0``.
+
+Logs (:func:`setup_plain_logging`): one handler for the whole process tree (SuperNode,
+SuperExec, ClientApps), plain ``time level logger: message`` lines without colour codes,
+Flower's blank separator lines and per-message chatter folded into one line per request and
+one per reply, uvicorn's startup and access lines dropped (its warnings and errors kept).
+``FEDGEN_NODE_LOG_LEVEL`` sets the level (default INFO). Runtime package installation stays
+off: ``--allow-runtime-dependency-installation`` is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time as _time
 import types
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+_SUPEREXEC_FLAG = "--fedgen-superexec"
+
+
+# ---------------------------------------------------------------- logging
+
+
+class _FlowerChatter(logging.Filter):
+    """Folds Flower's per-message log lines into one line per request/reply; drops blank lines."""
+
+    _DROP = frozenset(
+        {
+            "Received successfully",
+            "Sent successfully",
+            "Start `flwr-clientapp` process",
+            "FastAPI lifespan: startup",
+            "FastAPI lifespan: shutdown",
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._round: tuple[Any, ...] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("flwr"):
+            return True
+        msg = record.msg if isinstance(record.msg, str) else str(record.msg)
+        if not msg.strip():
+            return False
+        if record.levelno > logging.INFO:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        if msg in ("[RUN %s, ROUND %s]", "[RUN %s]"):
+            self._round = args
+            return False
+        if msg in self._DROP:
+            return record.levelno < logging.INFO or logging.getLogger().level <= logging.DEBUG
+        if msg in ("Receiving: %s message (ID: %s)", "Sending: %s message (ID: %s)") and len(args) == 2:
+            run = self._round[0] if self._round else "?"
+            group = self._round[1] if self._round and len(self._round) > 1 else None
+            what = "request" if msg.startswith("Receiving") else "reply"
+            verb = "received" if what == "request" else "sent"
+            label = f" {group}" if group else ""
+            record.msg = f"run %s: {what}{label} {verb} (%s, message %.12s)"
+            record.args = (run, args[0], str(args[1]))
+            self._round = None
+        return True
+
+
+def _quiet_uvicorn() -> None:
+    """uvicorn's default logging config: warnings and errors only, through the root handler."""
+    try:
+        import uvicorn.config
+    except ImportError:  # pragma: no cover - uvicorn comes with flwr
+        return
+    cfg = uvicorn.config.LOGGING_CONFIG  # the default argument object of uvicorn.Config
+    cfg["loggers"] = {
+        "uvicorn": {"handlers": [], "level": "WARNING", "propagate": True},
+        "uvicorn.error": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+    }
+
+
+def _quiet_fab_install() -> None:
+    """Flower prints "Successfully installed <app>" when it unpacks a FAB; say what it is."""
+    try:
+        import flwr.cli.install as install
+    except ImportError:  # pragma: no cover
+        return
+    real = install.typer
+    if getattr(real, "_fedgen_shim", False):
+        return
+    shim = types.ModuleType("typer")
+    shim.__dict__.update(vars(real))
+    log = logging.getLogger("fedgen.node")
+
+    def secho(message: Any = "", *args: Any, **kwargs: Any) -> None:
+        text = str(message)
+        if text.startswith("Successfully installed "):
+            log.debug("study app unpacked (configuration only; no packages are installed): %s", text[22:].rstrip("."))
+            return
+        real.secho(message, *args, **kwargs)
+
+    shim.secho = secho  # type: ignore[attr-defined]
+    shim._fedgen_shim = True  # type: ignore[attr-defined]
+    install.typer = shim  # type: ignore[attr-defined]
+
+
+def setup_plain_logging(level: str | int | None = None, *, extra_filters: list[logging.Filter] | None = None) -> None:
+    """One plain log handler (stderr) for this process and its children; safe to call twice."""
+    from flwr.supercore import logger as flwr_logger
+
+    if level is None:
+        level = os.environ.get("FEDGEN_NODE_LOG_LEVEL", "INFO")
+    lvl = logging.getLevelName(str(level).upper()) if isinstance(level, str) else int(level)
+    if not isinstance(lvl, int):
+        lvl = logging.INFO
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    handler.addFilter(_FlowerChatter())
+    for f in extra_filters or []:
+        handler.addFilter(f)
+    handler.setLevel(lvl)
+    handler._fedgen_node = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    flwr = logging.getLogger(flwr_logger.LOGGER_NAME)
+    for h in list(flwr.handlers):
+        if isinstance(h, flwr_logger.ConsoleHandler):
+            flwr.removeHandler(h)
+    flwr.propagate = True
+    flwr.setLevel(logging.DEBUG)  # Flower's own default; the handler's level decides
+    flwr_logger.console_handler.setLevel(lvl)  # Flower reads its level (e.g. uvicorn access_log)
+    for noisy in ("httpx", "httpcore", "grpc", "urllib3", "asyncio", "multipart", "alembic", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    _quiet_uvicorn()
+    _quiet_fab_install()
+
+
+# ---------------------------------------------------------------- SuperNode
 
 
 def _use_fedgen_superexec() -> None:
@@ -27,7 +162,7 @@ def _use_fedgen_superexec() -> None:
 
     def popen(cmd, *args, **kwargs):  # type: ignore[no-untyped-def]
         if isinstance(cmd, list) and cmd and cmd[0] == "flower-superexec":
-            cmd = [sys.executable, "-m", "fedgen.federation.superexec", *cmd[1:]]
+            cmd = [sys.executable, "-m", "fedgen.federation.supernode", _SUPEREXEC_FLAG, *cmd[1:]]
         return real_popen(cmd, *args, **kwargs)
 
     shim = types.ModuleType("subprocess")
@@ -36,7 +171,23 @@ def _use_fedgen_superexec() -> None:
     sci.subprocess = shim  # type: ignore[attr-defined]
 
 
+def _run_superexec() -> None:
+    """The SuperExec (fork server) with the node's logging, inherited by every ClientApp."""
+    setup_plain_logging()
+    from fedgen.federation.superexec import main as superexec_main
+
+    sys.argv = ["flower-superexec", *sys.argv[2:]]
+    superexec_main()
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == _SUPEREXEC_FLAG:
+        _run_superexec()
+        return
+    if "--allow-runtime-dependency-installation" in sys.argv[1:]:
+        sys.exit("fedgen site nodes never install packages at run time; remove --allow-runtime-dependency-installation")
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    setup_plain_logging()
     poll = os.environ.get("FEDGEN_SUPERNODE_POLL")
     if poll:
         import flwr.supernode.start_client_internal as sci

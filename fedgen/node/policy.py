@@ -1,0 +1,140 @@
+"""A site's policy file (``<state_dir>/policy.toml``): what the site agrees to compute and release.
+
+This module writes the default policy and validates a policy's syntax and keys. Enforcing it
+(the egress guard, the ε ledger) is the privacy layer's job; its keys are:
+
+``version``                  policy format version (1)
+``allowed_analyses``         analysis names this site runs (fedgen's analysis registry)
+``min_count``                smallest number of samples a released aggregate may summarise
+``epsilon_budget``           total ε the site will spend, over all studies
+``delta``                    δ of each (ε, δ)-DP release
+``max_variants_per_request`` largest number of variants one request may cover
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+POLICY_VERSION = 1
+
+DEFAULTS: dict[str, Any] = {
+    "version": POLICY_VERSION,
+    "allowed_analyses": [],  # filled from the installed analysis registry (see known_analyses)
+    "min_count": 10,
+    "epsilon_budget": 10.0,
+    "delta": 1e-6,
+    "max_variants_per_request": 65536,
+}
+
+REQUIRED_KEYS = tuple(DEFAULTS)
+
+
+def known_analyses() -> set[str]:
+    """Names of every analysis the installed fedgen can run at a site (its registry)."""
+    import importlib
+    import pkgutil
+
+    import fedgen.analyses as pkg
+
+    pkg._load_builtin()
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        try:
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        except Exception:  # noqa: BLE001 - an analysis module that cannot load offers nothing
+            continue
+    return set(pkg.REGISTRY)
+
+
+def default_policy(analyses: list[str] | None = None) -> dict[str, Any]:
+    """The default policy as a dict (``allowed_analyses`` = every installed analysis)."""
+    return {**DEFAULTS, "allowed_analyses": sorted(known_analyses() if analyses is None else analyses)}
+
+
+def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
+    """The policy file ``fedgen node init`` writes (TOML with comments)."""
+    policy = default_policy(analyses)
+    analyses_text = ",\n".join(f'    "{a}"' for a in policy["allowed_analyses"])
+    return f"""\
+# fedgen site policy for site "{site}": what this site agrees to compute and release.
+# Only this site edits this file; the aggregator cannot change it. Check it after editing with
+#   fedgen node check --config <node.toml>
+version = {POLICY_VERSION}
+
+# Analyses this node agrees to run for a study (names from fedgen's analysis registry).
+allowed_analyses = [
+{analyses_text},
+]
+
+# Smallest number of samples an aggregate released by this site may summarise.
+min_count = {DEFAULTS["min_count"]}
+
+# Differential privacy: total epsilon this site will spend over all studies, and the delta
+# of each (epsilon, delta)-DP release.
+epsilon_budget = {DEFAULTS["epsilon_budget"]!r}
+delta = {DEFAULTS["delta"]!r}
+
+# Largest number of variants one request may cover.
+max_variants_per_request = {DEFAULTS["max_variants_per_request"]}
+"""
+
+
+def read_policy(path: Path) -> dict[str, Any]:
+    """Parse a policy file; raise ValueError with a message naming the file on bad TOML."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: policy file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read policy file ({exc})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+
+
+def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None = None) -> list[str]:
+    """Problems with a parsed policy (empty list = valid)."""
+    problems: list[str] = []
+    unknown = sorted(set(policy) - set(DEFAULTS))
+    if unknown:
+        problems.append(f"unknown key(s): {', '.join(unknown)} (known: {', '.join(REQUIRED_KEYS)})")
+    missing = [k for k in REQUIRED_KEYS if k not in policy]
+    if missing:
+        problems.append(f"missing key(s): {', '.join(missing)}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return (is_int(v) or isinstance(v, float)) and math.isfinite(float(v))
+
+    if "version" in policy and policy["version"] != POLICY_VERSION:
+        problems.append(f"version must be {POLICY_VERSION}, got {policy['version']!r}")
+    if "allowed_analyses" in policy:
+        a = policy["allowed_analyses"]
+        if not isinstance(a, list) or not all(isinstance(x, str) and x for x in a):
+            problems.append("allowed_analyses must be a list of analysis names")
+        else:
+            if not a:
+                problems.append("allowed_analyses is empty (the node would refuse every request)")
+            if known_analyses is not None:
+                bad = sorted(set(a) - set(known_analyses))
+                if bad:
+                    problems.append(
+                        f"allowed_analyses: unknown analysis {', '.join(bad)} (this fedgen knows: {', '.join(sorted(known_analyses))})"
+                    )
+    if "min_count" in policy and not (is_int(policy["min_count"]) and policy["min_count"] >= 1):
+        problems.append(f"min_count must be a whole number >= 1, got {policy['min_count']!r}")
+    if "epsilon_budget" in policy and not (is_num(policy["epsilon_budget"]) and policy["epsilon_budget"] > 0):
+        problems.append(f"epsilon_budget must be a number > 0, got {policy['epsilon_budget']!r}")
+    if "delta" in policy and not (is_num(policy["delta"]) and 0 < policy["delta"] < 1):
+        problems.append(f"delta must be a number in (0, 1), got {policy['delta']!r}")
+    if "max_variants_per_request" in policy and not (
+        is_int(policy["max_variants_per_request"]) and policy["max_variants_per_request"] >= 1
+    ):
+        problems.append(f"max_variants_per_request must be a whole number >= 1, got {policy['max_variants_per_request']!r}")
+    return problems
