@@ -44,4 +44,4 @@ def execute(
 
 
 def _load_builtin() -> None:
-    from fedgen.analyses import assoc, ping, qc  # noqa: F401
+    from fedgen.analyses import assoc, pca, ping, qc  # noqa: F401
