@@ -32,7 +32,7 @@ def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndar
     except KeyError as exc:
         raise FedgenError(f"request is missing parameter {exc}") from None
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
-    return build_design(
+    y, C, keep = build_design(
         cohort.table.columns,
         cohort.table_rows,
         phenotype=phenotype,
@@ -41,6 +41,13 @@ def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndar
         site_columns=site_cols,
         where=str(cohort.table.path),
     )
+    spec = params.get("pcs")
+    if spec:  # this site's own PC scores from the study's federated PCA (they never left it)
+        from fedgen.cohort.pcs import load_site_pcs
+
+        X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]))
+        C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
+    return y, C, keep
 
 
 @register("covar_moments")

@@ -134,7 +134,14 @@ def prepare_covariates(ctx: Any, info: dict[str, Reply]) -> tuple[list[dict[str,
 
 
 def run_association(
-    ctx: Any, aln: Alignment, counts: np.ndarray, qc_pass: np.ndarray, info: dict[str, Reply], out: Path
+    ctx: Any,
+    aln: Alignment,
+    counts: np.ndarray,
+    qc_pass: np.ndarray,
+    info: dict[str, Reply],
+    out: Path,
+    *,
+    pca: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Association for every phenotype of the plan on the variants passing QC."""
     plan = ctx.plan
@@ -150,11 +157,19 @@ def run_association(
     obs = 2 * (c[:, 0] + c[:, 1] + c[:, 2])
     a1_ref = assocstats.a1_is_ref(alt_ct, obs - alt_ct)
     covs, site_cols, cov_columns = prepare_covariates(ctx, info)
+    n_pcs = int(plan.get("pcs") or 0)
+    pc_spec = None
+    if n_pcs:
+        if not pca:
+            raise ConfigError("study.pcs needs the federated PCA (study.pca) to run first")
+        mom = pca["pc_moments"]
+        pc_spec = {"study_id": pca["study_id"], "n": n_pcs, "mean": list(mom["mean"][:n_pcs]), "sd": list(mom["sd"][:n_pcs])}
+        cov_columns = cov_columns + [f"PC{i + 1}" for i in range(n_pcs)]
     files: list[str] = []
     summary: dict[str, Any] = {}
     for pheno in phenos:
         kind = phenotype_kind(info, pheno)
-        params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols}
+        params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec}
         res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
         if kind == "binary" and "assoc" in analyses:
             with ctx.timed(f"assoc:{pheno}"):
@@ -168,6 +183,13 @@ def run_association(
             files.append(name)
             res["file"] = name
             res["p"] = p
+            if pc_spec is not None and plan.get("lambda_without_pcs", True):
+                with ctx.timed(f"glm_without_pcs:{pheno}"):
+                    p0 = dict(params, pcs=None)
+                    n0 = len(cov_columns) - n_pcs
+                    _, q = (_logistic(ctx, aln, rows, a1_ref, p0, None, n_cov=n0) if kind == "binary"
+                            else _linear(ctx, aln, rows, a1_ref, p0, None))
+                res["p_without_pcs"] = q
         summary[pheno] = res
     return {"files": files, "association": summary, "rows": rows, "a1_ref": a1_ref}
 
@@ -183,11 +205,14 @@ def _na(strings: list[str], bad: np.ndarray) -> list[str]:
     return ["NA" if b else s for s, b in zip(strings, bad.tolist())]
 
 
-def _linear(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]:
+def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> tuple[str, np.ndarray]:
     sums = query_rows(ctx, "glm_linear", aln, rows, a1_ref, params)
     r = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
     bad = r["errcode"] != "."
     name = f"{params['phenotype']}.glm.linear"
+    p = np.where(bad, np.nan, np.exp(r["p_ln"]))
+    if out is None:
+        return name, p
     cols = _variant_cols(aln, rows, a1_ref)
     write_tsv(
         out / name,
@@ -203,7 +228,6 @@ def _linear(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]
             list(r["errcode"]),
         ],
     )
-    p = np.where(bad, np.nan, np.exp(r["p_ln"]))
     return name, p
 
 
@@ -213,7 +237,7 @@ def _covariates_separated(ctx, params) -> bool:
     Sites report each covariate's min/max among their cases and controls; the aggregator
     combines them with min/max.
     """
-    if not params["covariates"] and not params["site_columns"]:
+    if not params["covariates"] and not params["site_columns"] and not params.get("pcs"):
         return False
     replies = ctx.query(Request("covar_ranges", params=params))
     parts = [r.arrays for r in replies.values()]
@@ -221,7 +245,7 @@ def _covariates_separated(ctx, params) -> bool:
     return glm.covariates_separated(ranges)
 
 
-def _logistic(ctx, aln, rows, a1_ref, params, out: Path, *, n_cov: int) -> tuple[str, np.ndarray]:
+def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -> tuple[str, np.ndarray]:
     n_pred = 2 + n_cov
     separated = _covariates_separated(ctx, params)
     if separated:
@@ -254,6 +278,8 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path, *, n_cov: int) -> tuple
     err = np.asarray(res["errcode"]).astype(str)
     show = (err == ".") | (err == "UNFINISHED")
     name = f"{params['phenotype']}.glm.logistic.hybrid"
+    if out is None:
+        return name, np.where(show, np.exp(res["p_ln"]), np.nan)
     cols = _variant_cols(aln, rows, a1_ref)
     write_tsv(
         out / name,

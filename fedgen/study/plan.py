@@ -9,7 +9,7 @@ from typing import Any
 from fedgen.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-KNOWN_ANALYSES = ("freq", "missing", "hardy", "assoc", "glm")
+KNOWN_ANALYSES = ("freq", "missing", "hardy", "pca", "assoc", "glm")
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -84,6 +84,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "block_size": int(study.get("block_size") or 65536),
         "glm_block_size": int(study.get("glm_block_size") or 65536),
         "site_covariate": bool(study.get("site_covariate") or False),
+        "lambda_without_pcs": bool(study.get("lambda_without_pcs", True)),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
         "run_timeout": float(fed.get("run_timeout") or 7200),
@@ -91,6 +92,14 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "privacy": resolved.get("privacy") or {"mode": "none"},
         "config": resolved,
     }
+    from fedgen.study.pca import pca_settings
+
+    pcs = int(study.get("pcs") or 0)
+    if pcs < 0:
+        raise ConfigError("study.pcs must be 0 or a positive number of PCs")
+    want_pca = "pca" in analyses or pcs > 0
+    plan["pca"] = pca_settings(study.get("pca"), pcs=pcs) if want_pca else None
+    plan["pcs"] = pcs
     if plan["privacy"].get("mode", "none") != "none":
         raise ConfigError(f"privacy mode {plan['privacy'].get('mode')!r} is not available in this version")
     return plan, node_configs

@@ -160,7 +160,13 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
             counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
         with ctx.timed("write_qc"):
             results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
-        association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage)
+        if plan.get("pca") is not None:
+            from fedgen.study.pca import run_pca
+
+            with ctx.timed("pca"):
+                results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"], stage, info=info)
+            results["files"] += results["pca"]["files"]
+        association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
         results["files"] += association.pop("files")
         results["association"] = association
         with ctx.timed("plots"):
@@ -178,17 +184,26 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
 
 
 def run_association_step(
-    ctx: StudyContext, aln: Alignment, counts: np.ndarray, qc_pass: np.ndarray, info: dict[str, Reply], stage: Path
+    ctx: StudyContext,
+    aln: Alignment,
+    counts: np.ndarray,
+    qc_pass: np.ndarray,
+    info: dict[str, Reply],
+    stage: Path,
+    *,
+    pca: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Association tests (if the plan asks for them), plots, λGC and the top hits."""
     from fedgen.results.plots import lambda_gc, manhattan_qq
     from fedgen.study.gwas import run_association
 
-    res = run_association(ctx, aln, counts, qc_pass, info, stage)
+    res = run_association(ctx, aln, counts, qc_pass, info, stage, pca=pca)
     summary: dict[str, Any] = {}
     rows = res.get("rows")
     for pheno, r in res["association"].items():
-        entry = {k: v for k, v in r.items() if k != "p"}
+        entry = {k: v for k, v in r.items() if k not in ("p", "p_without_pcs")}
+        if "p_without_pcs" in r:
+            entry["lambda_gc_without_pcs"] = round(lambda_gc(r["p_without_pcs"]), 4)
         if "p" in r:
             p = r["p"]
             entry["lambda_gc"] = round(lambda_gc(p), 4)
@@ -202,6 +217,9 @@ def run_association_step(
                 plots = manhattan_qq(aln.chrom[rows], aln.pos[rows], p, title=pheno, out_prefix=stage / "plots" / pheno)
             res["files"] += [f"plots/{q.name}" for q in plots]
             top = entry["top_hits"][:5]
+            if "lambda_gc_without_pcs" in entry:
+                log.info("%s: λGC %.3f without PCs, %.3f with %d PCs", pheno, entry["lambda_gc_without_pcs"],
+                         entry["lambda_gc"], int(ctx.plan.get("pcs") or 0))
             log.info(
                 "%s (%s): λGC = %.3f; top hits: %s", pheno, r["kind"], entry["lambda_gc"],
                 ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={h['p']:.2e})" for h in top),
@@ -294,6 +312,7 @@ def build_manifest(
         "variants": {"study": len(aln), **{f"qc_{k}": v for k, v in results["qc"].items() if k != "filters"}},
         "qc": results["qc"],
         "association": results.get("association", {}).get("phenotypes", {}),
+        "pca": {k: v for k, v in (results.get("pca") or {}).items() if k != "files"} or None,
         "files": results["files"],
         "rounds": ctx.rounds,
         "timings": ctx.timings,
