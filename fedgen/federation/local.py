@@ -94,6 +94,17 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
 LOCAL_SUPERNODE_POLL = 0.05  # seconds; see fedgen.federation.supernode
 
 
+def _site_blas_threads(n_sites: int) -> dict[str, str]:
+    """BLAS threads per local site: the sites share this machine's cores.
+
+    OpenBLAS threads spin while waiting; several sites each starting one per core
+    oversubscribe the machine and slow every site several-fold.
+    """
+    per_site = max(1, (os.cpu_count() or 1) // max(1, n_sites))
+    env = {k: str(per_site) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def flower_cmd(name: str) -> str:
     """Absolute path of a Flower console script next to this interpreter (else from PATH)."""
     cand = Path(sys.executable).parent / name
@@ -581,7 +592,7 @@ class LocalFederation:
         with open(logfile, "ab") as fh:
             fh.write(f"\n=== fedgen: starting {' '.join(argv)}\n".encode())
             fh.flush()
-            env = {**flower_env(home), "FEDGEN_SUPERNODE_POLL": str(LOCAL_SUPERNODE_POLL)}
+            env = {**flower_env(home), "FEDGEN_SUPERNODE_POLL": str(LOCAL_SUPERNODE_POLL), **_site_blas_threads(len(self.node_configs))}
             return self.procs.spawn(f"supernode-{site}", argv, env=env, cwd=self.workdir, stdout=fh)
 
     # -- running a study
