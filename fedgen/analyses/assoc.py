@@ -136,10 +136,40 @@ def _beta(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return beta
 
 
+SYMMETRIC = ("XtX", "H", "I")
+
+
+def pack_symmetric(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Send only the upper triangle of per-variant symmetric matrices (``<name>_triu``)."""
+    out = dict(arrays)
+    for k in SYMMETRIC:
+        if k in out and out[k].ndim == 3:
+            iu = np.triu_indices(out[k].shape[1])
+            out[f"{k}_triu"] = np.ascontiguousarray(out.pop(k)[:, iu[0], iu[1]])
+    return out
+
+
+def unpack_symmetric(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_symmetric` (at the aggregator, after summing over sites)."""
+    out = dict(arrays)
+    for k in SYMMETRIC:
+        t = out.pop(f"{k}_triu", None)
+        if t is None:
+            continue
+        m = t.shape[1]
+        p = int((np.sqrt(8 * m + 1) - 1) / 2)
+        iu = np.triu_indices(p)
+        full = np.empty((t.shape[0], p, p))
+        full[:, iu[0], iu[1]] = t
+        full[:, iu[1], iu[0]] = t
+        out[k] = full
+    return out
+
+
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {}
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]}
+    return pack_symmetric({k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]})
 
 
 @register("covar_ranges")

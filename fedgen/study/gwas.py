@@ -61,7 +61,9 @@ def query_rows(
         )
         for k, v in sum_replies(ctx.query(req)).items():
             out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+    from fedgen.analyses.assoc import unpack_symmetric
+
+    return unpack_symmetric({k: np.concatenate(v, axis=0) for k, v in out.items()})
 
 
 # --------------------------------------------------------------------------- study set-up
