@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from fedgen.cohort.cohort import Cohort, default_state_dir
 from fedgen.errors import FedgenError, InputError
+from fedgen.fileio import atomic_write_text
 from fedgen.stats.plinkfmt import format_g6
 
 _STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -70,27 +70,15 @@ def format_eigenvec(iids: Sequence[str], scores: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_site_pcs(
     state_dir: Path, study_id: str, iids: Sequence[str], scores: np.ndarray, *, meta: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``<state_dir>/pca/<study_id>.eigenvec`` (and ``.json`` with ``meta``); returns the path."""
     path = pcs_path(state_dir, study_id)
     try:
-        _atomic_write(path, format_eigenvec(list(iids), scores))
+        atomic_write_text(path, format_eigenvec(list(iids), scores))
         if meta is not None:
-            _atomic_write(path.with_suffix(".json"), json.dumps(dict(meta), indent=2) + "\n")
+            atomic_write_text(path.with_suffix(".json"), json.dumps(dict(meta), indent=2) + "\n")
     except OSError as exc:
         raise InputError(f"{path.parent}: cannot write PC scores ({exc.strerror})") from None
     return path

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fedgen.fileio import atomic_write_text  # noqa: F401 - re-exported for study code
 from fedgen.stats.plinkfmt import format_g6
 
 
@@ -36,19 +37,6 @@ def write_tsv(path: Path, header: Sequence[str], columns: Sequence[Any]) -> None
     lines = ["\t".join(header)]
     lines.extend("\t".join(row) for row in zip(*cols))
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
