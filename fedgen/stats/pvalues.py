@@ -17,7 +17,7 @@ Ported from plink-ng v2.00a3.5 ``2.0/include/plink2_stats.cc`` (itself derived f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import special
@@ -116,37 +116,31 @@ def _upper_gamma_fraction(a1: np.ndarray, z1: np.ndarray) -> np.ndarray:
     return hh / (hh * (z1 - a1 + 1) + a0)
 
 
-def _lanczos_expg_imp(zz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(s1, s2) of ``lanczos_sum_expg_scaled_imp``; the scaled sum is s1 / s2."""
+def _lanczos_terms(zz: np.ndarray, numer: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Numerator and denominator of a Lanczos rational sum (Boost's evaluation order)."""
     small = zz <= 1
     zi = np.where(small, zz, 1.0 / np.where(small, 1.0, zz))
-    s1a = np.full_like(zz, _LANCZOS_EXPG_NUMER[5])
+    s1a = np.full_like(zz, numer[5])
     s2a = np.full_like(zz, _LANCZOS_DENOM[5])
     for ii in range(4, -1, -1):
-        s1a = s1a * zi + _LANCZOS_EXPG_NUMER[ii]
+        s1a = s1a * zi + numer[ii]
         s2a = s2a * zi + _LANCZOS_DENOM[ii]
-    s1b = np.full_like(zz, _LANCZOS_EXPG_NUMER[0])
+    s1b = np.full_like(zz, numer[0])
     s2b = np.full_like(zz, _LANCZOS_DENOM[0])
     for ii in range(1, 6):
-        s1b = s1b * zi + _LANCZOS_EXPG_NUMER[ii]
+        s1b = s1b * zi + numer[ii]
         s2b = s2b * zi + _LANCZOS_DENOM[ii]
     return np.where(small, s1a, s1b), np.where(small, s2a, s2b)
 
 
+def _lanczos_expg_imp(zz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s1, s2) of ``lanczos_sum_expg_scaled_imp``; the scaled sum is s1 / s2."""
+    return _lanczos_terms(zz, _LANCZOS_EXPG_NUMER)
+
+
 def _lanczos_sum(zz: np.ndarray) -> np.ndarray:
-    small = zz <= 1
-    zi = np.where(small, zz, 1.0 / np.where(small, 1.0, zz))
-    s1a = np.full_like(zz, _LANCZOS_NUMER[5])
-    s2a = np.full_like(zz, _LANCZOS_DENOM[5])
-    for ii in range(4, -1, -1):
-        s1a = s1a * zi + _LANCZOS_NUMER[ii]
-        s2a = s2a * zi + _LANCZOS_DENOM[ii]
-    s1b = np.full_like(zz, _LANCZOS_NUMER[0])
-    s2b = np.full_like(zz, _LANCZOS_DENOM[0])
-    for ii in range(1, 6):
-        s1b = s1b * zi + _LANCZOS_NUMER[ii]
-        s2b = s2b * zi + _LANCZOS_DENOM[ii]
-    return np.where(small, s1a / s2a, s1b / s2b)
+    s1, s2 = _lanczos_terms(zz, _LANCZOS_NUMER)
+    return s1 / s2
 
 
 def _log1pmx(xx: np.ndarray) -> np.ndarray:
