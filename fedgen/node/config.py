@@ -38,7 +38,7 @@ SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 #: Files in a site's state folder.
 POLICY_FILE = "policy.toml"
 AUDIT_LOG = "audit.jsonl"
-LEDGER_FILE = "ledger.json"
+LEDGER_FILE = "ledger.sqlite"
 KEYS_DIR = "keys"
 PRIVATE_KEY = "keys/node.key"
 PUBLIC_KEY = "keys/node.key.pub"

@@ -9,6 +9,12 @@ This module writes the default policy and validates a policy's syntax and keys. 
 ``epsilon_budget``           total ε the site will spend, over all studies
 ``delta``                    δ of each (ε, δ)-DP release
 ``max_variants_per_request`` largest number of variants one request may cover
+``accepted_fedgen_versions`` fedgen versions whose study FABs this site accepts (its code always
+                             comes from the site's installed fedgen, never from the FAB)
+``accepted_fab_hashes``      SHA-256 hashes of further FABs the site accepts (hex)
+
+A policy may also be given inline (a mapping) in local runs: ``sites.<name>.policy``.
+:func:`load_policy` fills defaults for keys it omits and validates the result.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ DEFAULTS: dict[str, Any] = {
     "epsilon_budget": 10.0,
     "delta": 1e-6,
     "max_variants_per_request": 65536,
+    "accepted_fedgen_versions": [],  # filled with the installed version (see default_policy)
+    "accepted_fab_hashes": [],
 }
 
-REQUIRED_KEYS = tuple(DEFAULTS)
+OPTIONAL_KEYS = ("accepted_fedgen_versions", "accepted_fab_hashes")
+REQUIRED_KEYS = tuple(k for k in DEFAULTS if k not in OPTIONAL_KEYS)
 
 
 def known_analyses() -> set[str]:
@@ -48,9 +57,43 @@ def known_analyses() -> set[str]:
     return set(pkg.REGISTRY)
 
 
+def installed_version() -> str:
+    import fedgen
+
+    return fedgen.__version__
+
+
 def default_policy(analyses: list[str] | None = None) -> dict[str, Any]:
     """The default policy as a dict (``allowed_analyses`` = every installed analysis)."""
-    return {**DEFAULTS, "allowed_analyses": sorted(known_analyses() if analyses is None else analyses)}
+    return {
+        **DEFAULTS,
+        "allowed_analyses": sorted(known_analyses() if analyses is None else analyses),
+        "accepted_fedgen_versions": [installed_version()],
+    }
+
+
+def load_policy(source: Any) -> dict[str, Any]:
+    """The effective policy from a path to ``policy.toml``, an inline mapping, or None (defaults).
+
+    Keys the source omits take their defaults; a policy with problems raises ValueError naming them.
+    """
+    if source is None or (isinstance(source, str) and not source.strip()):
+        policy: dict[str, Any] = {}
+        where = "default policy"
+    elif isinstance(source, (str, Path)):
+        policy = read_policy(Path(source))
+        where = str(source)
+    else:
+        policy = {str(k): v for k, v in dict(source).items()}
+        where = "inline policy"
+    for key, value in list(policy.items()):  # OmegaConf / TOML containers → plain lists
+        if isinstance(value, tuple) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))):
+            policy[key] = list(value)
+    effective = {**default_policy(), **policy}
+    problems = validate_policy(effective, known_analyses=known_analyses())
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return effective
 
 
 def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
@@ -78,6 +121,13 @@ delta = {DEFAULTS["delta"]!r}
 
 # Largest number of variants one request may cover.
 max_variants_per_request = {DEFAULTS["max_variants_per_request"]}
+
+# Which study FABs this node accepts. Whatever a FAB contains, this node runs only the
+# ClientApp of its own installed fedgen; a run whose FAB is not accepted here is refused
+# before any data is opened. A fedgen study FAB (manifest only, no code) is accepted when it
+# names one of these fedgen versions; add SHA-256 hashes to accept specific other FABs.
+accepted_fedgen_versions = [{", ".join(f'"{v}"' for v in policy["accepted_fedgen_versions"])}]
+accepted_fab_hashes = []
 """
 
 
@@ -101,7 +151,7 @@ def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None =
     problems: list[str] = []
     unknown = sorted(set(policy) - set(DEFAULTS))
     if unknown:
-        problems.append(f"unknown key(s): {', '.join(unknown)} (known: {', '.join(REQUIRED_KEYS)})")
+        problems.append(f"unknown key(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
     missing = [k for k in REQUIRED_KEYS if k not in policy]
     if missing:
         problems.append(f"missing key(s): {', '.join(missing)}")
@@ -137,4 +187,14 @@ def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None =
         is_int(policy["max_variants_per_request"]) and policy["max_variants_per_request"] >= 1
     ):
         problems.append(f"max_variants_per_request must be a whole number >= 1, got {policy['max_variants_per_request']!r}")
+    if "accepted_fedgen_versions" in policy:
+        v = policy["accepted_fedgen_versions"]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            problems.append("accepted_fedgen_versions must be a list of version strings")
+    if "accepted_fab_hashes" in policy:
+        h = policy["accepted_fab_hashes"]
+        if not isinstance(h, list) or not all(
+            isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x.lower()) for x in h
+        ):
+            problems.append("accepted_fab_hashes must be a list of 64-character hex SHA-256 hashes")
     return problems
