@@ -6,18 +6,21 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from fedgen.analyses.spec import Spec
 from fedgen.errors import FedgenError
 
 Partial = Callable[[Mapping[str, Any], dict[str, Any], dict[str, np.ndarray]], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 REGISTRY: dict[str, Partial] = {}
+SPECS: dict[str, Spec] = {}
 
 
-def register(name: str) -> Callable[[Partial], Partial]:
-    """Register a site-side partial under ``name``."""
+def register(name: str, spec: Spec) -> Callable[[Partial], Partial]:
+    """Register a site-side partial under ``name`` with its declaration (see :mod:`.spec`)."""
 
     def deco(fn: Partial) -> Partial:
         REGISTRY[name] = fn
+        SPECS[name] = spec
         return fn
 
     return deco
@@ -28,19 +31,20 @@ def execute(
     analysis: str,
     params: dict[str, Any],
     arrays: dict[str, np.ndarray],
+    *,
+    context: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run one registered analysis step at a site.
+    """Run one registered analysis step at a site, through the site's egress guard.
 
-    ``node_config`` is the site's own configuration (site name, vcf, samples,
-    state_dir); the request cannot change it. Returns named arrays (sums over
-    the site's samples, no samples axis) and JSON-able metadata.
-    Raises :class:`FedgenError` with a user-facing message on refusal or bad input.
+    ``node_config`` is the site's own configuration (site name, vcf, samples, state_dir,
+    policy); the request cannot change it. ``context`` carries run/study ids and the message
+    type for the audit log. Returns named arrays (sums over the site's samples, no samples
+    axis) and JSON-able metadata. Raises :class:`FedgenError` with a user-facing message on
+    refusal (:class:`fedgen.site.guard.Refused`) or bad input.
     """
-    _load_builtin()
-    fn = REGISTRY.get(analysis)
-    if fn is None:
-        raise FedgenError(f"unknown analysis {analysis!r}: this site runs only {sorted(REGISTRY)}")
-    return fn(node_config, params, arrays)
+    from fedgen.site.guard import answer
+
+    return answer(node_config, analysis, params, arrays, context=context)
 
 
 def _load_builtin() -> None:

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedgen.analyses import register
-from fedgen.analyses.qc import SUB_BLOCK, _block_args
+from fedgen.analyses.spec import Spec, arr, meta_count
+from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
 from fedgen.cohort.cohort import Cohort, load_cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
@@ -50,7 +51,22 @@ def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndar
     return y, C, keep
 
 
-@register("covar_moments")
+DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs"})
+MAX_PREDICTORS = 512
+
+
+@register(
+    "covar_moments",
+    Spec(
+        params=frozenset({"names"}),
+        outputs={"moments": arr("f8", "c", 3)},
+        param_dims=lambda params, nc: {"c": len(list(params.get("names") or []))},
+        limits={"c": 4096},
+        meta=frozenset({"n_min"}),
+        contributors=meta_count("n_min"),
+        doc="per numeric covariate: sum, sum of squares, count",
+    ),
+)
 def covar_moments(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
     cohort = load_cohort(node_config)
@@ -63,7 +79,8 @@ def covar_moments(node_config: Mapping[str, Any], params: dict[str, Any], arrays
             raise FedgenError(f"{cohort.table.path}: covariate {name!r} is not numeric at this site")
         x = x[~np.isnan(x)]
         out[j] = (x.sum(), (x * x).sum(), len(x))
-    return {"moments": out}, {}
+    present = out[:, 2][out[:, 2] > 0]  # a covariate absent at this site reveals nothing
+    return {"moments": out}, {"n_min": int(present.min()) if len(present) else cohort.n_samples}
 
 
 def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
@@ -73,7 +90,17 @@ def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
         yield s, g[:, keep]
 
 
-@register("assoc_counts")
+@register(
+    "assoc_counts",
+    Spec(
+        params=DESIGN_PARAMS,
+        inputs=VARIANT_INPUTS,
+        outputs={"counts": arr("i8", "v", 4)},
+        meta=frozenset({"n_cases", "n_controls"}),
+        contributors=meta_count("n_cases", "n_controls"),
+        doc="per variant: A1 and A2 allele counts in cases and in controls",
+    ),
+)
 def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1)."""
     cohort = load_cohort(node_config)
@@ -93,7 +120,18 @@ def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
     return {"counts": out}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
 
 
-@register("glm_linear")
+@register(
+    "glm_linear",
+    Spec(
+        params=DESIGN_PARAMS,
+        inputs=VARIANT_INPUTS,
+        outputs={"XtX_triu": arr("f8", "v", "t"), "Xty": arr("f8", "v", "p"), "yty": arr("f8", "v"), "n": arr("i8", "v")},
+        free={"p": MAX_PREDICTORS, "t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        meta=frozenset({"n"}),
+        contributors=meta_count("n"),
+        doc="per variant: XᵀX (upper triangle), Xᵀy, yᵀy, n of the linear model",
+    ),
+)
 def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
     y, C, keep = _design(cohort, params)
@@ -103,7 +141,19 @@ def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
     return _stack(parts), {"n": int(keep.sum())}
 
 
-@register("glm_logistic")
+@register(
+    "glm_logistic",
+    Spec(
+        params=DESIGN_PARAMS,
+        inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p")},
+        outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True)},
+        limits={"p": MAX_PREDICTORS},
+        free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        meta=frozenset({"n"}),
+        contributors=meta_count("n"),
+        doc="per variant at the aggregator's β: Hessian (upper triangle), gradient, n",
+    ),
+)
 def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
     y, C, keep = _design(cohort, params)
@@ -114,7 +164,19 @@ def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
     return _stack(parts), {"n": int(keep.sum())}
 
 
-@register("glm_firth")
+@register(
+    "glm_firth",
+    Spec(
+        params=DESIGN_PARAMS,
+        inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p"), "Iinv": arr("*", "v", "p", "p", optional=True)},
+        outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True)},
+        limits={"p": MAX_PREDICTORS},
+        free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        meta=frozenset({"n"}),
+        contributors=meta_count("n"),
+        doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
+    ),
+)
 def glm_firth(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
     y, C, keep = _design(cohort, params)
@@ -172,7 +234,18 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return pack_symmetric({k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]})
 
 
-@register("covar_ranges")
+@register(
+    "covar_ranges",
+    Spec(
+        params=DESIGN_PARAMS,
+        outputs={k: arr("f8", "c") for k in ("case_min", "case_max", "ctrl_min", "ctrl_max")},
+        free={"c": MAX_PREDICTORS},
+        meta=frozenset({"n_cases", "n_controls"}),
+        contributors=meta_count("n_cases", "n_controls"),
+        sample_level=True,
+        doc="per covariate: min and max among cases and among controls (single samples' values)",
+    ),
+)
 def covar_ranges(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """Per design covariate: min/max among this site's cases and among its controls.
 
@@ -181,4 +254,5 @@ def covar_ranges(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
     """
     cohort = load_cohort(node_config)
     y, C, keep = _design(cohort, params)
-    return glm.site_covar_ranges(y[keep], C[keep]), {}
+    case = y[keep] > 0.5
+    return glm.site_covar_ranges(y[keep], C[keep]), {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}

@@ -29,7 +29,8 @@ import numpy as np
 
 import fedgen
 from fedgen.analyses import register
-from fedgen.analyses.qc import SUB_BLOCK, _block_args
+from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
+from fedgen.analyses.spec import Spec, arr, meta_count
 from fedgen.cohort.cohort import Cohort, load_cohort
 from fedgen.cohort.pcs import (
     check_study_id,
@@ -157,7 +158,25 @@ def _round_tag(params: dict[str, Any], what: str) -> str:
     return f"{study_id}.{what}.{rnd}"
 
 
-@register("pca_product")
+MAX_BASIS = 64  # columns of a PCA basis: enough for 20+ PCs with oversampling; far below any site's n
+
+_BLOCK_PARAMS = frozenset({"study_id", "round", "n_blocks", "phase", "block"})
+
+
+@register(
+    "pca_product",
+    Spec(
+        params=_BLOCK_PARAMS,
+        inputs={**VARIANT_INPUTS, "freq": arr("*", "v"), "basis": arr("*", "v", "b", optional=True)},
+        outputs={"product": arr("f8", "v", "b", optional=True)},
+        limits={"b": MAX_BASIS},
+        free={"b": MAX_BASIS},
+        meta=frozenset({"n_samples", "projected"}),
+        contributors=meta_count("n_samples"),
+        may_be_empty=True,
+        doc="Z_s(Z_sᵀQ) for the aggregator's basis Q (variants × b); Z_sᵀQ stays at the site",
+    ),
+)
 def pca_product(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """``Z_s (Z_sᵀ Q)``, (V, b) float64, for the requested variants and basis ``Q``.
 
@@ -208,7 +227,18 @@ def pca_product(node_config: Mapping[str, Any], params: dict[str, Any], arrays: 
     return {"product": Y}, {"n_samples": cohort.n_samples}
 
 
-@register("ld_pair_sums")
+@register(
+    "ld_pair_sums",
+    Spec(
+        params=frozenset({"n_first", "window"}),
+        inputs=VARIANT_INPUTS,
+        outputs={"pairs": arr("u2|u4", "f", "w", 6)},
+        param_dims=lambda params, nc: {"f": int(params["n_first"]), "w": int(params["window"]) - 1},
+        meta=frozenset({"n_samples"}),
+        contributors=meta_count("n_samples"),
+        doc="per variant pair in a window: pairwise-complete n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i·g_j",
+    ),
+)
 def ld_pair_sums(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """(n_first, window-1, 6) pairwise-complete sums (n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i g_j)."""
     cohort = _cohort(node_config)
@@ -249,7 +279,26 @@ def _hist_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@register("pca_scores")
+def _hist_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
+    h = dict(params.get("hist") or {})
+    return {"nb": int(h.get("bins", 400))}
+
+
+@register(
+    "pca_scores",
+    Spec(
+        params=frozenset({"study_id", "block", "n_blocks", "n_variants", "theta", "eigenvalues", "hist", "local_plot"}),
+        inputs={**VARIANT_INPUTS, "freq": arr("*", "v"), "loadings": arr("*", "v", "k")},
+        outputs={"sums": arr("f8", "k", 2), "hist1d": arr("i8", "h", "nb"), "hidden": arr("i8", "h")},
+        param_dims=_hist_dims,
+        limits={"k": MAX_BASIS},
+        free={"h": MAX_BASIS},
+        meta=frozenset({"n_samples", "projected", "stored"}),
+        contributors=meta_count("n_samples"),
+        may_be_empty=True,
+        doc="stores the site's PC scores locally; replies Σ, Σ² and small-cell-suppressed 1-D histograms",
+    ),
+)
 def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """Compute and store this site's PC scores; reply with Σv, Σv² and 1-D histograms per PC."""
     cohort = _cohort(node_config)
@@ -299,7 +348,24 @@ def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
     return {"sums": sums, "hist1d": hist, "hidden": hidden}, {"n_samples": cohort.n_samples, "stored": True}
 
 
-@register("pca_histograms")
+def _hist2d_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
+    bins = params.get("bins", 40)
+    if isinstance(bins, Mapping):
+        bins = bins.get(str(node_config.get("site", "")), 40)
+    return {"q": len(list(params.get("pairs") or [])), "nb": int(bins)}
+
+
+@register(
+    "pca_histograms",
+    Spec(
+        params=frozenset({"study_id", "pairs", "ranges", "bins", "min_count"}),
+        outputs={"hist2d": arr("i8", "q", "nb", "nb"), "outside": arr("i8", "q"), "hidden": arr("i8", "q")},
+        param_dims=_hist2d_dims,
+        meta=frozenset({"n_samples"}),
+        contributors=meta_count("n_samples"),
+        doc="2-D histograms of the site's stored PC scores, small cells suppressed",
+    ),
+)
 def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """2-D histograms of stored scores for PC pairs, small cells suppressed.
 

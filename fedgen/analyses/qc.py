@@ -14,6 +14,7 @@ import numpy as np
 
 import fedgen
 from fedgen.analyses import register
+from fedgen.analyses.spec import Spec, arr, meta_count
 from fedgen.cohort.cohort import load_cohort
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
@@ -37,7 +38,25 @@ def decode_variant_table(buf: np.ndarray) -> tuple[list[str], np.ndarray, list[s
     return chrom, pos, [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
 
 
-@register("site_info")
+VARIANT_INPUTS = {"idx": arr("*", "v"), "flip": arr("*", "v", optional=True)}
+
+
+def _site_samples(meta: Mapping[str, Any]) -> int:
+    return int(meta["counts"]["samples"])
+
+
+@register(
+    "site_info",
+    Spec(
+        params=frozenset({"phenotypes", "covariates"}),
+        outputs={"variants": arr("u1", "table_bytes")},
+        free={"table_bytes": 1 << 34},
+        opaque=frozenset({"table_bytes"}),
+        meta=frozenset({"site", "version", "vcf", "samples_file", "counts", "contigs", "columns", "policy"}),
+        contributors=_site_samples,
+        doc="the site's variant table (public coordinates/alleles), sample counts, column kinds",
+    ),
+)
 def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
     columns: dict[str, Any] = {}
@@ -59,6 +78,9 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
         "contigs": cohort.contigs,
         "columns": columns,
     }
+    policy = node_config.get("_policy")
+    if policy:  # what this site agrees to answer (public, so the aggregator can plan around it)
+        meta["policy"] = {k: policy[k] for k in ("allowed_analyses", "min_count", "max_variants_per_request")}
     return {"variants": table}, meta
 
 
@@ -74,7 +96,16 @@ def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
     return idx, flip
 
 
-@register("genotype_counts")
+@register(
+    "genotype_counts",
+    Spec(
+        inputs=VARIANT_INPUTS,
+        outputs={"counts": arr("i8", "v", 4)},
+        meta=frozenset({"n_samples", "suppressed"}),
+        contributors=meta_count("n_samples"),
+        doc="per variant: hom-REF, het, hom-ALT, missing counts",
+    ),
+)
 def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
     cohort = load_cohort(node_config)

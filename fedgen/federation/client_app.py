@@ -1,8 +1,12 @@
-"""Site side of fedgen on Flower: request → :func:`fedgen.analyses.execute` → reply.
+"""Site side of fedgen on Flower: request → egress guard → analysis → reply.
 
-Loaded by each SuperNode from the site's INSTALLED fedgen (the FAB carries no
-code). The site's settings come only from ``context.node_config`` (set by the
-site with ``flower-supernode --node-config``); a request cannot change them.
+Loaded by each SuperNode from the site's INSTALLED fedgen (the FAB carries no code; see
+:mod:`fedgen.federation.superexec`). The site's settings come only from ``context.node_config``
+(set by the site with ``flower-supernode --node-config``); a request cannot change them.
+
+Every message passes through :mod:`fedgen.site.guard`: a message of any type other than
+``query.fedgen`` is refused and logged before Flower's dispatch; a fedgen query is checked
+against the site policy and the analysis' declaration, and its reply is audited.
 """
 
 from __future__ import annotations
@@ -14,11 +18,36 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgen.errors import FedgenError
-from fedgen.federation.flower import decode_request, encode_reply, error_reply
+from fedgen.federation.flower import decode_request, encode_reply, error_reply, request_study_id
 
 log = logging.getLogger("fedgen.site")
 
-app = ClientApp()
+
+def _context(msg: Message, context: Context) -> dict:
+    return {
+        "run_id": str(msg.metadata.run_id),
+        "message_type": str(msg.metadata.message_type),
+        "fab_hash": context.node_config.get("fab_hash") if hasattr(context, "node_config") else None,
+    }
+
+
+class SiteClientApp(ClientApp):
+    """A ClientApp that answers fedgen queries only; anything else is refused and audited."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        from fedgen.site.guard import MESSAGE_TYPE, refuse_message
+
+        mtype = str(message.metadata.message_type)
+        if mtype != MESSAGE_TYPE:
+            reason = refuse_message(
+                dict(context.node_config), _context(message, context),
+                f"message type {mtype!r} is not one this fedgen site answers (only {MESSAGE_TYPE!r})",
+            )
+            return Message(error_reply(f"site refused: {reason}"), reply_to=message)
+        return super().__call__(message, context)
+
+
+app = SiteClientApp()
 
 
 @app.query("fedgen")
@@ -29,8 +58,14 @@ def handle(msg: Message, context: Context) -> Message:
     node_config = dict(context.node_config)
     t0 = time.perf_counter()
     try:
-        analysis, params, arrays = decode_request(msg.content)
-        out_arrays, meta = execute(node_config, analysis, params, arrays)
+        try:
+            analysis, params, arrays = decode_request(msg.content)
+        except FedgenError as exc:
+            from fedgen.site.guard import refuse_message
+
+            raise FedgenError(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}")) from None
+        ctx = {**_context(msg, context), "study_id": request_study_id(msg.content)}
+        out_arrays, meta = execute(node_config, analysis, params, arrays, context=ctx)
         meta = {**meta, "site_seconds": round(time.perf_counter() - t0, 3)}
         content = encode_reply(out_arrays, meta)
         log.info("answered %s in %.2f s", analysis, meta["site_seconds"])

@@ -77,12 +77,19 @@ def _config(content: RecordDict, what: str) -> ConfigRecord:
     return rec
 
 
-def encode_request(analysis: str, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> RecordDict:
+def encode_request(
+    analysis: str, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, study_id: str = ""
+) -> RecordDict:
     """Request (analysis name, JSON params, arrays) → RecordDict."""
     return RecordDict(
         {
             _CONFIG_KEY: ConfigRecord(
-                {"protocol": PROTOCOL, "analysis": str(analysis), "params": json.dumps(dict(params), allow_nan=False)}
+                {
+                    "protocol": PROTOCOL,
+                    "analysis": str(analysis),
+                    "params": json.dumps(dict(params), allow_nan=False),
+                    "study_id": str(study_id),
+                }
             ),
             _ARRAYS_KEY: _encode_arrays(arrays),
         }
@@ -100,6 +107,12 @@ def decode_request(content: RecordDict) -> tuple[str, dict[str, Any], dict[str, 
         raise FedgenError("malformed request: params must be a JSON object")
     arrays, _ = _decode_arrays(content.array_records.get(_ARRAYS_KEY))
     return str(rec.get("analysis", "")), params, arrays
+
+
+def request_study_id(content: RecordDict) -> str:
+    """The study id a request names (for the site's audit log); '' if none."""
+    rec = content.config_records.get(_CONFIG_KEY)
+    return str(rec.get("study_id", "")) if rec is not None else ""
 
 
 def encode_reply(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> RecordDict:
@@ -185,7 +198,9 @@ class FlowerTransport:
 
     def query(self, request: Request) -> dict[str, Reply]:
         sites = list(self._node_of)
-        contents = {s: encode_request(request.analysis, request.params, request.arrays_for(s)) for s in sites}
+        contents = {
+            s: encode_request(request.analysis, request.params, request.arrays_for(s), study_id=request.study_id) for s in sites
+        }
         got, errors = self._exchange(request.analysis, {s: self._node_of[s] for s in sites}, contents, self._timeout)
         if errors:
             _raise_first(errors, sites)

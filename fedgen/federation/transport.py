@@ -36,6 +36,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     per_site_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    study_id: str = ""
 
     def arrays_for(self, site: str) -> dict[str, np.ndarray]:
         out = dict(self.arrays)
@@ -67,7 +68,10 @@ class InProcessTransport:
         replies: dict[str, Reply] = {}
         for site, cfg in self._configs.items():
             try:
-                arrays, meta = execute(cfg, request.analysis, request.params, request.arrays_for(site))
+                arrays, meta = execute(
+                    cfg, request.analysis, request.params, request.arrays_for(site),
+                    context={"run_id": "inprocess", "study_id": request.study_id},
+                )
             except FedgenError as exc:
                 raise SiteError(site, str(exc)) from None
             nbytes = sum(int(a.nbytes) for a in arrays.values())

@@ -63,11 +63,25 @@ def installed_version() -> str:
     return fedgen.__version__
 
 
+def sample_level_analyses() -> set[str]:
+    """Installed analyses that release individual samples' values (never allowed by default)."""
+    import fedgen.analyses as pkg
+
+    known_analyses()
+    return {name for name, spec in pkg.SPECS.items() if spec.sample_level}
+
+
 def default_policy(analyses: list[str] | None = None) -> dict[str, Any]:
-    """The default policy as a dict (``allowed_analyses`` = every installed analysis)."""
+    """The default policy as a dict.
+
+    ``allowed_analyses`` = every installed analysis except those that release individual
+    samples' values (a site must name those explicitly).
+    """
+    if analyses is None:
+        analyses = sorted(known_analyses() - sample_level_analyses())
     return {
         **DEFAULTS,
-        "allowed_analyses": sorted(known_analyses() if analyses is None else analyses),
+        "allowed_analyses": sorted(analyses),
         "accepted_fedgen_versions": [installed_version()],
     }
 
@@ -166,6 +180,8 @@ def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None =
         problems.append(f"version must be {POLICY_VERSION}, got {policy['version']!r}")
     if "allowed_analyses" in policy:
         a = policy["allowed_analyses"]
+        if isinstance(a, tuple):
+            a = list(a)
         if not isinstance(a, list) or not all(isinstance(x, str) and x for x in a):
             problems.append("allowed_analyses must be a list of analysis names")
         else:

@@ -241,6 +241,19 @@ def _covariates_separated(ctx, params) -> bool:
     """
     if not params["covariates"] and not params["site_columns"] and not params.get("pcs"):
         return False
+    refusing = sorted(
+        s for s, r in getattr(ctx, "site_info", {}).items()
+        if "covar_ranges" not in ((r.meta.get("policy") or {}).get("allowed_analyses") or ["covar_ranges"])
+    )
+    if refusing:
+        note = (
+            f"{params['phenotype']}: PLINK's covariate-separation check was skipped: the policy of site(s) "
+            f"{', '.join(refusing)} does not release covariate extremes (single samples' values); if a covariate "
+            "separated cases from controls PLINK would send every variant to Firth regression"
+        )
+        log.info(note)
+        ctx.notes.append(note)
+        return False
     replies = ctx.query(Request("covar_ranges", params=params))
     parts = [r.arrays for r in replies.values()]
     ranges = {k: (np.min if k.endswith("min") else np.max)(np.stack([p[k] for p in parts]), axis=0) for k in parts[0]}

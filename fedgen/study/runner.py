@@ -42,13 +42,20 @@ class StudyContext:
         self.rounds = 0
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
+        self.privacy_releases: list[dict[str, Any]] = []
+        self.site_info: dict[str, Reply] = {}
 
     def query(self, request: Request) -> dict[str, Reply]:
+        if not request.study_id:
+            request.study_id = str(self.plan.get("study_id") or "")
         replies = self.transport.query(request)
         self.rounds += 1
         for site, r in replies.items():
             self.bytes_sent[site] = self.bytes_sent.get(site, 0) + int(r.nbytes)
             self.messages[site] = self.messages.get(site, 0) + 1
+            priv = r.meta.get("privacy")
+            if priv:  # a differentially private release: record what it cost this site
+                self.privacy_releases.append({"site": site, "analysis": request.analysis, **priv})
         return replies
 
     def timed(self, name: str) -> "_Timer":
@@ -123,6 +130,7 @@ def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
         params={"phenotypes": list(plan.get("phenotypes") or []), "covariates": list(plan.get("covariates") or [])},
     )
     replies = ctx.query(req)
+    ctx.site_info = replies
     expected = list(plan.get("sites") or [])
     if expected:
         missing = [s for s in expected if s not in replies]
