@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a study: fedgen run [HYDRA OVERRIDES], e.g. study=qc output_dir=out")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=cmd_run)
+    from fedgen.site.audit_cli import add_command as add_audit
+
+    add_audit(sub)
+    from fedgen.privacy.cli import add_command as add_ledger
+
+    add_ledger(sub)
     try:  # site-node and aggregator commands (fedgen node ..., fedgen aggregator ...)
         from fedgen.node.cli import add_commands
     except ImportError:

@@ -48,4 +48,4 @@ def execute(
 
 
 def _load_builtin() -> None:
-    from fedgen.analyses import assoc, pca, ping, qc  # noqa: F401
+    from fedgen.analyses import assoc, dp, pca, ping, qc  # noqa: F401

@@ -94,6 +94,16 @@ def load_policy(source: Any) -> dict[str, Any]:
     if source is None or (isinstance(source, str) and not source.strip()):
         policy: dict[str, Any] = {}
         where = "default policy"
+    elif isinstance(source, str) and source.lstrip().startswith("{"):  # inline, passed on as JSON
+        import json
+
+        try:
+            policy = json.loads(source)
+        except ValueError as exc:
+            raise ValueError(f"inline policy: not valid JSON ({exc})") from None
+        if not isinstance(policy, dict):
+            raise ValueError("inline policy: expected a mapping")
+        where = "inline policy"
     elif isinstance(source, (str, Path)):
         policy = read_policy(Path(source))
         where = str(source)

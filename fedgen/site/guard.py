@@ -166,6 +166,7 @@ def answer(
         if state is None:
             raise refuse(f"{analysis}: the site has no state folder for its privacy ledger")
         eps_release = compose_epsilon(events, float(policy["delta"]))
+        state.mkdir(parents=True, exist_ok=True)
         ledger = Ledger(state / LEDGER_FILE, epsilon_budget=float(policy["epsilon_budget"]), delta=float(policy["delta"]))
         try:
             reservation = ledger.reserve(

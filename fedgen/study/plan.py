@@ -27,6 +27,26 @@ def compose_config(overrides: list[str]) -> Any:
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 
+def _site_policy(site: str, policy: Any, base: Path) -> str:
+    """``sites.<name>.policy`` for a local run: an inline mapping (passed on as JSON) or a path."""
+    import json
+
+    from fedgen.node.policy import load_policy
+
+    if isinstance(policy, dict):
+        try:
+            load_policy(policy)
+        except ValueError as exc:
+            raise ConfigError(f"sites.{site}.policy: {exc}") from None
+        return json.dumps(policy)
+    path = (base / str(policy)).expanduser().resolve()
+    try:
+        load_policy(path)
+    except ValueError as exc:
+        raise ConfigError(f"sites.{site}.policy: {exc}") from None
+    return str(path)
+
+
 def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
     """Validate a composed config and return (plan, node_configs)."""
     from omegaconf import OmegaConf
@@ -58,6 +78,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
                 nc[key] = str((base / str(sc[key])).expanduser().resolve())
             if sc.get("state_dir"):
                 nc["state_dir"] = str((base / str(sc["state_dir"])).expanduser().resolve())
+            if sc.get("policy") is not None:
+                nc["policy"] = _site_policy(name, sc["policy"], base)
         node_configs[str(name)] = nc
     analyses = list(study.get("analyses") or KNOWN_ANALYSES[:3])
     unknown = [a for a in analyses if a not in KNOWN_ANALYSES]
@@ -100,6 +122,11 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
     want_pca = "pca" in analyses or pcs > 0
     plan["pca"] = pca_settings(study.get("pca"), pcs=pcs) if want_pca else None
     plan["pcs"] = pcs
-    if plan["privacy"].get("mode", "none") != "none":
-        raise ConfigError(f"privacy mode {plan['privacy'].get('mode')!r} is not available in this version")
+    mode = plan["privacy"].get("mode", "none")
+    if mode == "dp":
+        from fedgen.study.dp import check_dp_plan
+
+        plan["privacy"] = check_dp_plan(plan)
+    elif mode != "none":
+        raise ConfigError(f"privacy.mode must be none or dp, got {mode!r}")
     return plan, node_configs

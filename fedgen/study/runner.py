@@ -155,7 +155,13 @@ def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
 
 def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
     """Run ``plan`` and publish results to ``plan["output_dir"]``; returns the manifest."""
+    if (plan.get("privacy") or {}).get("mode", "none") == "dp":
+        from fedgen.study.dp import run_dp_plan
+
+        return run_dp_plan(plan, transport)
     t_start = time.time()
+    if not plan.get("study_id"):
+        plan = {**plan, "study_id": uuid.uuid4().hex}
     ctx = StudyContext(plan, transport)
     out = Path(plan["output_dir"]).resolve()
     stage = staging_dir(out)
@@ -279,6 +285,31 @@ def write_qc_outputs(
     return {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
 
 
+def _privacy_spent(plan: dict[str, Any], ctx: StudyContext) -> dict[str, dict[str, Any]]:
+    """Per site: ε/δ this study spent there (its releases composed) and each release's noise."""
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for r in ctx.privacy_releases:
+        by_site.setdefault(r["site"], []).append(r)
+    if not by_site:
+        return {}
+    from fedgen.privacy.accounting import compose_epsilon
+
+    delta = float((plan.get("privacy") or {}).get("delta") or 1e-6)
+    out = {}
+    for site, rels in by_site.items():
+        events = [e for r in rels for e in r.get("events", [])]
+        out[site] = {
+            "epsilon": compose_epsilon(events, delta),
+            "delta": delta,
+            "releases": [
+                {"analysis": r["analysis"], "epsilon": r.get("epsilon"), "events": r.get("events"),
+                 "site_epsilon_spent_after": r.get("site_epsilon_spent")}
+                for r in rels
+            ],
+        }
+    return out
+
+
 def build_manifest(
     plan: dict[str, Any], ctx: StudyContext, info: dict[str, Reply], aln: Alignment, results: dict[str, Any], t_start: float
 ) -> dict[str, Any]:
@@ -290,6 +321,7 @@ def build_manifest(
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
+    spent = _privacy_spent(plan, ctx)
     sites = {}
     for s, rep in info.items():
         sites[s] = {
@@ -300,8 +332,9 @@ def build_manifest(
             "harmonisation": aln.report.get(s, {}),
             "bytes_sent": ctx.bytes_sent.get(s, 0),
             "messages": ctx.messages.get(s, 0),
-            "epsilon_spent": 0.0,
-            "delta_spent": 0.0,
+            "epsilon_spent": spent.get(s, {}).get("epsilon", 0.0),
+            "delta_spent": spent.get(s, {}).get("delta", 0.0),
+            **({"privacy_releases": spent[s]["releases"]} if s in spent else {}),
         }
     return {
         "fedgen_manifest": 1,

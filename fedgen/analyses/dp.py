@@ -1,0 +1,223 @@
+"""Differentially private site releases (``privacy=dp``). Noise is added HERE, at the site.
+
+Neighbouring datasets differ by adding or removing one individual (all their variants); the
+guarantee of each release holds for the site's own samples against the aggregator and every
+other site. The site computes each release's sensitivity and privacy cost itself from the
+request's size (never from numbers the aggregator sends), reserves the cost in its ledger
+before computing (:mod:`fedgen.site.guard`), and draws noise from the operating system's
+CSPRNG (:class:`fedgen.privacy.mechanisms.NoiseSource` without a seed).
+
+Treated as public, as in Uhler, Slavković & Fienberg (2013): the site's variant list and its
+numbers of samples, cases and controls (they are released exactly by ``site_info`` and
+``dp_topk_select``). Everything computed from genotypes is protected.
+
+Releases, for ``v`` requested variants:
+
+``dp_genotype_counts``
+    per variant (hom-REF, het, hom-ALT, missing) counts + discrete Gaussian N_Z(0, σ²). One
+    person adds 1 to exactly one of the four cells of each variant: L2 sensitivity √v.
+    Frequencies, missingness and HWE are post-processing. ρ = v / (2σ²).
+``dp_assoc_counts``
+    per variant (A1 in cases, A2 in cases, A1 in controls, A2 in controls) + N_Z(0, σ²). One
+    person adds (g, 2−g) to one group's pair (or nothing if the call is missing), norm ≤ 2:
+    L2 sensitivity 2√v. The allelic χ², OR and P are post-processing. ρ = 4v / (2σ²).
+``dp_topk_select``
+    the indices of k variants chosen by the one-shot Gumbel mechanism (Durfee & Rogers 2019)
+    on the site's allelic χ² scores (a missing call scored as 0 copies of A1, so that each
+    individual adds exactly two alleles and the bound below holds for every variant) (Δ = :func:`~fedgen.privacy.mechanisms.allelic_chi2_sensitivity`
+    at the site's case/control numbers), equivalent to k peeled exponential-mechanism picks of
+    ε₀ each; each pick is ε₀²/8-zCDP (bounded range), so ρ = k ε₀² / 8.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedgen.analyses import register
+from fedgen.analyses.assoc import _design, _genotypes
+from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
+from fedgen.analyses.spec import Spec, arr, meta_count
+from fedgen.cohort.cohort import load_cohort
+from fedgen.errors import FedgenError
+
+MAX_TOPK = 1000
+
+
+def _noise_source():
+    """The site's noise source: the OS CSPRNG. (Tests may monkeypatch this to seed it.)"""
+    from fedgen.privacy.mechanisms import NoiseSource
+
+    return NoiseSource()
+
+
+def _positive(params: Mapping[str, Any], key: str) -> float:
+    try:
+        x = float(params[key])
+    except (KeyError, TypeError, ValueError):
+        raise FedgenError(f"parameter {key!r} must be a positive number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise FedgenError(f"parameter {key!r} must be a positive number, got {params.get(key)!r}")
+    return x
+
+
+def _sigma_of(node_config: Mapping[str, Any]) -> float:
+    """The σ of the (single) Gaussian event the guard reserved for this request."""
+    (event,) = [e for e in node_config.get("_events") or [] if e.get("type") == "gaussian"]
+    return float(event["sigma"])
+
+
+def _noisy(counts: np.ndarray, sigma: float) -> np.ndarray:
+    from fedgen.privacy.mechanisms import discrete_gaussian
+
+    return counts + discrete_gaussian(sigma, counts.shape, _noise_source())
+
+
+# ----------------------------------------------------------------------------- genotype counts
+
+
+def _genotype_counts_cost(params, dims, node_config) -> list[dict[str, Any]]:
+    sigma = _positive(params, "sigma")
+    return [{"type": "gaussian", "sigma": sigma, "l2": math.sqrt(max(dims.get("v", 0), 1)), "count": 1}]
+
+
+@register(
+    "dp_genotype_counts",
+    Spec(
+        params=frozenset({"sigma"}),
+        inputs=VARIANT_INPUTS,
+        outputs={"counts": arr("i8", "v", 4)},
+        meta=frozenset({"n_samples", "sigma", "l2_sensitivity", "mechanism"}),
+        contributors=meta_count("n_samples"),
+        dp_cost=_genotype_counts_cost,
+        doc="per variant (hom-REF, het, hom-ALT, missing) + discrete Gaussian noise; L2 sensitivity √v",
+    ),
+)
+def dp_genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    idx, flip = _block_args(cohort, arrays)
+    counts = np.empty((len(idx), 4), dtype=np.int64)
+    for s in range(0, len(idx), SUB_BLOCK):
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        for k, code in enumerate((0, 1, 2, -1)):
+            counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
+    sigma = _sigma_of(node_config)
+    meta = {"n_samples": cohort.n_samples, "sigma": sigma, "l2_sensitivity": math.sqrt(max(len(idx), 1)),
+            "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
+    return {"counts": _noisy(counts, sigma)}, meta
+
+
+# ----------------------------------------------------------------------------- case/control counts
+
+
+def _binary_design(cohort, params: Mapping[str, Any]):
+    if str(params.get("kind")) != "binary":
+        raise FedgenError("differentially private association releases need a binary phenotype")
+    if params.get("covariates") or params.get("site_columns") or params.get("pcs"):
+        raise FedgenError("differentially private association releases take no covariates")
+    y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None})
+    return y[keep] == 1, keep
+
+
+def _allele_counts(cohort, arrays, case: np.ndarray, keep: np.ndarray, *, missing_as_zero: bool = False) -> np.ndarray:
+    idx = np.asarray(arrays.get("idx", []))
+    out = np.zeros((len(idx), 4), dtype=np.int64)
+    for s, g in _genotypes(cohort, arrays, keep):
+        ok = np.ones(g.shape, bool) if missing_as_zero else g >= 0
+        gc = np.where(g >= 0, g, 0).astype(np.int64)
+        a = gc[:, case].sum(1)
+        b = 2 * ok[:, case].sum(1) - a
+        c = gc[:, ~case].sum(1)
+        d = 2 * ok[:, ~case].sum(1) - c
+        out[s : s + len(g)] = np.stack([a, b, c, d], axis=1)
+    return out
+
+
+def _assoc_cost(params, dims, node_config) -> list[dict[str, Any]]:
+    sigma = _positive(params, "sigma")
+    return [{"type": "gaussian", "sigma": sigma, "l2": 2.0 * math.sqrt(max(dims.get("v", 0), 1)), "count": 1}]
+
+
+DP_ASSOC_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs"})
+
+
+@register(
+    "dp_assoc_counts",
+    Spec(
+        params=DP_ASSOC_PARAMS | {"sigma"},
+        inputs=VARIANT_INPUTS,
+        outputs={"counts": arr("i8", "v", 4)},
+        meta=frozenset({"n_cases", "n_controls", "sigma", "l2_sensitivity", "mechanism"}),
+        contributors=meta_count("n_cases", "n_controls"),
+        dp_cost=_assoc_cost,
+        doc="per variant A1/A2 allele counts in cases and controls + discrete Gaussian noise; L2 sensitivity 2√v",
+    ),
+)
+def dp_assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    cohort = load_cohort(node_config)
+    case, keep = _binary_design(cohort, params)
+    counts = _allele_counts(cohort, arrays, case, keep)
+    sigma = _sigma_of(node_config)
+    meta = {"n_cases": int(case.sum()), "n_controls": int((~case).sum()), "sigma": sigma,
+            "l2_sensitivity": 2.0 * math.sqrt(max(len(counts), 1)), "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
+    return {"counts": _noisy(counts, sigma)}, meta
+
+
+# ----------------------------------------------------------------------------- top-k selection
+
+
+def allelic_chi2(counts: np.ndarray) -> np.ndarray:
+    """Allelic χ² (1 df, no continuity correction) per row of (a, b, c, d); 0 if a margin is 0."""
+    t = np.asarray(counts, dtype=np.float64)
+    a, b, c, d = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
+    n = a + b + c + d
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi = np.where(den > 0, n * (a * d - b * c) ** 2 / den, 0.0)
+    return chi
+
+
+def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
+    eps0 = _positive(params, "epsilon_per_pick")
+    k = int(dims["k"])
+    if not 1 <= k <= min(MAX_TOPK, max(dims.get("v", 0), 1)):
+        raise FedgenError(f"k must be between 1 and the number of requested variants (at most {MAX_TOPK})")
+    return [{"type": "zcdp", "rho": eps0 * eps0 / 8.0, "count": k}]
+
+
+@register(
+    "dp_topk_select",
+    Spec(
+        params=DP_ASSOC_PARAMS | {"k", "epsilon_per_pick"},
+        inputs=VARIANT_INPUTS,
+        outputs={"selected": arr("i8", "k")},
+        param_dims=lambda params, nc: {"k": int(params["k"])},
+        limits={"k": MAX_TOPK},
+        meta=frozenset({"n_cases", "n_controls", "sensitivity", "gumbel_scale", "epsilon_per_pick", "mechanism"}),
+        contributors=meta_count("n_cases", "n_controls"),
+        dp_cost=_topk_cost,
+        doc="k variant positions chosen by the one-shot Gumbel mechanism on the site's allelic χ²",
+    ),
+)
+def dp_topk_select(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+    from fedgen.privacy.mechanisms import allelic_chi2_sensitivity, gumbel_top_k
+
+    cohort = load_cohort(node_config)
+    case, keep = _binary_design(cohort, params)
+    n_cases, n_controls = int(case.sum()), int((~case).sum())
+    if n_cases < 1 or n_controls < 1:
+        raise FedgenError("this site has no cases or no controls for the phenotype")
+    # Scores count a missing call as 0 copies of A1: every individual then adds exactly two alleles
+    # to its group, the table margins are 2R and 2S, and the χ² bound at (R, S) holds per variant
+    # (with missing calls dropped, a variant called in few samples could change far more).
+    scores = allelic_chi2(_allele_counts(cohort, arrays, case, keep, missing_as_zero=True))
+    k = int(params["k"])
+    eps0 = _positive(params, "epsilon_per_pick")
+    delta_chi = allelic_chi2_sensitivity(n_cases, n_controls)
+    sel = gumbel_top_k(scores, k, epsilon_per_pick=eps0, sensitivity=delta_chi, source=_noise_source())
+    meta = {"n_cases": n_cases, "n_controls": n_controls, "sensitivity": float(delta_chi),
+            "gumbel_scale": 2.0 * delta_chi / eps0, "epsilon_per_pick": eps0,
+            "mechanism": "one-shot Gumbel top-k (Durfee & Rogers 2019) on allelic chi-square"}
+    return {"selected": np.asarray(sel, dtype=np.int64)}, meta

@@ -1,0 +1,219 @@
+"""A study under ``privacy=dp``: every statistic the aggregator sees carries site-added noise.
+
+The study's budget (``privacy.epsilon``, ``privacy.delta``, per site) is turned into a zCDP
+budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between releases
+(``privacy.split``):
+
+* ``counts``: genotype counts of every study variant (one discrete-Gaussian release per site,
+  σ = √V / √(2ρ_counts)); ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass
+  list are computed from the pooled noisy counts (negative cells clipped to 0);
+* per binary phenotype, ``select``: each site picks k variants with the one-shot Gumbel
+  mechanism on its own allelic χ² (ε₀ = √(8ρ_select / k) per pick), and ``topk``: noisy
+  case/control allele counts (σ = 2√U / √(2ρ_topk)) of the U variants any site picked; the
+  aggregator ranks them by the pooled noisy χ² and writes the top k as
+  ``<PHENO>.dp_topk.assoc`` (PLINK 1.9 columns).
+
+Analyses with no DP version (regression, PCA) are refused at planning time. Each site checks
+and charges every release against its own ledger; the manifest records ε/δ per site and
+release and each release's noise scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgen.errors import ConfigError, FedgenError
+from fedgen.federation.transport import Request, Transport
+from fedgen.study.runner import StudyContext, blockwise_sum, build_manifest, describe_sites, write_qc_outputs
+from fedgen.study.writers import atomic_write_json, atomic_write_text, publish_dir, staging_dir
+
+log = logging.getLogger("fedgen.study")
+
+DP_ANALYSES = ("freq", "missing", "hardy", "assoc")
+DEFAULT_SPLIT = {"counts": 0.2, "select": 0.4, "topk": 0.4}
+
+
+def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``plan["privacy"]`` for mode dp; return the normalised privacy settings."""
+    p = dict(plan.get("privacy") or {})
+    try:
+        eps = float(p.get("epsilon"))
+        delta = float(p.get("delta", 1e-6))
+    except (TypeError, ValueError):
+        raise ConfigError("privacy.epsilon and privacy.delta must be numbers") from None
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"privacy.epsilon must be > 0, got {p.get('epsilon')!r}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.get('delta')!r}")
+    bad = [a for a in plan.get("analyses") or [] if a not in DP_ANALYSES]
+    if bad:
+        raise ConfigError(
+            f"analysis {', '.join(bad)} has no differentially private version in fedgen; under privacy=dp use only "
+            f"{', '.join(DP_ANALYSES)} (assoc = DP top-k allelic test), or run with privacy=none"
+        )
+    if plan.get("pca") is not None or int(plan.get("pcs") or 0):
+        raise ConfigError("PCA has no differentially private version in fedgen: set study.pcs=0 and drop pca under privacy=dp")
+    if plan.get("covariates"):
+        raise ConfigError("under privacy=dp association uses the allelic test without covariates: set study.covariates=[]")
+    split = {**DEFAULT_SPLIT, **(p.get("split") or {})}
+    if set(split) != set(DEFAULT_SPLIT) or any(not (isinstance(v, (int, float)) and v >= 0) for v in split.values()):
+        raise ConfigError(f"privacy.split must give non-negative shares for {', '.join(DEFAULT_SPLIT)}")
+    k = int(p.get("topk", 10))
+    if not 1 <= k <= 1000:
+        raise ConfigError("privacy.topk must be between 1 and 1000")
+    return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k}
+
+
+def _budget(priv: dict[str, Any], n_binary: int) -> dict[str, float]:
+    """ρ per release kind, after giving unused shares to the releases that happen."""
+    from fedgen.privacy.accounting import rho_for_epsilon
+
+    rho = rho_for_epsilon(priv["epsilon"], priv["delta"])
+    split = dict(priv["split"])
+    if n_binary == 0:
+        split = {"counts": 1.0, "select": 0.0, "topk": 0.0}
+    total = sum(split.values())
+    if total <= 0:
+        raise ConfigError("privacy.split gives the study no budget")
+    return {k: rho * v / total for k, v in split.items()} | {"total": rho}
+
+
+def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
+    """Run a study whose every release is differentially private; publish results and manifest."""
+    import uuid
+
+    from fedgen.stats import assoc as assocstats
+    from fedgen.study.gwas import format_assoc, phenotype_kind, query_rows
+
+    t_start = time.time()
+    priv = check_dp_plan(plan)
+    if not plan.get("study_id"):
+        plan = {**plan, "study_id": uuid.uuid4().hex}
+    ctx = StudyContext(plan, transport)
+    out = Path(plan["output_dir"]).resolve()
+    stage = staging_dir(out)
+    try:
+        with ctx.timed("describe_sites"):
+            info, aln = describe_sites(ctx)
+        phenos = list(plan.get("phenotypes") or [])
+        kinds = {ph: phenotype_kind(info, ph) for ph in phenos}
+        nonbinary = [ph for ph, k in kinds.items() if k != "binary"]
+        if nonbinary and "assoc" in (plan.get("analyses") or []):
+            raise ConfigError(
+                f"phenotype(s) {', '.join(nonbinary)} are not binary: under privacy=dp fedgen tests binary traits only "
+                "(DP top-k allelic test)"
+            )
+        tested = phenos if "assoc" in (plan.get("analyses") or []) else []
+        rho = _budget(priv, len(tested))
+        V = len(aln)
+        releases: list[dict[str, Any]] = []
+
+        sigma_counts = math.sqrt(max(V, 1)) / math.sqrt(2 * rho["counts"])
+        log.info("DP genotype counts: %d variants, σ = %.1f per count (ρ = %.4g)", V, sigma_counts, rho["counts"])
+        with ctx.timed("dp_genotype_counts"):
+            noisy = blockwise_sum(ctx, "dp_genotype_counts", aln, key="counts", params={"sigma": sigma_counts},
+                                  label="DP genotype counts")
+        releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
+                         "rho": rho["counts"]})
+        counts = np.clip(noisy, 0, None).astype(np.int64)
+        results: dict[str, Any] = {}
+        with ctx.timed("write_qc"):
+            results.update(write_qc_outputs(stage, aln, counts, analyses=list(plan.get("analyses") or []), qc=plan.get("qc") or {}))
+        results["files"] = list(results["files"])
+        assoc_summary: dict[str, Any] = {}
+        k = priv["topk"]
+        for ph in tested:
+            rho_sel = rho["select"] / len(tested)
+            rho_top = rho["topk"] / len(tested)
+            rows = np.flatnonzero(results["qc_pass"])
+            if len(rows) == 0:
+                raise FedgenError(f"{ph}: no variant passes QC")
+            kk = min(k, len(rows))
+            eps0 = math.sqrt(8 * rho_sel / kk)
+            # A1 by the pooled noisy counts (post-processing): the minor allele
+            alt_ct = counts[:, 1] + 2 * counts[:, 2]
+            ref_ct = counts[:, 1] + 2 * counts[:, 0]
+            a1_ref = (alt_ct > ref_ct)[rows]
+            params = {"phenotype": ph, "kind": "binary", "covariates": []}
+            with ctx.timed(f"dp_topk_select.{ph}"):
+                picked, scales = _select(ctx, aln, rows, params, kk, eps0)
+            union = np.unique(np.concatenate(list(picked.values())))
+            U = len(union)
+            sigma_top = 2 * math.sqrt(U) / math.sqrt(2 * rho_top)
+            with ctx.timed(f"dp_assoc_counts.{ph}"):
+                sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top})
+            c = np.clip(sums["counts"], 0, None)
+            r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+            order = np.argsort(-np.where(np.isfinite(r["chisq"]), r["chisq"], -1.0), kind="stable")[:kk]
+            sel_rows = rows[union][order]
+            ref, alt = aln.ref[sel_rows].tolist(), aln.alt[sel_rows].tolist()
+            flip = a1_ref[union][order].tolist()
+            a1 = [rf if f else a for rf, a, f in zip(ref, alt, flip)]
+            a2 = [a if f else rf for rf, a, f in zip(ref, alt, flip)]
+            rr = {key: np.asarray(v)[order] for key, v in r.items()}
+            name = f"{ph}.dp_topk.assoc"
+            atomic_write_text(stage / name, format_assoc(aln.chrom[sel_rows].tolist(), aln.ids[sel_rows].tolist(),
+                                                          aln.pos[sel_rows].tolist(), a1, a2, rr))
+            results["files"].append(name)
+            releases += [
+                {"release": f"{ph}: top-k selection", "phenotype": ph, "k": kk, "epsilon_per_pick": eps0, "rho": rho_sel,
+                 "gumbel_scale": scales},
+                {"release": f"{ph}: case/control allele counts of selected variants", "phenotype": ph, "variants": U,
+                 "sigma": sigma_top, "l2_sensitivity": 2 * math.sqrt(U), "rho": rho_top},
+            ]
+            assoc_summary[ph] = {
+                "kind": "binary",
+                "test": "DP top-k allelic chi-square",
+                "k": kk,
+                "candidates": U,
+                "top_hits": [
+                    {"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]),
+                     "chisq": float(rr["chisq"][j]), "p": float(rr["p"][j])}
+                    for j, i in enumerate(sel_rows.tolist())
+                ],
+            }
+            log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
+                     ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
+        results["association"] = {"phenotypes": assoc_summary, "files": []}
+        with ctx.timed("plots"):
+            from fedgen.results.plots import qc_plots
+
+            results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
+        manifest = build_manifest(plan, ctx, info, aln, results, t_start)
+        manifest["privacy"] = {**priv, "rho_total": rho["total"], "releases": releases,
+                               "public": "variant lists and numbers of samples, cases and controls per site"}
+        atomic_write_json(stage / "manifest.json", manifest)
+        publish_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("results written to %s", out)
+    return manifest
+
+
+def _select(
+    ctx: StudyContext, aln, rows: np.ndarray, params: dict[str, Any], k: int, eps0: float
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each site's k Gumbel picks (positions within ``rows``) and its Gumbel noise scale."""
+    # one request with every candidate: the Gumbel picks are over the whole set (a site whose
+    # policy caps variants per request below this refuses, and says so)
+    req = Request(
+        "dp_topk_select",
+        params={**params, "k": k, "epsilon_per_pick": eps0},
+        per_site_arrays={s: {"idx": aln.idx[s][rows], "flip": aln.flip[s][rows]} for s in aln.idx},
+    )
+    replies = ctx.query(req)
+    out = {}
+    for s, rep in replies.items():
+        sel = np.asarray(rep.arrays["selected"], dtype=np.int64)
+        if sel.shape != (k,) or sel.min(initial=0) < 0 or sel.max(initial=0) >= len(rows):
+            raise FedgenError(f"site {s}: malformed top-k selection")
+        out[s] = sel
+    return out, {s: float(rep.meta.get("gumbel_scale", float("nan"))) for s, rep in replies.items()}

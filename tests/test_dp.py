@@ -1,0 +1,151 @@
+"""Differentially private releases: noise added at the site, charged to its ledger, budget enforced."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import qc_plan, split_sites
+
+from fedgen.errors import ConfigError, SiteError
+from fedgen.federation.transport import InProcessTransport, Request
+from fedgen.privacy.accounting import compose_epsilon, rho_for_epsilon
+from fedgen.privacy.ledger import LEDGER_FILE, Ledger
+from fedgen.site import audit
+from fedgen.study.runner import run_plan
+from fedgen.testing import make_synth
+
+GT = dict(chr_prefix=False, fmt="GT", phased=0.0, compress="bgzip")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synth(400, 300, seed=21, missing_rate=0.01)
+
+
+@pytest.fixture()
+def nodes(data, tmp_path):
+    return split_sites(data, tmp_path / "sites", [0.55, 0.45], seed=2, conventions=[GT, dict(GT, chr_prefix=True)])
+
+
+def _dp_plan(out: Path, sites: list[str], eps: float, **kw):
+    plan = qc_plan(out, sites, analyses=["freq", "missing", "hardy", "assoc"], phenotypes=["BIN"], covariates=[],
+                   qc={"maf": None, "geno": None, "hwe": None}, block_size=120, pca=None, pcs=0)
+    plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 5, **kw}
+    return plan
+
+
+def test_dp_study_spends_exactly_its_budget_at_each_site(nodes, tmp_path):
+    eps = 2.0
+    manifest = run_plan(_dp_plan(tmp_path / "out", list(nodes), eps), InProcessTransport(nodes))
+    out = tmp_path / "out"
+    assert (out / "BIN.dp_topk.assoc").exists() and (out / "freq.afreq").exists()
+    rows = (out / "BIN.dp_topk.assoc").read_text().splitlines()
+    assert rows[0].split() == ["CHR", "SNP", "BP", "A1", "F_A", "F_U", "A2", "CHISQ", "P", "OR"] and len(rows) == 6
+    priv = manifest["privacy"]
+    assert priv["mode"] == "dp" and priv["epsilon"] == eps
+    assert math.isclose(priv["rho_total"], rho_for_epsilon(eps, 1e-6))
+    kinds = [r["release"] for r in priv["releases"]]
+    assert kinds[0] == "genotype counts" and any("selection" in k for k in kinds)
+    # σ of the counts release follows its formula: √V / √(2ρ_counts)
+    rel = priv["releases"][0]
+    assert math.isclose(rel["sigma"], math.sqrt(rel["variants"]) / math.sqrt(2 * rel["rho"]))
+    for site, nc in nodes.items():
+        s = manifest["sites"][site]
+        assert s["epsilon_spent"] == pytest.approx(eps, rel=1e-6) and s["epsilon_spent"] <= eps + 1e-9
+        led = Ledger(Path(nc["state_dir"]) / LEDGER_FILE, epsilon_budget=10, delta=1e-6)
+        sp = led.spent()
+        assert sp["epsilon"] == pytest.approx(eps, rel=1e-6) and sp["reserved"] == 0
+        events = [json.loads(e["events"]) if isinstance(e["events"], str) else e["events"] for e in led.entries()]
+        assert compose_epsilon([x for ev in events for x in ev], 1e-6) == pytest.approx(sp["epsilon"])
+        sent = [e for e in audit.read(Path(nc["state_dir"])) if e["decision"] == "sent"]
+        dp_sent = [e for e in sent if e["analysis"].startswith("dp_")]
+        assert dp_sent and all(e["epsilon"] > 0 and e["events"] for e in dp_sent)
+        assert {e["analysis"] for e in sent} <= {"site_info", "dp_genotype_counts", "dp_topk_select", "dp_assoc_counts"}
+
+
+def test_noise_scale_matches_formula(nodes, tmp_path):
+    """Noisy pooled counts minus exact counts: mean 0, variance = sites × σ² (many draws)."""
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": 1e6})
+    tr = InProcessTransport(nodes)
+    n_var = 300
+    idx = {s: {"idx": np.arange(n_var, dtype=np.int64), "flip": np.zeros(n_var, np.uint8)} for s in nodes}
+    exact = tr.query(Request("genotype_counts", per_site_arrays=idx))
+    sigma = 7.5
+    noisy = tr.query(Request("dp_genotype_counts", params={"sigma": sigma}, per_site_arrays=idx))
+    resid = np.concatenate([(noisy[s].arrays["counts"] - exact[s].arrays["counts"]).ravel() for s in nodes])
+    assert resid.dtype == np.int64
+    n = resid.size  # 2 sites x 300 variants x 4 cells = 2400 draws
+    assert abs(resid.mean()) < 4 * sigma / math.sqrt(n)
+    # variance within ±4 standard errors (var of sample variance ≈ 2σ⁴/n for a near-Gaussian)
+    assert abs(resid.var() - sigma**2) < 4 * sigma**2 * math.sqrt(2 / n)
+    for s in nodes:
+        priv = noisy[s].meta["privacy"]
+        (ev,) = priv["events"]
+        assert ev["sigma"] == sigma and ev["l2"] == pytest.approx(math.sqrt(n_var))  # the SITE sets the sensitivity
+        assert priv["epsilon"] == pytest.approx(compose_epsilon([ev], 1e-6))
+
+
+def test_repeated_dp_query_is_refused_when_the_budget_runs_out(nodes, tmp_path):
+    budget = 3.0
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": budget, "delta": 1e-6})
+    tr = InProcessTransport(nodes)
+    idx = {s: {"idx": np.arange(50, dtype=np.int64)} for s in nodes}
+    ok = 0
+    with pytest.raises(SiteError, match=r"privacy budget exhausted: this release would bring the site's ε to [\d.]+ .* allows 3"):
+        for _ in range(100):
+            tr.query(Request("dp_genotype_counts", params={"sigma": 20.0}, per_site_arrays=idx, study_id="curious"))
+            ok += 1
+    assert 1 <= ok < 100
+    for site, nc in nodes.items():
+        state = Path(nc["state_dir"])
+        led = Ledger(state / LEDGER_FILE, epsilon_budget=budget, delta=1e-6)
+        sp = led.spent()
+        assert sp["epsilon"] <= budget
+        entries = list(audit.read(state))
+        sent = [e for e in entries if e["analysis"] == "dp_genotype_counts" and e["decision"] == "sent"]
+        refused = [e for e in entries if e["decision"] == "refused"]
+        assert len(sent) == sp["releases"]
+        if site == "site1":  # the in-process transport asks site1 first; it refuses, site2 is not asked again
+            assert len(sent) == ok and refused and "privacy budget exhausted" in refused[-1]["reason"]
+            assert refused[-1]["bytes"] == 0 and refused[-1]["epsilon"] == 0.0
+    # the honest, exact study still works on the same sites afterwards
+    run_plan(qc_plan(tmp_path / "qc", list(nodes)), InProcessTransport(nodes))
+    assert (tmp_path / "qc" / "freq.afreq").exists()
+
+
+def test_analyses_without_a_dp_version_refuse_to_run(tmp_path):
+    from fedgen.study.plan import build_plan, compose_config
+
+    base = ["sites=demo", "federation=inprocess", "privacy=dp", f"output_dir={tmp_path}/o"]
+    with pytest.raises(ConfigError, match="analysis glm has no differentially private version"):
+        build_plan(compose_config([*base, "study=gwas", "study.phenotypes=[T2D]"]))
+    with pytest.raises(ConfigError, match="PCA has no differentially private version"):
+        build_plan(compose_config([*base, "study=dp", "study.pcs=2"]))
+    plan, _ = build_plan(compose_config([*base, "study=dp", "privacy.epsilon=0.5"]))
+    assert plan["privacy"]["epsilon"] == 0.5 and plan["privacy"]["mode"] == "dp"
+    with pytest.raises(ConfigError, match="privacy.epsilon must be > 0"):
+        build_plan(compose_config([*base, "study=dp", "privacy.epsilon=0"]))
+
+
+def test_dp_site_refuses_covariates_and_quantitative_traits(nodes):
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": 100})
+    tr = InProcessTransport(nodes)
+    idx = {s: {"idx": np.arange(20, dtype=np.int64)} for s in nodes}
+    with pytest.raises(SiteError, match="take no covariates"):
+        tr.query(Request("dp_assoc_counts", params={"phenotype": "BIN", "kind": "binary", "covariates": ["age"], "sigma": 5.0},
+                         per_site_arrays=idx))
+    with pytest.raises(SiteError, match="need a binary phenotype"):
+        tr.query(Request("dp_topk_select", params={"phenotype": "QT", "kind": "quantitative", "k": 3, "epsilon_per_pick": 1.0},
+                         per_site_arrays=idx))
+    # a refusal after reserving voids the reservation: nothing was released, nothing is charged
+    path = Path(nodes["site1"]["state_dir"]) / LEDGER_FILE
+    led = Ledger(path, epsilon_budget=100, delta=1e-6)
+    assert led.spent()["epsilon"] == 0.0
+    assert [e["status"] for e in led.entries()] == ["void", "void"]

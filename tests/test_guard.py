@@ -1,0 +1,193 @@
+"""The site's egress guard against a curious aggregator (in process; Flower runs in test_guard_e2e).
+
+Each probe must be refused with its reason, logged in the site's audit log, and release
+nothing; an honest study still works afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import qc_plan, split_sites
+
+from fedgen.analyses import REGISTRY, SPECS
+from fedgen.errors import SiteError
+from fedgen.federation.transport import InProcessTransport, Request
+from fedgen.site import audit
+from fedgen.site.audit_cli import cmd_audit
+from fedgen.study.runner import run_plan
+from fedgen.testing import make_synth
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guard")
+    data = make_synth(160, 120, seed=5)
+    nodes = split_sites(data, tmp / "sites", [0.6, 0.4], seed=3, conventions=[dict(chr_prefix=False, fmt="GT", phased=0.0, compress="bgzip")])
+    # a phenotype present for only 6 samples at site1: any aggregate over it rests on 6 people
+    p = Path(nodes["site1"]["samples"])
+    lines = p.read_text().splitlines()
+    out = [lines[0] + "\tRARE"] + [ln + ("\t" + str(i % 2) if i < 6 else "\tNA") for i, ln in enumerate(lines[1:])]
+    p.write_text("\n".join(out) + "\n")
+    p2 = Path(nodes["site2"]["samples"])
+    lines = p2.read_text().splitlines()
+    p2.write_text("\n".join([lines[0] + "\tRARE"] + [ln + "\t" + str(i % 2) for i, ln in enumerate(lines[1:])]) + "\n")
+    return nodes
+
+
+def _audit(node: dict) -> list[dict]:
+    return list(audit.read(Path(node["state_dir"])))
+
+
+def _idx(n: int = 10) -> dict[str, np.ndarray]:
+    return {"idx": np.arange(n, dtype=np.int64), "flip": np.zeros(n, np.uint8)}
+
+
+def _refused(tr, request, match: str) -> None:
+    with pytest.raises(SiteError, match=match):
+        tr.query(request)
+
+
+def test_curious_requests_are_refused_logged_and_release_nothing(sites, tmp_path, monkeypatch):
+    nodes = {s: dict(nc) for s, nc in sites.items()}
+    policy = {"allowed_analyses": ["site_info", "genotype_counts", "assoc_counts", "glm_linear", "ping"], "min_count": 10,
+              "max_variants_per_request": 50}
+    for nc in nodes.values():
+        nc["policy"] = json.dumps(policy)
+    before = {s: len(_audit(nc)) for s, nc in nodes.items()}
+    tr = InProcessTransport(nodes)
+
+    # 1. an analysis the policy forbids (PCA products would otherwise be fine)
+    _refused(tr, Request("pca_product", arrays={**_idx(), "freq": np.full(10, 0.3), "basis": np.ones((10, 2))}),
+             "analysis 'pca_product' is not allowed by the site's policy")
+    # 2. an analysis that does not exist in the site's fedgen
+    _refused(tr, Request("dump_genotypes", arrays=_idx()), "unknown analysis 'dump_genotypes'")
+    # 3. an undeclared parameter asking for per-sample output
+    _refused(tr, Request("genotype_counts", params={"per_sample": True}, arrays=_idx()), "parameter.*'per_sample'.*not declared")
+    # 4. an undeclared input array
+    _refused(tr, Request("genotype_counts", arrays={**_idx(), "sample_mask": np.ones(5, np.uint8)}), "'sample_mask' are not declared")
+    # 5. more variants than the policy allows in one request
+    _refused(tr, Request("genotype_counts", arrays=_idx(60)), "covers 60 variants; the site's policy allows at most 50")
+    # 6. an aggregate over fewer than min_count samples (RARE is known for 6 samples at site1)
+    _refused(tr, Request("glm_linear", params={"phenotype": "RARE", "kind": "quantitative", "covariates": []}, arrays=_idx()),
+             r"site site1: glm_linear: the aggregate would rest on 6 samples at this site, fewer than its policy's min_count of 10")
+    # 7. a foreign message type (what Flower's dispatch would carry for e.g. "train")
+    from fedgen.site.guard import Refused, answer
+
+    with pytest.raises(Refused, match="message type 'train' is not one this site answers"):
+        answer(nodes["site1"], "genotype_counts", {}, _idx(), context={"message_type": "train", "run_id": "77"})
+
+    # 8. a site analysis that (through a bug or a hostile plug-in) returns sample-shaped data
+    n1 = None
+    real = REGISTRY["genotype_counts"]
+
+    def leaky(node_config, params, arrays):
+        from fedgen.cohort.cohort import load_cohort
+
+        c = load_cohort(node_config)
+        g = c.block(np.asarray(arrays["idx"]), np.zeros(len(arrays["idx"]), bool))
+        return {"counts": g.T.astype(np.int64)}, {"n_samples": c.n_samples}
+
+    monkeypatch.setitem(REGISTRY, "genotype_counts", leaky)
+    _refused(tr, Request("genotype_counts", arrays=_idx(4)), r"reply array 'counts' has shape \(\d+, 4\), declared i8\[v, 4\]")
+
+    def leaky_free(node_config, params, arrays):
+        out, meta = REGISTRY_REAL_LINEAR(node_config, params, arrays)
+        from fedgen.cohort.cohort import load_cohort
+
+        n = load_cohort(node_config).n_samples
+        out["Xty"] = np.zeros((len(arrays["idx"]), n))  # an axis as long as the sample count
+        return out, meta
+
+    REGISTRY_REAL_LINEAR = REGISTRY["glm_linear"]
+    monkeypatch.setitem(REGISTRY, "glm_linear", leaky_free)
+    _refused(tr, Request("glm_linear", params={"phenotype": "QT", "kind": "quantitative", "covariates": []}, arrays=_idx(4)),
+             "reply array|sample-shaped")
+    monkeypatch.setitem(REGISTRY, "genotype_counts", real)
+    monkeypatch.setitem(REGISTRY, "glm_linear", REGISTRY_REAL_LINEAR)
+
+    # every probe is in the asked site's audit log as refused, with its reason, and nothing left any site
+    # (the in-process transport stops at the first refusal, so site2 was not asked)
+    for s, nc in nodes.items():
+        new = _audit(nc)[before[s]:]
+        assert new or s == "site2", s
+        assert all(e["decision"] == "refused" for e in new), [(e["analysis"], e["decision"]) for e in new]
+        assert all(e["bytes"] == 0 and e["sha256"] is None and e["arrays"] == [] for e in new)
+        assert all(e["reason"] for e in new)
+    reasons = " | ".join(e["reason"] for e in _audit(nodes["site1"])[before["site1"]:])
+    for needle in ("not allowed by the site's policy", "unknown analysis", "per_sample", "sample_mask", "at most 50",
+                   "fewer than its policy's min_count", "message type 'train'", "declared i8[v, 4]"):
+        assert needle in reasons, needle
+    assert audit.verify(Path(nodes["site1"]["state_dir"])) == []
+
+    # the honest study still works on the same nodes and policy afterwards
+    plan = qc_plan(tmp_path / "out", list(nodes), block_size=50)
+    manifest = run_plan(plan, InProcessTransport(nodes))
+    assert (tmp_path / "out" / "freq.afreq").exists() and manifest["sites"]
+    sent = [e for e in _audit(nodes["site2"]) if e["decision"] == "sent" and e["study_id"] == manifest["study_id"]]
+    assert {e["analysis"] for e in sent} == {"site_info", "genotype_counts"}
+    for e in sent:  # what left: per-variant / per-site aggregates only
+        for a in e["arrays"]:
+            assert a["name"] in ("variants", "counts")
+            if a["name"] == "counts":
+                assert a["shape"][1] == 4 and a["shape"][0] <= 50
+
+
+def test_policy_without_sample_level_analyses_by_default(sites):
+    from fedgen.node.policy import default_policy
+
+    assert SPECS["covar_ranges"].sample_level
+    assert "covar_ranges" not in default_policy()["allowed_analyses"]
+    nodes = {s: dict(nc) for s, nc in sites.items()}
+    tr = InProcessTransport(nodes)
+    _refused(tr, Request("covar_ranges", params={"phenotype": "BIN", "kind": "binary", "covariates": ["age"]}),
+             r"'covar_ranges' is not allowed by the site's policy \(it releases individual samples' values\)")
+
+
+def test_every_registered_analysis_declares_its_outputs():
+    from fedgen.analyses import _load_builtin
+
+    _load_builtin()
+    for name in REGISTRY:
+        spec = SPECS[name]
+        assert spec.doc, name
+        for decl in spec.outputs.values():
+            assert all(sym not in ("n", "n_samples", "samples") for sym in decl.shape), name
+
+
+def test_audit_log_records_what_left_and_verifies(sites, tmp_path, capsys):
+    nodes = {s: dict(nc) for s, nc in sites.items()}
+    for nc in nodes.values():
+        nc["state_dir"] = str(tmp_path / nc["site"])
+    tr = InProcessTransport(nodes)
+    req = Request("genotype_counts", arrays=_idx(7), study_id="study-A")
+    replies = tr.query(req)
+    state = Path(nodes["site1"]["state_dir"])
+    (e,) = [x for x in audit.read(state)]
+    assert e["decision"] == "sent" and e["study_id"] == "study-A" and e["analysis"] == "genotype_counts"
+    assert e["arrays"] == [{"name": "counts", "dtype": "<i8", "shape": [7, 4], "bytes": 224}]
+    assert e["bytes"] == 224 and e["epsilon"] == 0.0
+    digest, _ = audit.payload_digest(replies["site1"].arrays, {k: v for k, v in replies["site1"].meta.items()})
+    assert digest == e["sha256"]
+    assert audit.verify(state) == []
+
+    args = type("A", (), {"state_dir": str(state), "study": None, "verify": True, "json": False})()
+    assert cmd_audit(args) == 0
+    text = capsys.readouterr().out
+    assert "study-A" in text and "genotype_counts×1" in text and "hash chain intact" in text
+
+    # tampering: edit a byte count in the log, then corrupt a kept payload
+    path = state / audit.AUDIT_LOG
+    tr.query(Request("genotype_counts", arrays=_idx(3), study_id="study-B"))
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"bytes":224', '"bytes":22')
+    path.write_text("\n".join(lines) + "\n")
+    problems = audit.verify(state)
+    assert any("line 2: hash chain broken" in p for p in problems)
+    args.json = True
+    assert cmd_audit(args) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] is False and out["total"]["sent"] == 2
