@@ -191,3 +191,29 @@ def test_audit_log_records_what_left_and_verifies(sites, tmp_path, capsys):
     assert cmd_audit(args) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["verified"] is False and out["total"]["sent"] == 2
+
+
+def test_local_run_takes_inline_site_policy_from_the_sites_file(sites, tmp_path, capsys):
+    """``sites.<name>.policy`` in a sites file is the site's policy in local runs."""
+    from fedgen.cli import main
+
+    conf = tmp_path / "conf" / "sites"
+    conf.mkdir(parents=True)
+    lines = []
+    for s, nc in sites.items():
+        lines += [f"{s}:", f"  vcf: {nc['vcf']}", f"  samples: {nc['samples']}", f"  state_dir: {tmp_path / s}"]
+        if s == "site2":
+            lines += ["  policy:", "    allowed_analyses: [ping, site_info]", "    min_count: 20"]
+    (conf / "mine.yaml").write_text("\n".join(lines) + "\n")
+    args = ["run", "sites=mine", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "study=qc", "federation=inprocess",
+            f"output_dir={tmp_path / 'out'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "site site2: analysis 'genotype_counts' is not allowed by the site's policy" in err
+    assert not (tmp_path / "out").exists()
+    (e,) = [x for x in audit.read(tmp_path / "site2") if x["decision"] == "refused"]
+    assert e["analysis"] == "genotype_counts" and e["site"] == "site2"
+    # a bad inline policy is a configuration error before anything runs
+    (conf / "mine.yaml").write_text((conf / "mine.yaml").read_text().replace("min_count: 20", "min_count: -3"))
+    assert main(args) == 2
+    assert "sites.site2.policy: inline policy: min_count must be a whole number >= 1, got -3" in capsys.readouterr().err

@@ -124,6 +124,11 @@ def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
     """The policy file ``fedgen node init`` writes (TOML with comments)."""
     policy = default_policy(analyses)
     analyses_text = ",\n".join(f'    "{a}"' for a in policy["allowed_analyses"])
+    sample_level = sorted(sample_level_analyses())
+    sample_note = (
+        f"Not listed by default because they release single samples' values: {', '.join(sample_level)}."
+        if sample_level else "No installed analysis releases single samples' values."
+    )
     return f"""\
 # fedgen site policy for site "{site}": what this site agrees to compute and release.
 # Only this site edits this file; the aggregator cannot change it. Check it after editing with
@@ -131,6 +136,8 @@ def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
 version = {POLICY_VERSION}
 
 # Analyses this node agrees to run for a study (names from fedgen's analysis registry).
+# Names starting with dp_ are differentially private releases, charged to the privacy budget.
+# {sample_note}
 allowed_analyses = [
 {analyses_text},
 ]
