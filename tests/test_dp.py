@@ -32,7 +32,7 @@ def nodes(data, tmp_path):
 
 
 def _dp_plan(out: Path, sites: list[str], eps: float, **kw):
-    plan = qc_plan(out, sites, analyses=["freq", "missing", "hardy", "assoc"], phenotypes=["BIN"], covariates=[],
+    plan = qc_plan(out, sites, analyses=["freq", "missing", "hardy", "assoc", "topk"], phenotypes=["BIN"], covariates=[],
                    qc={"maf": None, "geno": None, "hwe": None}, block_size=120, pca=None, pcs=0)
     plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 5, **kw}
     return plan
@@ -43,6 +43,8 @@ def test_dp_study_spends_exactly_its_budget_at_each_site(nodes, tmp_path):
     manifest = run_plan(_dp_plan(tmp_path / "out", list(nodes), eps), InProcessTransport(nodes))
     out = tmp_path / "out"
     assert (out / "BIN.dp_topk.assoc").exists() and (out / "freq.afreq").exists()
+    n_assoc = len((out / "BIN.assoc").read_text().splitlines()) - 1  # every QC-passing variant, noisy counts
+    assert n_assoc == manifest["qc"]["pass"]
     rows = (out / "BIN.dp_topk.assoc").read_text().splitlines()
     assert rows[0].split() == ["CHR", "SNP", "BP", "A1", "F_A", "F_U", "A2", "CHISQ", "P", "OR"] and len(rows) == 6
     priv = manifest["privacy"]

@@ -7,7 +7,10 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
 * ``counts``: genotype counts of every study variant (one discrete-Gaussian release per site,
   σ = √V / √(2ρ_counts)); ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass
   list are computed from the pooled noisy counts (negative cells clipped to 0);
-* per binary phenotype, ``select``: each site picks k variants with the one-shot Gumbel
+* per binary phenotype with ``assoc`` in the analyses, ``assoc``: noisy case/control allele
+  counts of every variant passing QC (σ = 2√M / √(2ρ_assoc)) → ``<PHENO>.assoc`` (PLINK 1.9
+  allelic test on the pooled noisy counts);
+* per binary phenotype with ``topk`` in the analyses, ``select``: each site picks k variants with the one-shot Gumbel
   mechanism on its own allelic χ² (ε₀ = √(8ρ_select / k) per pick), and ``topk``: noisy
   case/control allele counts (σ = 2√U / √(2ρ_topk)) of the U variants any site picked; the
   aggregator ranks them by the pooled noisy χ² and writes the top k as
@@ -36,8 +39,8 @@ from fedgen.study.writers import atomic_write_json, atomic_write_text, publish_d
 
 log = logging.getLogger("fedgen.study")
 
-DP_ANALYSES = ("freq", "missing", "hardy", "assoc")
-DEFAULT_SPLIT = {"counts": 0.2, "select": 0.4, "topk": 0.4}
+DP_ANALYSES = ("freq", "missing", "hardy", "assoc", "topk")
+DEFAULT_SPLIT = {"counts": 0.2, "assoc": 0.2, "select": 0.3, "topk": 0.3}
 
 
 def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +59,8 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise ConfigError(
             f"analysis {', '.join(bad)} has no differentially private version in fedgen; under privacy=dp use only "
-            f"{', '.join(DP_ANALYSES)} (assoc = DP top-k allelic test), or run with privacy=none"
+            f"{', '.join(DP_ANALYSES)} (assoc = allelic test on noisy counts, topk = DP top-k release), "
+            "or run with privacy=none"
         )
     if plan.get("pca") is not None or int(plan.get("pcs") or 0):
         raise ConfigError("PCA has no differentially private version in fedgen: set study.pcs=0 and drop pca under privacy=dp")
@@ -71,14 +75,16 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k}
 
 
-def _budget(priv: dict[str, Any], n_binary: int) -> dict[str, float]:
-    """ρ per release kind, after giving unused shares to the releases that happen."""
+def _budget(priv: dict[str, Any], *, assoc: bool, topk: bool) -> dict[str, float]:
+    """ρ per release kind; the shares of releases that do not happen go to those that do."""
     from fedgen.privacy.accounting import rho_for_epsilon
 
     rho = rho_for_epsilon(priv["epsilon"], priv["delta"])
     split = dict(priv["split"])
-    if n_binary == 0:
-        split = {"counts": 1.0, "select": 0.0, "topk": 0.0}
+    if not assoc:
+        split["assoc"] = 0.0
+    if not topk:
+        split["select"] = split["topk"] = 0.0
     total = sum(split.values())
     if total <= 0:
         raise ConfigError("privacy.split gives the study no budget")
@@ -105,13 +111,15 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         phenos = list(plan.get("phenotypes") or [])
         kinds = {ph: phenotype_kind(info, ph) for ph in phenos}
         nonbinary = [ph for ph, k in kinds.items() if k != "binary"]
-        if nonbinary and "assoc" in (plan.get("analyses") or []):
+        analyses = list(plan.get("analyses") or [])
+        want_assoc, want_topk = bool(phenos) and "assoc" in analyses, bool(phenos) and "topk" in analyses
+        if nonbinary and (want_assoc or want_topk):
             raise ConfigError(
                 f"phenotype(s) {', '.join(nonbinary)} are not binary: under privacy=dp fedgen tests binary traits only "
-                "(DP top-k allelic test)"
+                "(allelic test)"
             )
-        tested = phenos if "assoc" in (plan.get("analyses") or []) else []
-        rho = _budget(priv, len(tested))
+        tested = phenos if (want_assoc or want_topk) else []
+        rho = _budget(priv, assoc=want_assoc, topk=want_topk)
         V = len(aln)
         releases: list[dict[str, Any]] = []
 
@@ -130,37 +138,48 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         assoc_summary: dict[str, Any] = {}
         k = priv["topk"]
         for ph in tested:
-            rho_sel = rho["select"] / len(tested)
-            rho_top = rho["topk"] / len(tested)
             rows = np.flatnonzero(results["qc_pass"])
             if len(rows) == 0:
                 raise FedgenError(f"{ph}: no variant passes QC")
-            kk = min(k, len(rows))
-            eps0 = math.sqrt(8 * rho_sel / kk)
             # A1 by the pooled noisy counts (post-processing): the minor allele
             alt_ct = counts[:, 1] + 2 * counts[:, 2]
             ref_ct = counts[:, 1] + 2 * counts[:, 0]
             a1_ref = (alt_ct > ref_ct)[rows]
             params = {"phenotype": ph, "kind": "binary", "covariates": []}
+            assoc_summary[ph] = {"kind": "binary"}
+            if want_assoc:
+                rho_a = rho["assoc"] / len(tested)
+                sigma_a = 2 * math.sqrt(len(rows)) / math.sqrt(2 * rho_a)
+                with ctx.timed(f"dp_assoc_counts.{ph}.all"):
+                    sums = query_rows(ctx, "dp_assoc_counts", aln, rows, a1_ref, {**params, "sigma": sigma_a})
+                c = np.clip(sums["counts"], 0, None)
+                r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+                name = f"{ph}.assoc"
+                atomic_write_text(stage / name, _assoc_text(aln, rows, a1_ref, r, format_assoc))
+                results["files"].append(name)
+                releases.append({"release": f"{ph}: case/control allele counts of all QC-passing variants", "phenotype": ph,
+                                 "variants": len(rows), "sigma": sigma_a, "l2_sensitivity": 2 * math.sqrt(len(rows)), "rho": rho_a})
+                assoc_summary[ph]["assoc"] = {"test": "allelic chi-square on noisy counts", "tested": len(rows), "sigma": sigma_a}
+            if not want_topk:
+                continue
+            rho_sel = rho["select"] / len(tested)
+            rho_top = rho["topk"] / len(tested)
+            kk = min(k, len(rows))
+            eps0 = math.sqrt(8 * rho_sel / kk)
             with ctx.timed(f"dp_topk_select.{ph}"):
                 picked, scales = _select(ctx, aln, rows, params, kk, eps0)
             union = np.unique(np.concatenate(list(picked.values())))
             U = len(union)
             sigma_top = 2 * math.sqrt(U) / math.sqrt(2 * rho_top)
-            with ctx.timed(f"dp_assoc_counts.{ph}"):
+            with ctx.timed(f"dp_assoc_counts.{ph}.topk"):
                 sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top})
             c = np.clip(sums["counts"], 0, None)
             r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
             order = np.argsort(-np.where(np.isfinite(r["chisq"]), r["chisq"], -1.0), kind="stable")[:kk]
             sel_rows = rows[union][order]
-            ref, alt = aln.ref[sel_rows].tolist(), aln.alt[sel_rows].tolist()
-            flip = a1_ref[union][order].tolist()
-            a1 = [rf if f else a for rf, a, f in zip(ref, alt, flip)]
-            a2 = [a if f else rf for rf, a, f in zip(ref, alt, flip)]
             rr = {key: np.asarray(v)[order] for key, v in r.items()}
             name = f"{ph}.dp_topk.assoc"
-            atomic_write_text(stage / name, format_assoc(aln.chrom[sel_rows].tolist(), aln.ids[sel_rows].tolist(),
-                                                          aln.pos[sel_rows].tolist(), a1, a2, rr))
+            atomic_write_text(stage / name, _assoc_text(aln, sel_rows, a1_ref[union][order], rr, format_assoc))
             results["files"].append(name)
             releases += [
                 {"release": f"{ph}: top-k selection", "phenotype": ph, "k": kk, "epsilon_per_pick": eps0, "rho": rho_sel,
@@ -168,8 +187,7 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
                 {"release": f"{ph}: case/control allele counts of selected variants", "phenotype": ph, "variants": U,
                  "sigma": sigma_top, "l2_sensitivity": 2 * math.sqrt(U), "rho": rho_top},
             ]
-            assoc_summary[ph] = {
-                "kind": "binary",
+            assoc_summary[ph].update({
                 "test": "DP top-k allelic chi-square",
                 "k": kk,
                 "candidates": U,
@@ -178,7 +196,7 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
                      "chisq": float(rr["chisq"][j]), "p": float(rr["p"][j])}
                     for j, i in enumerate(sel_rows.tolist())
                 ],
-            }
+            })
             log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
                      ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
         results["association"] = {"phenotypes": assoc_summary, "files": []}
@@ -196,6 +214,14 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         raise
     log.info("results written to %s", out)
     return manifest
+
+
+def _assoc_text(aln, rows: np.ndarray, a1_ref: np.ndarray, r: dict[str, np.ndarray], format_assoc) -> str:
+    ref, alt = aln.ref[rows].tolist(), aln.alt[rows].tolist()
+    flip = np.asarray(a1_ref).tolist()
+    a1 = [rf if f else a for rf, a, f in zip(ref, alt, flip)]
+    a2 = [a if f else rf for rf, a, f in zip(ref, alt, flip)]
+    return format_assoc(aln.chrom[rows].tolist(), aln.ids[rows].tolist(), aln.pos[rows].tolist(), a1, a2, r)
 
 
 def _select(

@@ -9,7 +9,7 @@ from typing import Any
 from fedgen.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-KNOWN_ANALYSES = ("freq", "missing", "hardy", "pca", "assoc", "glm")
+KNOWN_ANALYSES = ("freq", "missing", "hardy", "pca", "assoc", "glm", "topk")
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -127,6 +127,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         from fedgen.study.dp import check_dp_plan
 
         plan["privacy"] = check_dp_plan(plan)
+    elif "topk" in analyses:
+        raise ConfigError("study.analyses: topk is the differentially private top-k release; run it with privacy=dp")
     elif mode != "none":
         raise ConfigError(f"privacy.mode must be none or dp, got {mode!r}")
     return plan, node_configs
