@@ -13,12 +13,14 @@ log = logging.getLogger("fedgen")
 
 
 def setup_logging(level: str = "INFO") -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    # logs go to stderr: stdout carries command output (e.g. `fedgen ledger --json`)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

@@ -672,3 +672,32 @@ def test_service_files_run_fedgen_commands():
         args = parser.parse_args(argv)
         assert args.command in ("node", "aggregator") and args.config.endswith(".toml"), argv
     assert len(commands) == 3
+
+
+def test_check_policy_reports_installed_fedgen_and_accepted_fabs(site, capsys):
+    """`node check` names the installed fedgen and which study FABs the node accepts."""
+    import fedgen
+
+    policy = site["tmp"] / "state" / "policy.toml"
+    status, detail = _check(site["config"], network=False)["policy"]
+    assert status == OK
+    assert f"installed fedgen {fedgen.__version__}" in detail
+    assert f"accepted fedgen versions: {fedgen.__version__}; accepted FAB hashes: none" in detail
+    text = policy.read_text().replace(f'accepted_fedgen_versions = ["{fedgen.__version__}"]', 'accepted_fedgen_versions = ["0.0.1"]')
+    policy.write_text(text)
+    status, detail = _check(site["config"], network=False)["policy"]
+    assert status == WARN and "refuses every study" in detail, detail
+    policy.write_text(text.replace("accepted_fab_hashes = []", f'accepted_fab_hashes = ["{"ab" * 32}"]'))
+    status, detail = _check(site["config"], network=False)["policy"]
+    assert status == OK and "accepted FAB hashes: abababababab…" in detail, detail
+
+
+def test_node_start_runs_with_safe_path_and_names_the_boundary(site):
+    import fedgen
+    from fedgen.node.ops import code_boundary_summary, site_command
+
+    c = load_site_config(site["config"])
+    _, env = site_command(c)
+    assert env["PYTHONSAFEPATH"] == "1"
+    line = code_boundary_summary(c.policy)
+    assert f"runs only its installed fedgen {fedgen.__version__} ClientApp" in line and "accepted FAB hashes: none" in line

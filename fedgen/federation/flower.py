@@ -43,6 +43,9 @@ _CONFIG_KEY = "fedgen"
 _ARRAYS_KEY = "arrays"
 
 
+#: how errors that are not an answer from the site begin (timeouts, undeliverable requests)
+_NO_ANSWER = ("did not answer within", "the request could not be delivered")
+
 # ---------------------------------------------------------------- wire format
 
 
@@ -229,7 +232,7 @@ class FlowerTransport:
         for i, site in enumerate(sites):
             mid = ids[i] if i < len(ids) else None
             if not mid:
-                errors[site] = "the request could not be delivered (rejected by the SuperLink; too large?)"
+                errors[site] = f"{_NO_ANSWER[1]} (rejected by the SuperLink; too large?)"
             else:
                 pending[mid] = site
 
@@ -252,7 +255,7 @@ class FlowerTransport:
             time.sleep(min(wait, deadline - now))
             wait = min(wait * 1.5, self._poll[1])
         for site in pending.values():
-            errors[site] = f"did not answer within {timeout:g} s"
+            errors[site] = f"{_NO_ANSWER[0]} {timeout:g} s"
         return replies, errors
 
     @staticmethod
@@ -267,6 +270,8 @@ class FlowerTransport:
         except FedgenError as exc:
             raise SiteError(site, str(exc)) from None
         if "error" in meta:
+            if meta.get("refused") and meta.get("site"):  # the site's FAB gate refused the whole run
+                raise SiteError(site, f"site {meta['site']} {meta['error']}")
             raise SiteError(site, str(meta["error"]))
         return Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes)
 
@@ -295,6 +300,11 @@ class FlowerTransport:
                         site_of[names[key]] = site
                 for key, why in errors.items():
                     silent[names[key]] = why
+                answered = {k: why for k, why in errors.items() if not why.startswith(_NO_ANSWER)}
+                if answered:  # a node that answers with a refusal will not change its mind: stop now
+                    raise FedgenError(
+                        "a site node refused this run: " + "; ".join(f"{k}: {why}" for k, why in answered.items())
+                    )
                 self._check_sites(site_of)
             found = set(site_of.values())
             if expected is not None and found >= set(expected):

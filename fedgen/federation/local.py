@@ -44,7 +44,8 @@ from fedgen.errors import ConfigError, FedgenError
 log = logging.getLogger("fedgen.federation")
 flower_log = logging.getLogger("fedgen.flower")
 
-#: The Flower App directory that ``flwr run`` submits (contains only pyproject.toml).
+#: The Flower App template (pyproject.toml only); ``flwr run`` submits a copy carrying the
+#: installed fedgen version (:func:`fedgen.federation.fab_gate.write_study_app`).
 APP_DIR = Path(__file__).resolve().parent / "app"
 LOCAL_CONNECTION = "fedgen-local"
 REMOTE_CONNECTION = "fedgen-remote"
@@ -592,7 +593,12 @@ class LocalFederation:
         with open(logfile, "ab") as fh:
             fh.write(f"\n=== fedgen: starting {' '.join(argv)}\n".encode())
             fh.flush()
-            env = {**flower_env(home), "FEDGEN_SUPERNODE_POLL": str(LOCAL_SUPERNODE_POLL), **_site_blas_threads(len(self.node_configs))}
+            env = {
+                **flower_env(home),
+                "FEDGEN_SUPERNODE_POLL": str(LOCAL_SUPERNODE_POLL),
+                "PYTHONSAFEPATH": "1",  # as deployed nodes: no current folder on sys.path
+                **_site_blas_threads(len(self.node_configs)),
+            }
             return self.procs.spawn(f"supernode-{site}", argv, env=env, cwd=self.workdir, stdout=fh)
 
     # -- running a study
@@ -851,7 +857,13 @@ def _submit_and_wait(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(status_file)
 
-    argv = [flower_cmd("flwr"), "run", str(APP_DIR), connection, "--run-config", str(run_config), "--stream"]
+    from fedgen.federation.fab_gate import build_fab, fab_sha256, installed_version, write_study_app
+
+    # The FAB: the study app template with this fedgen's version (Flower builds it deterministically).
+    app_dir = write_study_app(workdir / f"study-app-{tag}" / "fedgen-study")
+    argv = [flower_cmd("flwr"), "run", str(app_dir), connection, "--run-config", str(run_config), "--stream"]
+    with contextlib.suppress(Exception):  # diagnostics only: the hash sites check and log
+        log.info("study app: fedgen %s, FAB sha256 %s", installed_version(), fab_sha256(build_fab(app_dir)))
     log.info("submitting study: %s", " ".join(argv))
     proc = procs.spawn("flwr-run", argv, env=env, cwd=workdir, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -884,6 +896,7 @@ def _submit_and_wait(
         follower.thread.join(timeout=2.0)
         with contextlib.suppress(OSError):
             run_config.unlink()
+        shutil.rmtree(app_dir.parent, ignore_errors=True)
 
     if status is None:
         if follower.run_id is None:

@@ -1,19 +1,26 @@
-"""Flower's SuperNode with a configurable idle poll interval, fedgen's SuperExec and plain logs.
+"""Flower's SuperNode that runs only the site's installed fedgen, with plain logs and short polls.
+
+Code boundary: the SuperNode always starts :mod:`fedgen.federation.superexec` where Flower
+would start ``flower-superexec``, so every task runs fedgen's ClientApp runner: the run's FAB
+is checked against the site's policy and never imported (there is no switch to turn this
+off). ``--isolation process`` (an external SuperExec of the operator's choice) is refused, as
+is ``--allow-runtime-dependency-installation``. The SuperNode and its children run with
+``PYTHONSAFEPATH=1`` (no current folder on ``sys.path``).
 
 flwr 1.41's SuperNode sleeps a hard-coded 3 s whenever it finds no message, and 0.5 s while
 waiting for a reply; a study of many short rounds then spends most of its time asleep. This
 entry point runs the same ``flower-supernode`` with those sleeps capped at
 ``FEDGEN_SUPERNODE_POLL`` seconds (default: Flower's own behaviour). Local loopback
 federations use 0.05 s; deployed nodes keep a gentler interval towards a remote SuperLink.
-ClientApp tasks are launched by :mod:`fedgen.federation.superexec` (a pre-warmed fork server)
-unless ``FEDGEN_FORK_CLIENTAPP=0``.
+Tasks are launched by :mod:`fedgen.federation.superexec` (a pre-warmed fork server, or a fresh
+process per task with ``FEDGEN_FORK_CLIENTAPP=0``).
 
 Logs (:func:`setup_plain_logging`): one handler for the whole process tree (SuperNode,
 SuperExec, ClientApps), plain ``time level logger: message`` lines without colour codes,
 Flower's blank separator lines and per-message chatter folded into one line per request and
 one per reply, uvicorn's startup and access lines dropped (its warnings and errors kept).
 ``FEDGEN_NODE_LOG_LEVEL`` sets the level (default INFO). Runtime package installation stays
-off: ``--allow-runtime-dependency-installation`` is refused.
+off.
 """
 
 from __future__ import annotations
@@ -153,7 +160,11 @@ def setup_plain_logging(level: str | int | None = None, *, extra_filters: list[l
 
 
 def _use_fedgen_superexec() -> None:
-    """Start :mod:`fedgen.federation.superexec` where Flower would start ``flower-superexec``."""
+    """Start :mod:`fedgen.federation.superexec` where Flower would start ``flower-superexec``.
+
+    Fail-closed: the SuperNode module may start nothing else (a future Flower that launches
+    its SuperExec another way stops here instead of running Flower's FAB loader).
+    """
     import subprocess
 
     import flwr.supernode.start_client_internal as sci
@@ -161,8 +172,11 @@ def _use_fedgen_superexec() -> None:
     real_popen = subprocess.Popen
 
     def popen(cmd, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if isinstance(cmd, list) and cmd and cmd[0] == "flower-superexec":
-            cmd = [sys.executable, "-m", "fedgen.federation.supernode", _SUPEREXEC_FLAG, *cmd[1:]]
+        if not (isinstance(cmd, list) and cmd and cmd[0] == "flower-superexec"):
+            raise RuntimeError(f"fedgen site node: refusing to start {cmd!r} (only fedgen's SuperExec runs here)")
+        if "--allow-runtime-dependency-installation" in cmd:
+            raise RuntimeError("fedgen site node: runtime dependency installation is never allowed")
+        cmd = [sys.executable, "-P", "-m", "fedgen.federation.supernode", _SUPEREXEC_FLAG, *cmd[1:]]
         return real_popen(cmd, *args, **kwargs)
 
     shim = types.ModuleType("subprocess")
@@ -180,13 +194,29 @@ def _run_superexec() -> None:
     superexec_main()
 
 
+def _refuse(argv: list[str]) -> str | None:
+    """Why these flower-supernode arguments cannot run a fedgen site node (None if they can)."""
+    if "--allow-runtime-dependency-installation" in argv:
+        return "fedgen site nodes never install packages at run time; remove --allow-runtime-dependency-installation"
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--isolation=") else argv[i + 1] if arg == "--isolation" and i + 1 < len(argv) else None
+        if value is not None and value != "subprocess":
+            return (
+                f"fedgen site nodes run their own SuperExec (fedgen's ClientApp runner); --isolation {value} "
+                "would let another process run tasks: remove it"
+            )
+    return None
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == _SUPEREXEC_FLAG:
         _run_superexec()
         return
-    if "--allow-runtime-dependency-installation" in sys.argv[1:]:
-        sys.exit("fedgen site nodes never install packages at run time; remove --allow-runtime-dependency-installation")
+    problem = _refuse(sys.argv[1:])
+    if problem:
+        sys.exit(problem)
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    os.environ["PYTHONSAFEPATH"] = "1"  # inherited by the SuperExec and every task
     setup_plain_logging()
     poll = os.environ.get("FEDGEN_SUPERNODE_POLL")
     if poll:
@@ -198,8 +228,7 @@ def main() -> None:
         shim.__dict__.update({k: v for k, v in vars(_time).items() if not k.startswith("__")})
         shim.sleep = lambda s: real_sleep(min(float(s), cap))  # type: ignore[attr-defined]
         sci.time = shim  # type: ignore[attr-defined]
-    if os.environ.get("FEDGEN_FORK_CLIENTAPP", "1") != "0":
-        _use_fedgen_superexec()
+    _use_fedgen_superexec()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

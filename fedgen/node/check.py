@@ -174,7 +174,8 @@ def _check_cache(c: SiteConfig, build: bool) -> str:
 
 
 def _check_policy(c: SiteConfig) -> str:
-    from fedgen.node.policy import known_analyses, read_policy, validate_policy
+    from fedgen.federation.fab_gate import describe_accepted, installed_version
+    from fedgen.node.policy import known_analyses, load_policy, read_policy, validate_policy
 
     try:
         policy = read_policy(c.policy)
@@ -183,11 +184,21 @@ def _check_policy(c: SiteConfig) -> str:
     problems = validate_policy(policy, known_analyses=known_analyses())
     if problems:
         raise _Failed(f"{c.policy}: " + "; ".join(problems))
-    return (
+    effective = load_policy(c.policy)
+    version = installed_version()
+    detail = (
         f"{c.policy}: {len(policy['allowed_analyses'])} analyses allowed, min_count {policy['min_count']}, "
         f"epsilon_budget {policy['epsilon_budget']:g}, delta {policy['delta']:g}, "
-        f"max_variants_per_request {policy['max_variants_per_request']}"
+        f"max_variants_per_request {policy['max_variants_per_request']}; "
+        f"installed fedgen {version}; {describe_accepted(effective)}"
     )
+    if version not in effective["accepted_fedgen_versions"] and not effective["accepted_fab_hashes"]:
+        raise _Failed(
+            f"{detail} (the installed fedgen {version} is not accepted, so this node refuses every study; "
+            "add it to accepted_fedgen_versions)",
+            WARN,
+        )
+    return detail
 
 
 # ---------------------------------------------------------------- certificates and keys

@@ -180,6 +180,12 @@ def _preflight_site(c: SiteConfig) -> None:
         problems.append(str(exc))
     if not c.state_dir.is_dir():
         problems.append(f"{c.state_dir}: state folder not found (run fedgen node init)")
+    try:
+        from fedgen.node.policy import load_policy
+
+        load_policy(c.policy)
+    except ValueError as exc:  # the node would refuse every run: say so now
+        problems.append(str(exc))
     if problems:
         raise FedgenError("cannot start the node: " + "; ".join(problems) + " (details: fedgen node check)")
 
@@ -208,9 +214,23 @@ def site_command(c: SiteConfig) -> tuple[list[str], dict[str, str]]:
         {
             "FEDGEN_SUPERNODE_POLL": f"{c.poll_interval:g}",
             "FEDGEN_NODE_LOG_LEVEL": c.log_level,
+            "PYTHONSAFEPATH": "1",  # no current folder on sys.path: code comes from the installed packages
         },
     )
     return argv, env
+
+
+def code_boundary_summary(policy_path: str | Path) -> str:
+    """One line: the installed fedgen and which study FABs this node's policy accepts."""
+    import fedgen
+    from fedgen.federation.fab_gate import describe_accepted
+    from fedgen.node.policy import load_policy
+
+    policy = load_policy(policy_path)
+    return (
+        f"runs only its installed fedgen {fedgen.__version__} ClientApp ({Path(fedgen.__file__).resolve().parent}); "
+        f"study FABs: {describe_accepted(policy)}"
+    )
 
 
 def start_site(config: str | Path) -> None:
@@ -220,7 +240,8 @@ def start_site(config: str | Path) -> None:
     argv, env = site_command(c)
     print(
         f"fedgen node: starting site {c.site} -> {c.aggregator} (TLS, CA {c.ca_cert}; "
-        f"node key {pki.fingerprint(pki.load_node_private_key(c.private_key).public_key())})",
+        f"node key {pki.fingerprint(pki.load_node_private_key(c.private_key).public_key())})\n"
+        f"fedgen node: {code_boundary_summary(c.policy)}",
         file=sys.stderr,
         flush=True,
     )
