@@ -217,3 +217,31 @@ def test_local_run_takes_inline_site_policy_from_the_sites_file(sites, tmp_path,
     (conf / "mine.yaml").write_text((conf / "mine.yaml").read_text().replace("min_count: 20", "min_count: -3"))
     assert main(args) == 2
     assert "sites.site2.policy: inline policy: min_count must be a whole number >= 1, got -3" in capsys.readouterr().err
+
+
+def test_variant_rows_resting_on_fewer_than_min_count_samples_are_withheld(sites, tmp_path):
+    nodes = {s: dict(nc) for s, nc in sites.items()}
+    exact = InProcessTransport(nodes).query(Request("genotype_counts", per_site_arrays={s: _idx(120) for s in nodes}))
+    n1 = int(exact["site1"].arrays["counts"][0].sum())
+    called = exact["site1"].arrays["counts"][:, :3].sum(1)
+    m = n1 - 1  # rows with two or more missing calls rest on fewer than m samples
+    small = (called > 0) & (called < m)
+    assert 0 < small.sum() < len(called)
+    nodes["site1"]["policy"] = json.dumps({"min_count": m})
+    tr = InProcessTransport(nodes)
+    got = tr.query(Request("genotype_counts", per_site_arrays={s: _idx(120) for s in nodes}))
+    c = got["site1"].arrays["counts"]
+    assert got["site1"].meta["suppressed"] == int(small.sum())
+    np.testing.assert_array_equal(c[small], np.tile([0, 0, 0, n1], (int(small.sum()), 1)))
+    np.testing.assert_array_equal(c[~small], exact["site1"].arrays["counts"][~small])
+    (e,) = [x for x in audit.read(Path(nodes["site1"]["state_dir"])) if x["decision"] == "sent"][-1:]
+    assert e["sha256"] == audit.payload_digest(got["site1"].arrays, got["site1"].meta)[0]  # what left = what is logged
+    manifest = run_plan(qc_plan(tmp_path / "out", list(nodes), block_size=60), tr)
+    assert manifest["suppressed_by_sites"]["genotype_counts@site1"] == int(small.sum())
+    assert any("site1:" in n and "withheld" in n for n in manifest["notes"])
+
+
+def test_oversized_reply_is_refused_before_computation(sites):
+    tr = InProcessTransport(sites)
+    _refused(tr, Request("ld_pair_sums", params={"n_first": 60000, "window": 99999}, arrays=_idx(100)),
+             "would hold .* numbers")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedgen.analyses import register
-from fedgen.analyses.spec import Spec, arr, meta_count
+from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_rows
 from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
 from fedgen.cohort.cohort import Cohort, load_cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
@@ -96,8 +96,11 @@ def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
         params=DESIGN_PARAMS,
         inputs=VARIANT_INPUTS,
         outputs={"counts": arr("i8", "v", 4)},
-        meta=frozenset({"n_cases", "n_controls"}),
+        meta=frozenset({"n_cases", "n_controls", "suppressed"}),
         contributors=meta_count("n_cases", "n_controls"),
+        suppress=suppress_small_variant_rows(
+            lambda out: np.minimum(out["counts"][:, 0] + out["counts"][:, 1], out["counts"][:, 2] + out["counts"][:, 3]) // 2
+        ),
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
 )
@@ -127,8 +130,9 @@ def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
         inputs=VARIANT_INPUTS,
         outputs={"XtX_triu": arr("f8", "v", "t"), "Xty": arr("f8", "v", "p"), "yty": arr("f8", "v"), "n": arr("i8", "v")},
         free={"p": MAX_PREDICTORS, "t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
-        meta=frozenset({"n"}),
+        meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
+        suppress=suppress_small_variant_rows(lambda out: out["n"]),
         doc="per variant: XᵀX (upper triangle), Xᵀy, yᵀy, n of the linear model",
     ),
 )
@@ -149,8 +153,9 @@ def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
         outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True)},
         limits={"p": MAX_PREDICTORS},
         free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
-        meta=frozenset({"n"}),
+        meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
+        suppress=suppress_small_variant_rows(lambda out: out["n"]),
         doc="per variant at the aggregator's β: Hessian (upper triangle), gradient, n",
     ),
 )
@@ -172,8 +177,9 @@ def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
         outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True)},
         limits={"p": MAX_PREDICTORS},
         free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
-        meta=frozenset({"n"}),
+        meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
+        suppress=suppress_small_variant_rows(lambda out: out["n"]),
         doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
     ),
 )

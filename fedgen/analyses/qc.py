@@ -14,7 +14,7 @@ import numpy as np
 
 import fedgen
 from fedgen.analyses import register
-from fedgen.analyses.spec import Spec, arr, meta_count
+from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_rows
 from fedgen.cohort.cohort import load_cohort
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
@@ -103,7 +103,9 @@ def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
         outputs={"counts": arr("i8", "v", 4)},
         meta=frozenset({"n_samples", "suppressed"}),
         contributors=meta_count("n_samples"),
-        doc="per variant: hom-REF, het, hom-ALT, missing counts",
+        suppress=suppress_small_variant_rows(lambda out: out["counts"][:, :3].sum(1), fill="missing"),
+        doc="per variant: hom-REF, het, hom-ALT, missing counts (a variant called in fewer than "
+        "min_count samples at the site is reported as all-missing there)",
     ),
 )
 def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):

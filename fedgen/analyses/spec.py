@@ -61,6 +61,8 @@ class Spec:
     contributors: Callable[[Mapping[str, Any]], int | None] | None = None
     #: privacy events of one request: (params, bound dims, node_config) -> list of event dicts
     dp_cost: Callable[[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]], list[dict[str, Any]]] | None = None
+    #: per-row small-cell rule: (reply arrays, min_count, n_samples) -> (arrays, rows suppressed)
+    suppress: Callable[[dict[str, np.ndarray], int, int], tuple[dict[str, np.ndarray], int]] | None = None
     #: releases individual samples' values (refused unless the site policy names it explicitly)
     sample_level: bool = False
     #: replies may be empty (e.g. an accumulate-only step)
@@ -171,3 +173,47 @@ def check_outputs(
                 if d[sym] == n_samples:
                     raise SpecError(f"reply array {name!r} has an axis as long as the site's sample count ({n_samples}): sample-shaped output")
     return d
+
+
+MAX_REPLY_ELEMENTS = 1 << 28  # 2 GiB of float64: no legitimate reply comes near it
+
+
+def expected_elements(spec: Spec, dims: Mapping[str, int]) -> int:
+    """Elements of the declared outputs whose axes the request binds (free axes count as 1)."""
+    total = 0
+    for decl in spec.outputs.values():
+        n = 1
+        for sym in decl.shape:
+            n *= sym if isinstance(sym, int) else int(dims.get(sym, 1))
+        total += n
+    return total
+
+
+def suppress_small_variant_rows(column: Callable[[dict[str, np.ndarray]], np.ndarray], fill: str = "zero"):
+    """A ``Spec.suppress`` rule: rows (variants) whose aggregate rests on 0 < n < min_count samples.
+
+    ``column(out)`` gives, per row, the number of samples the row rests on (the smallest group
+    for case/control tables). ``fill="zero"`` zeroes every per-variant array's row (the site then
+    contributes nothing to that variant); ``fill="missing"`` makes a genotype-count row
+    all-missing ``(0, 0, 0, n)``.
+    """
+
+    def rule(out: dict[str, np.ndarray], min_count: int, n_samples: int) -> tuple[dict[str, np.ndarray], int]:
+        if not out:
+            return out, 0
+        n = np.asarray(column(out))
+        small = (n > 0) & (n < int(min_count))
+        k = int(small.sum())
+        if not k:
+            return out, 0
+        res = {}
+        for name, a in out.items():
+            a = np.array(a, copy=True)
+            if a.ndim >= 1 and a.shape[0] == len(small):
+                a[small] = 0
+                if fill == "missing" and name == "counts":
+                    a[small, 3] = n_samples
+            res[name] = a
+        return res, k
+
+    return rule

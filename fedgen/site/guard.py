@@ -114,7 +114,7 @@ def answer(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run one request through the guard (see the module docstring). Raises :class:`Refused`."""
     from fedgen.analyses import REGISTRY, SPECS, _load_builtin
-    from fedgen.analyses.spec import SpecError, bind_inputs, check_outputs
+    from fedgen.analyses.spec import MAX_REPLY_ELEMENTS, SpecError, bind_inputs, check_outputs, expected_elements
     from fedgen.node.policy import load_policy
 
     _load_builtin()
@@ -146,6 +146,8 @@ def answer(
         dims = bind_inputs(spec, params, arrays, node_config)
     except SpecError as exc:
         raise refuse(f"{analysis}: request does not match the analysis' declaration: {exc}") from None
+    if expected_elements(spec, dims) > MAX_REPLY_ELEMENTS:
+        raise refuse(f"{analysis}: the reply this request asks for would hold {expected_elements(spec, dims)} numbers (limit {MAX_REPLY_ELEMENTS})")
     if dims.get("v", 0) > int(policy["max_variants_per_request"]):
         raise refuse(
             f"{analysis}: request covers {dims['v']} variants; the site's policy allows at most {policy['max_variants_per_request']} per request"
@@ -180,8 +182,12 @@ def answer(
         out, meta = REGISTRY[analysis](run_config, params, arrays)
         out = {k: np.asarray(v) for k, v in out.items()}
         meta = dict(meta)
-        n_samples = _site_samples(node_config) if (set(spec.free) - set(spec.opaque)) else None
+        n_samples = _site_samples(node_config) if (set(spec.free) - set(spec.opaque)) or spec.suppress else None
         check_outputs(spec, out, meta, dims, n_samples=n_samples)
+        if spec.suppress is not None:  # the analysis' small-cell rule (rows resting on < min_count samples)
+            out, n_small = spec.suppress(out, int(policy["min_count"]), int(n_samples or 0))
+            if n_small:
+                meta["suppressed"] = n_small
         contributors = spec.contributors(meta) if spec.contributors is not None else None
         if contributors is not None and contributors < int(policy["min_count"]):
             raise Refused(

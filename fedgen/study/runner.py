@@ -44,6 +44,7 @@ class StudyContext:
         self.notes: list[str] = []
         self.privacy_releases: list[dict[str, Any]] = []
         self.site_info: dict[str, Reply] = {}
+        self.suppressed: dict[str, int] = {}  # "analysis@site" -> variant rows withheld (min_count)
 
     def query(self, request: Request) -> dict[str, Reply]:
         if not request.study_id:
@@ -53,6 +54,9 @@ class StudyContext:
         for site, r in replies.items():
             self.bytes_sent[site] = self.bytes_sent.get(site, 0) + int(r.nbytes)
             self.messages[site] = self.messages.get(site, 0) + 1
+            if r.meta.get("suppressed"):
+                key = f"{request.analysis}@{site}"
+                self.suppressed[key] = self.suppressed.get(key, 0) + int(r.meta["suppressed"])
             priv = r.meta.get("privacy")
             if priv:  # a differentially private release: record what it cost this site
                 self.privacy_releases.append({"site": site, "analysis": request.analysis, **priv})
@@ -357,5 +361,10 @@ def build_manifest(
         "files": results["files"],
         "rounds": ctx.rounds,
         "timings": ctx.timings,
-        "notes": ctx.notes,
+        "suppressed_by_sites": dict(ctx.suppressed),
+        "notes": ctx.notes + [
+            f"{key.split('@')[1]}: {n} variant rows of {key.split('@')[0]} withheld (called in fewer samples than the "
+            "site's min_count); pooled values for those variants lack that site"
+            for key, n in ctx.suppressed.items()
+        ],
     }
