@@ -55,6 +55,14 @@ def test_dp_study_spends_exactly_its_budget_at_each_site(nodes, tmp_path):
     # σ of the counts release follows its formula: √V / √(2ρ_counts)
     rel = priv["releases"][0]
     assert math.isclose(rel["sigma"], math.sqrt(rel["variants"]) / math.sqrt(2 * rel["rho"]))
+    from fedgen.results import load_results
+
+    res = load_results(out)
+    spent = res.privacy_spent()
+    assert set(spent["site"]) == set(nodes) and (spent["epsilon"] > 0).all()
+    assert set(spent["analysis"]) == {"dp_genotype_counts", "dp_topk_select", "dp_assoc_counts"}
+    assert "BIN.dp_topk" in res.assoc and len(res.assoc["BIN.dp_topk"]) == 5
+    assert res.site_summary()["epsilon_spent"].tolist() == pytest.approx([eps, eps], rel=1e-6)
     for site, nc in nodes.items():
         s = manifest["sites"][site]
         assert s["epsilon_spent"] == pytest.approx(eps, rel=1e-6) and s["epsilon_spent"] <= eps + 1e-9

@@ -54,6 +54,28 @@ class Results:
             )
         return pd.DataFrame(rows).set_index("site") if rows else pd.DataFrame()
 
+    def privacy_spent(self) -> pd.DataFrame:
+        """One row per (site, release) of a ``privacy=dp`` study: ε charged, noise, site total after.
+
+        Empty for an exact study (nothing was noised; ε spent is 0 at every site).
+        """
+        rows = []
+        for site, s in self.manifest.get("sites", {}).items():
+            for r in s.get("privacy_releases") or []:
+                events = r.get("events") or []
+                rows.append(
+                    {
+                        "site": site,
+                        "analysis": r.get("analysis"),
+                        "epsilon": r.get("epsilon"),
+                        "sigma": next((e.get("sigma") for e in events if e.get("type") == "gaussian"), None),
+                        "l2_sensitivity": next((e.get("l2") for e in events if e.get("type") == "gaussian"), None),
+                        "zcdp_rho": sum(float(e.get("rho", 0)) * int(e.get("count", 1)) for e in events if e.get("type") == "zcdp") or None,
+                        "site_epsilon_after": r.get("site_epsilon_spent_after"),
+                    }
+                )
+        return pd.DataFrame(rows)
+
     def top_hits(self, phenotype: str, n: int = 10) -> pd.DataFrame:
         df = self.glm[phenotype]
         return df.sort_values("P").head(n)
