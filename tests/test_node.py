@@ -416,6 +416,7 @@ def test_node_init_writes_private_files_and_keeps_keys(site, tmp_path):
         "samples": site["nc"]["samples"],
         "state_dir": str(state),
         "policy": str(state / "policy.toml"),
+        "audit_payloads": "true",
     }
     fp = pki.fingerprint_public_key(c.public_key)
     with pytest.raises(ConfigError, match="already exists"):

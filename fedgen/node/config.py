@@ -112,6 +112,12 @@ class _Reader:
             raise ConfigError(f"{self.path}: [{section}] {key} must be a number in [{lo:g}, {hi:g}], got {value!r}")
         return float(value)
 
+    def boolean(self, section: str, key: str, default: Any = ...) -> bool:
+        value = self.get(section, key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.path}: [{section}] {key} must be true or false, got {value!r}")
+        return value
+
     def level(self, section: str, key: str) -> str:
         value = self.string(section, key, "INFO").upper()
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -160,7 +166,7 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
 # ---------------------------------------------------------------- site node config
 
 _SITE_KEYS = {
-    "site": ("name", "vcf", "samples", "state_dir", "policy"),
+    "site": ("name", "vcf", "samples", "state_dir", "policy", "audit_payloads"),
     "aggregator": ("address", "ca_cert"),
     "auth": ("private_key", "public_key"),
     "node": ("runtime_port", "poll_interval", "log_level"),
@@ -184,6 +190,7 @@ class SiteConfig:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     poll_interval: float = DEFAULT_POLL
     log_level: str = "INFO"
+    audit_payloads: bool = True
 
     def node_config(self) -> dict[str, str]:
         """What the ClientApp sees as ``context.node_config`` (see fedgen.cohort.load_cohort)."""
@@ -193,6 +200,7 @@ class SiteConfig:
             "samples": str(self.samples),
             "state_dir": str(self.state_dir),
             "policy": str(self.policy),
+            "audit_payloads": "true" if self.audit_payloads else "false",
         }
 
     @property
@@ -228,6 +236,7 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
         runtime_port=r.integer("node", "runtime_port", DEFAULT_RUNTIME_PORT, lo=1, hi=65535),
         poll_interval=r.number("node", "poll_interval", DEFAULT_POLL, lo=0.01, hi=60.0),
         log_level=r.level("node", "log_level"),
+        audit_payloads=r.boolean("site", "audit_payloads", True),
     )
 
 
