@@ -131,6 +131,10 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
                          "rho": rho["counts"]})
         counts = np.clip(noisy, 0, None).astype(np.int64)
+        ctx.notes.append(
+            f"privacy=dp: QC files come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count per site, negative "
+            "counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated for the noise"
+        )
         results: dict[str, Any] = {}
         with ctx.timed("write_qc"):
             results.update(write_qc_outputs(stage, aln, counts, analyses=list(plan.get("analyses") or []), qc=plan.get("qc") or {}))
