@@ -245,3 +245,81 @@ def test_oversized_reply_is_refused_before_computation(sites):
     tr = InProcessTransport(sites)
     _refused(tr, Request("ld_pair_sums", params={"n_first": 60000, "window": 99999}, arrays=_idx(100)),
              "would hold .* numbers")
+
+
+def _add_column(path: Path, name: str, values: list[str]) -> None:
+    lines = Path(path).read_text().splitlines()
+    Path(path).write_text("\n".join([lines[0] + f"\t{name}"] + [ln + f"\t{v}" for ln, v in zip(lines[1:], values)]) + "\n")
+
+
+def test_categories_that_single_people_out_are_refused_and_no_values_are_echoed(sites, tmp_path):
+    import shutil
+
+    nodes = {}
+    for s, nc in sites.items():
+        d = tmp_path / s
+        d.mkdir()
+        shutil.copy(nc["samples"], d / "samples.tsv")
+        nodes[s] = {**nc, "samples": str(d / "samples.tsv"), "state_dir": str(d / "state")}
+    n1 = len(Path(nodes["site1"]["samples"]).read_text().splitlines()) - 1
+    dob = [f"19{40 + i % 50}-0{1 + i % 9}-1{i % 10}" for i in range(n1)]  # an identifier-like column
+    _add_column(Path(nodes["site1"]["samples"]), "DOB", dob)
+    _add_column(Path(nodes["site1"]["samples"]), "GRP", ["a" if i < 3 else "b" for i in range(n1)])
+    tr = InProcessTransport({"site1": nodes["site1"]})
+    # its level names would identify people: refused, and the message carries no value
+    with pytest.raises(SiteError, match=r"column 'DOB' has 96 categories \(at most 50\)") as ei:
+        tr.query(Request("site_info", params={"covariates": ["DOB"]}))
+    assert "19" not in str(ei.value)
+    with pytest.raises(SiteError, match=r"column 'GRP': 1 of its 2 categories hold fewer than the site's min_count of 10"):
+        tr.query(Request("site_info", params={"covariates": ["GRP"]}))
+    with pytest.raises(SiteError, match="non-numeric values") as ei:
+        tr.query(Request("site_info", params={"phenotypes": ["DOB"]}))
+    assert "-0" not in str(ei.value)
+    with pytest.raises(SiteError, match="distinct values other than 0/1/2") as ei:
+        tr.query(Request("glm_linear", params={"phenotype": "age", "kind": "binary", "covariates": []}, arrays=_idx()))
+    assert "." not in str(ei.value).split("other than")[0].split("has")[-1]
+    # an indicator for a level held by 3 people (or a numeric column split into one level per value)
+    req = {"phenotype": "QT", "kind": "quantitative",
+           "covariates": [{"name": "GRP", "kind": "categorical", "levels": ["b", "a"]}]}
+    _refused(tr, Request("glm_linear", params=req, arrays=_idx()), "covariate 'GRP': a category would hold fewer than")
+    req["covariates"] = [{"name": "age", "kind": "categorical", "levels": ["x"]}]
+    _refused(tr, Request("glm_linear", params=req, arrays=_idx()), "levels unknown to the study")
+    # a design wider than any real model is refused before any data is read
+    req["covariates"] = [{"name": "smoking", "kind": "categorical", "levels": [str(i) for i in range(40)]}] * 4
+    _refused(tr, Request("glm_linear", params=req, arrays=_idx()), "predictors \\(at most 128\\)")
+    # malformed parameters are refused, not crashed on
+    for bad in ({"covariates": ["age"]}, {"site_columns": ["x"]}, {"pcs": "x"}, {"covariates": [{"name": "age"}]}):
+        _refused(tr, Request("glm_linear", params={"phenotype": "QT", "kind": "quantitative", **bad}, arrays=_idx()),
+                 "does not match the analysis' declaration: bad parameters")
+
+
+def test_a_beta_that_weights_the_fit_onto_one_person_is_withheld(sites):
+    nodes = {"site1": dict(sites["site1"])}
+    tr = InProcessTransport(nodes)
+    from fedgen.cohort.cohort import load_cohort
+
+    c = load_cohort(nodes["site1"])
+    ages = [c.table.require("age")[i] for i in c.table_rows.tolist()]
+    target = float(next(a for a in ages if a not in ("NA", "")))
+    v = 8
+    beta = np.zeros((v, 3))
+    beta[:, 2] = 1.0
+    req = Request("glm_logistic", params={"phenotype": "BIN", "kind": "binary",
+                                          "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": 1e-3}]},
+                  arrays={**_idx(v), "beta": beta})
+    rep = tr.query(req)["site1"]
+    assert rep.meta["suppressed"] == v  # every row rests on about one person's weight: nothing of them leaves
+    assert not np.any(rep.arrays["H_triu"]) and not np.any(rep.arrays["grad"]) and not np.any(rep.arrays["n"])
+    # the honest β = 0 is answered in full
+    rep = tr.query(Request("glm_logistic", params={**req.params, "covariates": [{"name": "age", "kind": "numeric", "mean": 40.0, "sd": 10.0}]},
+                           arrays={**_idx(v), "beta": np.zeros((v, 3))}))["site1"]
+    assert "suppressed" not in rep.meta and np.all(rep.arrays["n"] > 0)
+
+
+def test_pca_histograms_are_opt_in(sites, tmp_path):
+    from fedgen.node.policy import default_policy
+
+    assert "pca_histograms" not in default_policy()["allowed_analyses"]
+    nodes = {s: dict(nc) for s, nc in sites.items()}
+    _refused(InProcessTransport(nodes), Request("pca_histograms", params={"study_id": "x", "pairs": [[0, 1]], "ranges": [[[-1, 1], [-1, 1]]]}),
+             "'pca_histograms' is not allowed by the site's policy")

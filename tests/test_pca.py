@@ -51,8 +51,17 @@ def fixture_script():  # noqa: ANN201 - a module object
     return mod
 
 
+def allow_histograms(nodes) -> None:
+    """Site policies that opt in to the per-site PC histograms (off by default: sample-level)."""
+    from fedgen.node.policy import known_analyses
+
+    for nc in nodes.values():
+        nc.setdefault("policy", json.dumps({"allowed_analyses": sorted(known_analyses())}))
+
+
 def federated_pca(nodes, out: Path, pca: dict, *, study_id: str = "study1", block_size: int = 65536, **plan):
     """Describe sites, count genotypes, run the PCA (QC filters off: PLINK ran --maf only)."""
+    allow_histograms(nodes)
     ctx = StudyContext({"study_id": study_id, "pca": pca, "block_size": block_size, "output_dir": str(out), **plan},
                        InProcessTransport(nodes))
     info, aln = describe_sites(ctx)
@@ -418,6 +427,7 @@ def test_scores_stay_at_sites_and_replies_have_no_samples_axis(tmp_path):
     # reply shapes depend on variants and bins only, never on a site's sample count
     sizes = {s: load_cohort(nc).n_samples for s, nc in nodes.items()}
     assert len(set(sizes.values())) == 2
+    allow_histograms(nodes)
     tr = InProcessTransport(nodes)
     from fedgen.federation.transport import Request
 
@@ -442,6 +452,7 @@ def test_histograms_are_suppressed_at_sites(tmp_path):
     summary, _ = federated_pca(nodes, tmp_path / "out", {"k": 4, "maf": 0.05, "hist_bins": 30}, study_id="h1")
     from fedgen.federation.transport import Request
 
+    allow_histograms(nodes)
     tr = InProcessTransport(nodes)
     for bins in (12, 30):
         reps = tr.query(Request("pca_histograms", params={"study_id": "h1", "pairs": [[0, 1], [2, 3]], "bins": bins,

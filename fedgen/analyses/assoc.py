@@ -26,12 +26,110 @@ from fedgen.errors import FedgenError
 from fedgen.stats import glm
 
 
-def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _finite(x: Any, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not np.isfinite(x):
+        raise ValueError(f"{what} must be a finite number")
+    return float(x)
+
+
+def design_predictors(params: Mapping[str, Any], site: str) -> int:
+    """Validate the design parameters (types and sizes only) and return the model's predictors.
+
+    p = 2 (intercept, genotype) + one per numeric covariate + levels − 1 per categorical one
+    + this site's site-indicator values + PCs. Raises ValueError (a refusal) on malformed input.
+    """
+    if not isinstance(params.get("phenotype"), str) or not params["phenotype"]:
+        raise ValueError("'phenotype' must be a column name")
+    if params.get("kind") not in ("binary", "quantitative"):
+        raise ValueError("'kind' must be 'binary' or 'quantitative'")
+    covs = params.get("covariates") or []
+    if not isinstance(covs, list):
+        raise ValueError("'covariates' must be a list")
+    p = 2
+    for cv in covs:
+        if not isinstance(cv, Mapping) or not isinstance(cv.get("name"), str):
+            raise ValueError("each covariate must be a mapping with a 'name'")
+        if cv.get("kind") == "categorical":
+            levels = cv.get("levels")
+            if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
+                raise ValueError(f"covariate {cv['name']!r}: 'levels' must be a non-empty list of names")
+            if len(levels) > MAX_LEVELS:
+                raise ValueError(f"covariate {cv['name']!r}: at most {MAX_LEVELS} levels")
+            p += len(levels) - 1
+        elif cv.get("kind") == "numeric":
+            _finite(cv.get("mean", 0.0), f"covariate {cv['name']!r}: 'mean'")
+            sd = _finite(cv.get("sd", 1.0), f"covariate {cv['name']!r}: 'sd'")
+            if sd <= 0:
+                raise ValueError(f"covariate {cv['name']!r}: 'sd' must be positive")
+            p += 1
+        else:
+            raise ValueError(f"covariate {cv['name']!r}: 'kind' must be 'numeric' or 'categorical'")
+    sc = params.get("site_columns") or {}
+    if not isinstance(sc, Mapping):
+        raise ValueError("'site_columns' must map site names to lists of numbers")
+    mine = sc.get(site) or []
+    if not isinstance(mine, list) or len(mine) > 64:
+        raise ValueError("'site_columns' of a site must be a list of at most 64 numbers")
+    for x in mine:
+        _finite(x, "'site_columns' values")
+    p += len(mine)
+    pcs = params.get("pcs")
+    if pcs:
+        if not isinstance(pcs, Mapping) or not isinstance(pcs.get("study_id"), str):
+            raise ValueError("'pcs' must be a mapping with 'study_id', 'n', 'mean', 'sd'")
+        n = pcs.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise ValueError("'pcs.n' must be a whole number in [1, 64]")
+        for key in ("mean", "sd"):
+            v = pcs.get(key)
+            if not isinstance(v, list) or len(v) != n:
+                raise ValueError(f"'pcs.{key}' must list {n} numbers")
+            for x in v:
+                _finite(x, f"'pcs.{key}'")
+        if any(float(x) <= 0 for x in pcs["sd"]):
+            raise ValueError("'pcs.sd' must be positive")
+        p += n
+    if p > MAX_PREDICTORS:
+        raise ValueError(f"the model would have {p} predictors (at most {MAX_PREDICTORS})")
+    return p
+
+
+def _glm_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
+    p = design_predictors(params, str(node_config.get("site", "")))
+    return {"p": p, "t": p * (p + 1) // 2}
+
+
+def _covar_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
+    return {"c": design_predictors(params, str(node_config.get("site", ""))) - 2}
+
+
+def _check_indicator_cells(params: dict[str, Any], C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
+    """Each categorical level must hold at least min_count of the samples used, and so must its complement."""
+    col = 0
+    n = int(keep.sum())
+    for cv in params.get("covariates") or []:
+        if cv.get("kind") != "categorical":
+            col += 1
+            continue
+        k = max(0, len(cv["levels"]) - 1)
+        counts = np.nansum(C[keep, col : col + k], axis=0) if k else np.zeros(0)
+        base = n - float(counts.sum())
+        cells = [*counts.tolist(), base]
+        if any(0 < c < min_count or 0 < n - c < min_count for c in cells):
+            raise FedgenError(
+                f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count of {min_count} "
+                "of the samples analysed (or all but fewer than that); merge or recode its categories"
+            )
+        col += k
+
+
+def _design(cohort: Cohort, params: dict[str, Any], node_config: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
-        phenotype = str(params["phenotype"])
-        kind = str(params["kind"])
-    except KeyError as exc:
-        raise FedgenError(f"request is missing parameter {exc}") from None
+        design_predictors(params, cohort.site)
+    except ValueError as exc:
+        raise FedgenError(f"bad design parameters: {exc}") from None
+    phenotype = str(params["phenotype"])
+    kind = str(params["kind"])
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
     y, C, keep = build_design(
         cohort.table.columns,
@@ -48,11 +146,16 @@ def _design(cohort: Cohort, params: dict[str, Any]) -> tuple[np.ndarray, np.ndar
 
         X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]))
         C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
+    if node_config is not None:
+        from fedgen.site.guard import site_min_count
+
+        _check_indicator_cells(params, C, keep, site_min_count(node_config))
     return y, C, keep
 
 
 DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs"})
-MAX_PREDICTORS = 512
+MAX_PREDICTORS = 128
+MAX_LEVELS = 50
 
 
 @register(
@@ -107,7 +210,7 @@ def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
 def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1)."""
     cohort = load_cohort(node_config)
-    y, _, keep = _design(cohort, {**params, "covariates": []})
+    y, _, keep = _design(cohort, {**params, "covariates": []}, node_config)
     y = y[keep]
     case = y == 1
     idx = np.asarray(arrays.get("idx", []))
@@ -129,16 +232,16 @@ def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
         params=DESIGN_PARAMS,
         inputs=VARIANT_INPUTS,
         outputs={"XtX_triu": arr("f8", "v", "t"), "Xty": arr("f8", "v", "p"), "yty": arr("f8", "v"), "n": arr("i8", "v")},
-        free={"p": MAX_PREDICTORS, "t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        param_dims=_glm_dims,
         meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: out["n"]),
+        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
         doc="per variant: XᵀX (upper triangle), Xᵀy, yᵀy, n of the linear model",
     ),
 )
 def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params)
+    y, C, keep = _design(cohort, params, node_config)
     parts = []
     for _, g in _genotypes(cohort, arrays, keep):
         parts.append(glm.site_linear_suffstats(g, y[keep], C[keep]))
@@ -151,17 +254,16 @@ def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
         params=DESIGN_PARAMS,
         inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p")},
         outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True)},
-        limits={"p": MAX_PREDICTORS},
-        free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        param_dims=_glm_dims,
         meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: out["n"]),
+        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
         doc="per variant at the aggregator's β: Hessian (upper triangle), gradient, n",
     ),
 )
 def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params)
+    y, C, keep = _design(cohort, params, node_config)
     beta = _beta(arrays)
     parts = []
     for s, g in _genotypes(cohort, arrays, keep):
@@ -175,17 +277,16 @@ def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
         params=DESIGN_PARAMS,
         inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p"), "Iinv": arr("*", "v", "p", "p", optional=True)},
         outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True)},
-        limits={"p": MAX_PREDICTORS},
-        free={"t": MAX_PREDICTORS * (MAX_PREDICTORS + 1) // 2},
+        param_dims=_glm_dims,
         meta=frozenset({"n", "suppressed"}),
         contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: out["n"]),
+        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
         doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
     ),
 )
 def glm_firth(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params)
+    y, C, keep = _design(cohort, params, node_config)
     beta = _beta(arrays)
     iinv = arrays.get("Iinv")
     parts = []
@@ -193,6 +294,15 @@ def glm_firth(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
         sub = None if iinv is None else np.asarray(iinv, dtype=np.float64)[s : s + len(g)]
         parts.append(glm.site_firth_partials(g, y[keep], C[keep], beta[s : s + len(g)], sub))
     return _stack(parts), {"n": int(keep.sum())}
+
+
+def _rows_rest_on(out: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Samples each variant's sums rest on: n, or the IRLS weights' effective size when smaller."""
+    n = np.asarray(out["n"], dtype=np.float64)
+    if "_neff" in out:
+        neff = np.floor(np.asarray(out["_neff"], dtype=np.float64) + 1e-9)
+        n = np.where(n > 0, np.maximum(np.minimum(n, neff), 0.5), 0.0)  # 0.5: a positive n never reads as "no data"
+    return n
 
 
 def _beta(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -237,7 +347,10 @@ def unpack_symmetric(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {}
-    return pack_symmetric({k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]})
+    out = pack_symmetric({k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]})
+    if "neff" in out:  # stays at the site: the guard's small-cell rule uses it (keys with "_" never leave)
+        out["_neff"] = out.pop("neff")
+    return out
 
 
 @register(
@@ -245,7 +358,7 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     Spec(
         params=DESIGN_PARAMS,
         outputs={k: arr("f8", "c") for k in ("case_min", "case_max", "ctrl_min", "ctrl_max")},
-        free={"c": MAX_PREDICTORS},
+        param_dims=_covar_dims,
         meta=frozenset({"n_cases", "n_controls"}),
         contributors=meta_count("n_cases", "n_controls"),
         sample_level=True,
@@ -259,6 +372,6 @@ def covar_ranges(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
     samples' (standardised) values; under a privacy policy this request is refused.
     """
     cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params)
+    y, C, keep = _design(cohort, params, node_config)
     case = y[keep] > 0.5
     return glm.site_covar_ranges(y[keep], C[keep]), {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}

@@ -65,8 +65,8 @@ def _positive(params: Mapping[str, Any], key: str) -> float:
         x = float(params[key])
     except (KeyError, TypeError, ValueError):
         raise FedgenError(f"parameter {key!r} must be a positive number") from None
-    if not (math.isfinite(x) and x > 0):
-        raise FedgenError(f"parameter {key!r} must be a positive number, got {params.get(key)!r}")
+    if not (math.isfinite(x) and 0 < x <= 1e12):
+        raise FedgenError(f"parameter {key!r} must be a positive number (at most 1e12), got {params.get(key)!r}")
     return x
 
 

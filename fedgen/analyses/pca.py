@@ -41,6 +41,7 @@ from fedgen.cohort.pcs import (
     write_site_pcs,
 )
 from fedgen.errors import FedgenError
+from fedgen.site.guard import site_min_count
 from fedgen.stats import pca as pcastats
 
 #: A site with fewer samples refuses PCA requests: Z_s Z_sᵀ of a handful of samples spans
@@ -289,14 +290,15 @@ def _hist_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dic
     Spec(
         params=frozenset({"study_id", "block", "n_blocks", "n_variants", "theta", "eigenvalues", "hist", "local_plot"}),
         inputs={**VARIANT_INPUTS, "freq": arr("*", "v"), "loadings": arr("*", "v", "k")},
-        outputs={"sums": arr("f8", "k", 2), "hist1d": arr("i8", "h", "nb"), "hidden": arr("i8", "h")},
+        outputs={"sums": arr("f8", "k", 2), "hist1d": arr("i8", "h", "nb", optional=True), "hidden": arr("i8", "h", optional=True)},
         param_dims=_hist_dims,
         limits={"k": MAX_BASIS},
         free={"h": MAX_BASIS},
         meta=frozenset({"n_samples", "projected", "stored"}),
         contributors=meta_count("n_samples"),
         may_be_empty=True,
-        doc="stores the site's PC scores locally; replies Σ, Σ² and small-cell-suppressed 1-D histograms",
+        doc="stores the site's PC scores locally; replies Σ, Σ² (and, only where the site allows pca_histograms, "
+        "small-cell-suppressed 1-D histograms)",
     ),
 )
 def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
@@ -335,7 +337,11 @@ def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
     if params.get("local_plot"):
         plot_site_scores(scores, path.with_suffix(".png"), eigenvalues=eigenval,
                          title=f"{cohort.site}: PC scores of {cohort.n_samples} local samples (not shared)")
+    sums = np.stack([scores.sum(axis=0), (scores * scores).sum(axis=0)], axis=1)
+    if "pca_histograms" not in ((node_config.get("_policy") or {}).get("allowed_analyses") or ()):
+        return {"sums": sums}, {"n_samples": cohort.n_samples, "stored": True}
     h = _hist_params(params)
+    h["min_count"] = max(h["min_count"], site_min_count(node_config))
     n_h = min(h["pcs"], k)
     edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
     hist = np.zeros((n_h, h["bins"]), dtype=np.int64)
@@ -344,7 +350,6 @@ def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
         counts, _ = np.histogram(scores[:, j], bins=edges)
         hist[j], hidden[j] = pcastats.suppress_small_cells(counts, h["min_count"])
         hidden[j] += cohort.n_samples - int(counts.sum())
-    sums = np.stack([scores.sum(axis=0), (scores * scores).sum(axis=0)], axis=1)
     return {"sums": sums, "hist1d": hist, "hidden": hidden}, {"n_samples": cohort.n_samples, "stored": True}
 
 
@@ -363,7 +368,9 @@ def _hist2d_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> d
         param_dims=_hist2d_dims,
         meta=frozenset({"n_samples"}),
         contributors=meta_count("n_samples"),
-        doc="2-D histograms of the site's stored PC scores, small cells suppressed",
+        sample_level=True,
+        doc="2-D histograms of the site's stored PC scores, small cells suppressed (off unless the site allows it: "
+        "counts over aggregator-chosen ranges of aggregator-chosen projections can single out samples by differencing)",
     ),
 )
 def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
@@ -385,7 +392,7 @@ def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], array
         if isinstance(bins_param, Mapping):  # one grid size per site
             bins_param = bins_param.get(cohort.site, 40)
         bins = int(bins_param)
-        min_count = max(int(params.get("min_count", MIN_CELL_DEFAULT)), MIN_CELL_DEFAULT)
+        min_count = max(int(params.get("min_count", MIN_CELL_DEFAULT)), MIN_CELL_DEFAULT, site_min_count(node_config))
     except (TypeError, ValueError, IndexError):
         raise FedgenError("pca_histograms: bad 'pairs', 'ranges' or 'bins'") from None
     if len(ranges) != len(pairs) or not 1 <= bins <= 1000 or any(min(p) < 0 for p in pairs):

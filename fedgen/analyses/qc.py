@@ -18,6 +18,7 @@ from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_r
 from fedgen.cohort.cohort import load_cohort
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
+from fedgen.site.guard import site_min_count
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
 
@@ -64,10 +65,13 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
     for role in ("phenotypes", "covariates"):
         for col in list(params.get(role) or []):
             values = cohort.table.require(col)
+            vals = [values[i] for i in rows]
             try:
-                columns[col] = describe_column([values[i] for i in rows], role=role[:-1])
+                columns[col] = describe_column(vals, role=role[:-1])
             except ValueError as exc:
                 raise FedgenError(f"{cohort.table.path}: column {col!r}: {exc}") from None
+            if columns[col]["kind"] == "categorical":
+                _check_levels(col, vals, columns[col]["levels"], site_min_count(node_config))
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
     meta = {
         "site": cohort.site,
@@ -82,6 +86,25 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
     if policy:  # what this site agrees to answer (public, so the aggregator can plan around it)
         meta["policy"] = {k: policy[k] for k in ("allowed_analyses", "min_count", "max_variants_per_request")}
     return {"variants": table}, meta
+
+
+MAX_LEVELS = 50
+
+
+def _check_levels(col: str, vals: list[str], levels: list[str], min_count: int) -> None:
+    """A categorical column's level names leave the site only if each level holds min_count samples."""
+    if len(levels) > MAX_LEVELS:
+        raise FedgenError(f"column {col!r} has {len(levels)} categories (at most {MAX_LEVELS}); recode it")
+    counts = {lev: 0 for lev in levels}
+    for v in vals:
+        if v in counts:
+            counts[v] += 1
+    rare = sum(1 for c in counts.values() if c < min_count)
+    if rare:
+        raise FedgenError(
+            f"column {col!r}: {rare} of its {len(levels)} categories hold fewer than the site's min_count of "
+            f"{min_count} samples; their names would identify people: merge or recode them"
+        )
 
 
 def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

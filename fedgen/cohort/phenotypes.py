@@ -43,8 +43,8 @@ def describe_column(values: Sequence[str], *, role: str) -> dict[str, Any]:
     num = _numeric(values)
     if num is None:
         if role == "phenotype":
-            bad = next(v for v in values if not _is_missing(v) and not _isfloat(v))
-            raise ValueError(f"phenotype values must be numeric, found {bad!r}")
+            bad = sum(1 for v in values if not _is_missing(v) and not _isfloat(v))
+            raise ValueError(f"phenotype values must be numeric ({bad} samples have non-numeric values)")
         levels = sorted({v for v in values if not _is_missing(v)})
         return {"kind": "categorical", "levels": levels, "n": int(sum(not _is_missing(v) for v in values))}
     obs = num[~np.isnan(num)]
@@ -78,7 +78,9 @@ def phenotype_values(values: Sequence[str], *, kind: str, name: str, where: str)
         out = num - 1.0
         out[num == 0] = np.nan
         return out
-    raise InputError(f"{where}: phenotype {name!r} is analysed as binary but has values {sorted(uniq)[:5]}")
+    raise InputError(
+        f"{where}: phenotype {name!r} is analysed as binary but has {len(uniq - {0.0, 1.0, 2.0})} distinct values other than 0/1/2"
+    )
 
 
 def build_design(
@@ -114,7 +116,7 @@ def build_design(
             miss = np.array([_is_missing(v) for v in vals])
             unknown = {v for v in vals if not _is_missing(v)} - set(levels)
             if unknown:
-                raise InputError(f"{where}: covariate {cv['name']!r} has levels {sorted(unknown)} unknown to the study")
+                raise InputError(f"{where}: covariate {cv['name']!r} has {len(unknown)} levels unknown to the study")
             ind = np.zeros((len(vals), max(0, len(levels) - 1)))
             for j, lev in enumerate(levels[1:]):
                 ind[:, j] = [v == lev for v in vals]

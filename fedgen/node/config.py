@@ -272,6 +272,9 @@ samples = {toml_str(samples)}
 state_dir = {toml_str(state_dir)}
 # What this site agrees to compute and release (fedgen node check validates it).
 policy = {toml_str(policy)}
+# Keep a copy of every payload that left (audit-payloads/<sha256>.npz) so `fedgen audit --verify`
+# can re-hash it; false keeps only the hashes in audit.jsonl.
+audit_payloads = true
 
 [aggregator]
 # The study's aggregator (Flower SuperLink), host:port. The node only connects out to it.

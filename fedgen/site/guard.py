@@ -181,11 +181,13 @@ def answer(
     try:
         out, meta = REGISTRY[analysis](run_config, params, arrays)
         out = {k: np.asarray(v) for k, v in out.items()}
+        private = {k: out.pop(k) for k in list(out) if k.startswith("_")}  # site-only companions
         meta = dict(meta)
         n_samples = _site_samples(node_config) if (set(spec.free) - set(spec.opaque)) or spec.suppress else None
         check_outputs(spec, out, meta, dims, n_samples=n_samples)
         if spec.suppress is not None:  # the analysis' small-cell rule (rows resting on < min_count samples)
-            out, n_small = spec.suppress(out, int(policy["min_count"]), int(n_samples or 0))
+            out, n_small = spec.suppress({**out, **private}, int(policy["min_count"]), int(n_samples or 0))
+            out = {k: v for k, v in out.items() if not k.startswith("_")}
             if n_small:
                 meta["suppressed"] = n_small
         contributors = spec.contributors(meta) if spec.contributors is not None else None
@@ -201,6 +203,12 @@ def answer(
             ledger.void(reservation.id, f"refused after computation, nothing released: {exc}")
         reason = str(exc) if isinstance(exc, Refused) else f"{analysis}: reply does not match the analysis' declaration: {exc}"
         raise refuse(reason) from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # malformed request parameters that got past the declaration: refuse without echoing values
+        log.warning("%s failed on the request's parameters", analysis, exc_info=exc)
+        if reservation is not None:
+            ledger.void(reservation.id, f"failed before release: {type(exc).__name__}")
+        raise refuse(f"{analysis}: the request's parameters could not be used ({type(exc).__name__}); nothing was computed for it") from None
     except BaseException as exc:
         if reservation is not None:
             ledger.void(reservation.id, f"failed before release: {type(exc).__name__}: {exc}")

@@ -459,6 +459,7 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
     grad = np.zeros((V, p))
     loglik = np.zeros(V)
     n = np.zeros(V, dtype=np.int64)
+    neff = np.zeros(V)
     for sl in _blocks(V, N):
         M, G = _geno_block(g[sl])
         n[sl] = np.rint(M.sum(1)).astype(np.int64)
@@ -468,14 +469,27 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
         w = np.subtract(1.0, pr)
         w *= pr
         w *= M
+        neff[sl] = _effective_n(w)
         terms.hessian(H, sl, w, G)
         pr -= y[None, :]
         pr *= M
         grad[sl] = terms.xt(pr, G)
-    out = {"H": H, "grad": grad, "n": n}
+    out = {"H": H, "grad": grad, "n": n, "neff": neff}
     if with_loglik:
         out["loglik"] = loglik
     return out
+
+
+def _effective_n(w: np.ndarray) -> np.ndarray:
+    """Kish's effective sample size (Σw)² / Σw² of IRLS weights, per variant (rows of ``w``).
+
+    A site uses it to refuse a β that weights the fit onto a few samples (e.g. one sample at
+    η = 0 and every other at |η| ≫ 1), which would make its sums almost one person's values.
+    """
+    s1 = w.sum(1)
+    s2 = np.einsum("ij,ij->i", w, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s2 > 0, s1 * s1 / s2, 0.0)
 
 
 class LogisticDriver:
@@ -697,6 +711,7 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None
     info = np.zeros((V, p, p))
     loglik = np.zeros(V)
     n = np.zeros(V, dtype=np.int64)
+    neff = np.zeros(V)
     want = None
     ustar = None
     if Iinv is not None:
@@ -711,6 +726,7 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None
         v = np.subtract(1.0, pr)
         v *= pr
         w = v * M
+        neff[sl] = _effective_n(w)
         terms.hessian(info, sl, w, G)
         if want is None:
             continue
@@ -736,7 +752,7 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None
         block = ustar[sl]
         block[rows] = terms.xt(quad, Gr)
         ustar[sl] = block
-    out = {"I": info, "loglik": loglik, "n": n}
+    out = {"I": info, "loglik": loglik, "n": n, "neff": neff}
     if ustar is not None:
         out["ustar"] = ustar
     return out

@@ -380,7 +380,18 @@ def run_pca(
     if norm_err > 1e-6:
         notes.append(f"PC score vectors deviate from unit norm by up to {norm_err:.1e}")
 
-    plot_files, hist_summary = _site_histograms(traffic, ctx, replies, study_id, k, n_total, cfg, eigenval, out_dir)
+    refusing = sorted(
+        s for s, r in getattr(ctx, "site_info", {}).items()
+        if "pca_histograms" not in ((r.meta.get("policy") or {}).get("allowed_analyses") or ["pca_histograms"])
+    )
+    if refusing or any("hist1d" not in r.arrays for r in replies.values()):
+        note = (f"per-site PC histograms (plots/pca_sites.png) skipped: the policy of site(s) {', '.join(refusing)} does "
+                "not allow pca_histograms")
+        notes.append(note)
+        log.info(note)
+        plot_files, hist_summary = [], None
+    else:
+        plot_files, hist_summary = _site_histograms(traffic, ctx, replies, study_id, k, n_total, cfg, eigenval, out_dir)
     files += plot_files
     summary = {
         "study_id": study_id,
