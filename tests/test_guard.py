@@ -323,3 +323,15 @@ def test_pca_histograms_are_opt_in(sites, tmp_path):
     nodes = {s: dict(nc) for s, nc in sites.items()}
     _refused(InProcessTransport(nodes), Request("pca_histograms", params={"study_id": "x", "pairs": [[0, 1]], "ranges": [[[-1, 1], [-1, 1]]]}),
              "'pca_histograms' is not allowed by the site's policy")
+
+
+def test_policy_allowed_columns_keeps_other_columns_out_of_every_aggregate(sites, tmp_path):
+    nodes = {s: {**nc, "policy": json.dumps({"allowed_columns": ["BIN", "QT", "age", "sex"]})} for s, nc in sites.items()}
+    tr = InProcessTransport(nodes)
+    _refused(tr, Request("site_info", params={"phenotypes": ["QT"], "covariates": ["smoking"]}),
+             "column\\(s\\) 'smoking' are not in the site policy's allowed_columns")
+    _refused(tr, Request("covar_moments", params={"names": ["age", "QT2"]}), "'QT2' are not in")
+    _refused(tr, Request("glm_linear", params={"phenotype": "RARE", "kind": "quantitative", "covariates": []}, arrays=_idx()),
+             "'RARE' are not in")
+    tr.query(Request("glm_linear", params={"phenotype": "QT", "kind": "quantitative",
+                                           "covariates": [{"name": "age", "kind": "numeric", "mean": 40.0, "sd": 10.0}]}, arrays=_idx()))

@@ -130,6 +130,10 @@ def _design(cohort: Cohort, params: dict[str, Any], node_config: Mapping[str, An
         raise FedgenError(f"bad design parameters: {exc}") from None
     phenotype = str(params["phenotype"])
     kind = str(params["kind"])
+    if node_config is not None:
+        from fedgen.site.guard import check_columns
+
+        check_columns(node_config, [phenotype, *(cv["name"] for cv in params.get("covariates") or [])])
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
     y, C, keep = build_design(
         cohort.table.columns,
@@ -174,6 +178,9 @@ def covar_moments(node_config: Mapping[str, Any], params: dict[str, Any], arrays
     """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
     cohort = load_cohort(node_config)
     names = list(params.get("names") or [])
+    from fedgen.site.guard import check_columns
+
+    check_columns(node_config, names)
     out = np.zeros((len(names), 3))
     for j, name in enumerate(names):
         vals = [cohort.table.require(name)[i] for i in cohort.table_rows.tolist()]

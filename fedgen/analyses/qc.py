@@ -18,7 +18,7 @@ from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_r
 from fedgen.cohort.cohort import load_cohort
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
-from fedgen.site.guard import site_min_count
+from fedgen.site.guard import check_columns, site_min_count
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
 
@@ -63,6 +63,7 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
     columns: dict[str, Any] = {}
     rows = cohort.table_rows.tolist()
     for role in ("phenotypes", "covariates"):
+        check_columns(node_config, list(params.get(role) or []))
         for col in list(params.get(role) or []):
             values = cohort.table.require(col)
             vals = [values[i] for i in rows]

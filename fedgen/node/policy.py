@@ -12,6 +12,8 @@ This module writes the default policy and validates a policy's syntax and keys. 
 ``accepted_fedgen_versions`` fedgen versions whose study FABs this site accepts (its code always
                              comes from the site's installed fedgen, never from the FAB)
 ``accepted_fab_hashes``      SHA-256 hashes of further FABs the site accepts (hex)
+``allowed_columns``          samples-table columns a study may use as phenotypes or covariates
+                             (empty = every column); anything else is refused
 
 A policy may also be given inline (a mapping) in local runs: ``sites.<name>.policy``.
 :func:`load_policy` fills defaults for keys it omits and validates the result.
@@ -35,9 +37,10 @@ DEFAULTS: dict[str, Any] = {
     "max_variants_per_request": 65536,
     "accepted_fedgen_versions": [],  # filled with the installed version (see default_policy)
     "accepted_fab_hashes": [],
+    "allowed_columns": [],
 }
 
-OPTIONAL_KEYS = ("accepted_fedgen_versions", "accepted_fab_hashes")
+OPTIONAL_KEYS = ("accepted_fedgen_versions", "accepted_fab_hashes", "allowed_columns")
 REQUIRED_KEYS = tuple(k for k in DEFAULTS if k not in OPTIONAL_KEYS)
 
 
@@ -159,6 +162,10 @@ max_variants_per_request = {DEFAULTS["max_variants_per_request"]}
 # names one of these fedgen versions; add SHA-256 hashes to accept specific other FABs.
 accepted_fedgen_versions = [{", ".join(f'"{v}"' for v in policy["accepted_fedgen_versions"])}]
 accepted_fab_hashes = []
+
+# Samples-table columns a study may use as phenotypes or covariates (empty = every column).
+# List them to keep identifiers, dates and other columns out of every aggregate.
+allowed_columns = []
 """
 
 
@@ -224,6 +231,10 @@ def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None =
         v = policy["accepted_fedgen_versions"]
         if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
             problems.append("accepted_fedgen_versions must be a list of version strings")
+    if "allowed_columns" in policy:
+        c = policy["allowed_columns"]
+        if not isinstance(c, list) or not all(isinstance(x, str) and x for x in c):
+            problems.append("allowed_columns must be a list of column names (empty = every column)")
     if "accepted_fab_hashes" in policy:
         h = policy["accepted_fab_hashes"]
         if not isinstance(h, list) or not all(

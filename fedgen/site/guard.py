@@ -252,6 +252,16 @@ def answer(
     return out, meta
 
 
+def check_columns(node_config: Mapping[str, Any], names: Any) -> None:
+    """Refuse samples-table columns outside the policy's ``allowed_columns`` (empty = all)."""
+    allowed = (node_config.get("_policy") or {}).get("allowed_columns") or []
+    if not allowed:
+        return
+    bad = sorted({str(n) for n in names} - set(allowed))
+    if bad:
+        raise FedgenError(f"column(s) {', '.join(map(repr, bad))} are not in the site policy's allowed_columns")
+
+
 def site_min_count(node_config: Mapping[str, Any]) -> int:
     """The policy's ``min_count`` as handed to an analysis by the guard (1 outside it)."""
     return int((node_config.get("_policy") or {}).get("min_count", 1))
