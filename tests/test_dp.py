@@ -71,6 +71,10 @@ def test_dp_study_spends_exactly_its_budget_at_each_site(nodes, tmp_path):
         assert sp["epsilon"] == pytest.approx(eps, rel=1e-6) and sp["reserved"] == 0
         events = [json.loads(e["events"]) if isinstance(e["events"], str) else e["events"] for e in led.entries()]
         assert compose_epsilon([x for ev in events for x in ev], 1e-6) == pytest.approx(sp["epsilon"])
+        from fedgen.site.audit_cli import summarise
+
+        summary = summarise(audit.read(Path(nc["state_dir"])))["studies"][manifest["study_id"]]
+        assert summary["epsilon"] == pytest.approx(eps, rel=1e-6)  # releases composed, as in the ledger
         sent = [e for e in audit.read(Path(nc["state_dir"])) if e["decision"] == "sent"]
         dp_sent = [e for e in sent if e["analysis"].startswith("dp_")]
         assert dp_sent and all(e["epsilon"] > 0 and e["events"] for e in dp_sent)

@@ -16,7 +16,7 @@ def summarise(entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Totals overall and per study: messages sent / refused / failed, bytes, ε, analyses."""
     studies: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"sent": 0, "refused": 0, "error": 0, "bytes": 0, "epsilon": 0.0, "analyses": defaultdict(int),
-                 "runs": set(), "first": None, "last": None}
+                 "runs": set(), "first": None, "last": None, "events": [], "delta": 0.0}
     )
     refusals: list[dict[str, Any]] = []
     total = {"entries": 0, "sent": 0, "refused": 0, "error": 0, "bytes": 0}
@@ -31,7 +31,8 @@ def summarise(entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
         if d == "sent":
             s["bytes"] += int(e.get("bytes") or 0)
             total["bytes"] += int(e.get("bytes") or 0)
-            s["epsilon"] += float(e.get("epsilon") or 0.0)
+            s["events"] += list(e.get("events") or [])
+            s["delta"] = max(s["delta"], float(e.get("delta") or 0.0))
             s["analyses"][str(e.get("analysis"))] += 1
         if d in ("refused", "error"):
             refusals.append({k: e.get(k) for k in ("time", "site", "run_id", "study_id", "message_type", "analysis", "decision", "reason")})
@@ -40,8 +41,13 @@ def summarise(entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
         t = e.get("time")
         s["first"] = s["first"] or t
         s["last"] = t or s["last"]
+    from fedgen.privacy.accounting import compose_epsilon
+
+    for s in studies.values():  # the study's releases composed (RDP), as the site's ledger does
+        s["epsilon"] = compose_epsilon(s["events"], s["delta"]) if s["events"] else 0.0
     out_studies = {
-        sid: {**{k: v for k, v in s.items() if k not in ("analyses", "runs")}, "analyses": dict(s["analyses"]), "runs": sorted(s["runs"])}
+        sid: {**{k: v for k, v in s.items() if k not in ("analyses", "runs", "events")}, "analyses": dict(s["analyses"]),
+              "runs": sorted(s["runs"])}
         for sid, s in studies.items()
     }
     return {"total": total, "studies": out_studies, "refusals": refusals}
