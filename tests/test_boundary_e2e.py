@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 import yaml
 
 from test_federation_flower import _pid_alive, _processes_with_flwr_home_under
+from test_node_e2e import _free_port, _ok, _run, _wait
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_CERTS = REPO / "nodes" / "make-certs.sh"
@@ -261,32 +261,6 @@ def assert_evil_fab_is_live(app: Path, tmp: Path) -> None:
 
 
 # ---------------------------------------------------------------- helpers for fedgen commands
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
-def _ok(res: subprocess.CompletedProcess[str]) -> str:
-    assert res.returncode == 0, f"{res.args}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
-    return res.stdout
-
-
-def _wait(cond, timeout: float, what: str, interval: float = 0.2):  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _assert_stopped(root: Path, pids: list[int]) -> None:
