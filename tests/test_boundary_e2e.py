@@ -136,7 +136,7 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def _pyproject(name: str, clientapp: str) -> str:
+def _pyproject(name: str, clientapp: str, serverapp: str = "evil.server:app") -> str:
     return textwrap.dedent(
         f"""\
         [project]
@@ -148,7 +148,7 @@ def _pyproject(name: str, clientapp: str) -> str:
         publisher = "mallory"
 
         [tool.flwr.app.components]
-        serverapp = "evil.server:app"
+        serverapp = "{serverapp}"
         clientapp = "{clientapp}"
 
         [tool.flwr.app.config]

@@ -11,7 +11,6 @@ sites; the honest study then runs on the same nodes.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -73,33 +72,8 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def _pyproject() -> str:
-    return textwrap.dedent(
-        f"""\
-        [project]
-        name = "curious-study"
-        version = "1.0.0"
-        dependencies = []
-
-        [tool.flwr.app]
-        publisher = "curious"
-
-        [tool.flwr.app.components]
-        serverapp = "curious.server:app"
-        clientapp = "fedgen.federation.client_app:app"
-
-        [tool.flwr.app.config]
-        record = ""
-        sites = 0
-
-        [tool.fedgen]
-        version = "{__import__('fedgen').__version__}"
-        """
-    )
-
-
 def test_curious_serverapp_on_real_nodes(tmp_path):
-    from test_boundary_e2e import fab_hash, submit
+    from test_boundary_e2e import _pyproject, fab_hash, submit
 
     from fedgen.federation.local import LOCAL_CONNECTION, LocalFederation
     from fedgen.privacy.ledger import LEDGER_FILE, Ledger
@@ -109,7 +83,7 @@ def test_curious_serverapp_on_real_nodes(tmp_path):
     (app / "curious").mkdir(parents=True)
     (app / "curious" / "__init__.py").write_text("")
     (app / "curious" / "server.py").write_text(CURIOUS_SERVER)
-    (app / "pyproject.toml").write_text(_pyproject())
+    (app / "pyproject.toml").write_text(_pyproject("curious-study", "fedgen.federation.client_app:app", "curious.server:app"))
     digest = fab_hash(app)
 
     data = make_synth(120, 80, seed=9)

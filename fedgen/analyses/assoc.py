@@ -218,19 +218,30 @@ def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays:
     """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1)."""
     cohort = load_cohort(node_config)
     y, _, keep = _design(cohort, {**params, "covariates": []}, node_config)
-    y = y[keep]
-    case = y == 1
+    case = y[keep] == 1
+    out = case_control_allele_counts(cohort, arrays, case, keep)
+    return {"counts": out}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+
+
+def case_control_allele_counts(
+    cohort: Cohort, arrays: dict[str, np.ndarray], case: np.ndarray, keep: np.ndarray, *, missing_as_zero: bool = False
+) -> np.ndarray:
+    """(V, 4) int64: A1 and A2 alleles in cases, then in controls (dosage = A1).
+
+    ``case`` flags the samples in ``keep``. A missing call adds nothing, or with
+    ``missing_as_zero`` two A2 alleles (every sample then adds exactly two alleles per variant).
+    """
     idx = np.asarray(arrays.get("idx", []))
     out = np.zeros((len(idx), 4), dtype=np.int64)
     for s, g in _genotypes(cohort, arrays, keep):
-        ok = g >= 0
-        gc = np.where(ok, g, 0).astype(np.int64)
+        ok = np.ones(g.shape, bool) if missing_as_zero else g >= 0
+        gc = np.where(g >= 0, g, 0).astype(np.int64)
         a = gc[:, case].sum(1)
         b = 2 * ok[:, case].sum(1) - a
         c = gc[:, ~case].sum(1)
         d = 2 * ok[:, ~case].sum(1) - c
         out[s : s + len(g)] = np.stack([a, b, c, d], axis=1)
-    return {"counts": out}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+    return out
 
 
 @register(

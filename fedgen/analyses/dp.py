@@ -44,8 +44,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedgen.analyses import register
-from fedgen.analyses.assoc import _design, _genotypes
-from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
+from fedgen.analyses.assoc import _design, case_control_allele_counts
+from fedgen.analyses.qc import VARIANT_INPUTS, genotype_class_counts
 from fedgen.analyses.spec import Spec, arr, meta_count
 from fedgen.cohort.cohort import load_cohort
 from fedgen.errors import FedgenError
@@ -104,14 +104,9 @@ def _genotype_counts_cost(params, dims, node_config) -> list[dict[str, Any]]:
 )
 def dp_genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
-    idx, flip = _block_args(cohort, arrays)
-    counts = np.empty((len(idx), 4), dtype=np.int64)
-    for s in range(0, len(idx), SUB_BLOCK):
-        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
-        for k, code in enumerate((0, 1, 2, -1)):
-            counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
+    counts = genotype_class_counts(cohort, arrays)
     sigma = _sigma_of(node_config)
-    meta = {"n_samples": cohort.n_samples, "sigma": sigma, "l2_sensitivity": math.sqrt(max(len(idx), 1)),
+    meta = {"n_samples": cohort.n_samples, "sigma": sigma, "l2_sensitivity": math.sqrt(max(len(counts), 1)),
             "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
     return {"counts": _noisy(counts, sigma)}, meta
 
@@ -126,20 +121,6 @@ def _binary_design(cohort, params: Mapping[str, Any]):
         raise FedgenError("differentially private association releases take no covariates")
     y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None})
     return y[keep] == 1, keep
-
-
-def _allele_counts(cohort, arrays, case: np.ndarray, keep: np.ndarray, *, missing_as_zero: bool = False) -> np.ndarray:
-    idx = np.asarray(arrays.get("idx", []))
-    out = np.zeros((len(idx), 4), dtype=np.int64)
-    for s, g in _genotypes(cohort, arrays, keep):
-        ok = np.ones(g.shape, bool) if missing_as_zero else g >= 0
-        gc = np.where(g >= 0, g, 0).astype(np.int64)
-        a = gc[:, case].sum(1)
-        b = 2 * ok[:, case].sum(1) - a
-        c = gc[:, ~case].sum(1)
-        d = 2 * ok[:, ~case].sum(1) - c
-        out[s : s + len(g)] = np.stack([a, b, c, d], axis=1)
-    return out
 
 
 def _assoc_cost(params, dims, node_config) -> list[dict[str, Any]]:
@@ -165,7 +146,7 @@ DP_ASSOC_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", 
 def dp_assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     cohort = load_cohort(node_config)
     case, keep = _binary_design(cohort, params)
-    counts = _allele_counts(cohort, arrays, case, keep)
+    counts = case_control_allele_counts(cohort, arrays, case, keep)
     sigma = _sigma_of(node_config)
     meta = {"n_cases": int(case.sum()), "n_controls": int((~case).sum()), "sigma": sigma,
             "l2_sensitivity": 2.0 * math.sqrt(max(len(counts), 1)), "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
@@ -173,17 +154,6 @@ def dp_assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arra
 
 
 # ----------------------------------------------------------------------------- top-k selection
-
-
-def allelic_chi2(counts: np.ndarray) -> np.ndarray:
-    """Allelic χ² (1 df, no continuity correction) per row of (a, b, c, d); 0 if a margin is 0."""
-    t = np.asarray(counts, dtype=np.float64)
-    a, b, c, d = t[:, 0], t[:, 1], t[:, 2], t[:, 3]
-    n = a + b + c + d
-    den = (a + b) * (c + d) * (a + c) * (b + d)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi = np.where(den > 0, n * (a * d - b * c) ** 2 / den, 0.0)
-    return chi
 
 
 STABILISE_EDGE = 0.05
@@ -241,7 +211,7 @@ def dp_topk_select(node_config: Mapping[str, Any], params: dict[str, Any], array
     if n_cases < 1 or n_controls < 1:
         raise FedgenError("this site has no cases or no controls for the phenotype")
     # A missing call counts as no copy of A1 (fixed denominators 2R, 2S): the bound holds per variant.
-    counts = _allele_counts(cohort, arrays, case, keep, missing_as_zero=True)
+    counts = case_control_allele_counts(cohort, arrays, case, keep, missing_as_zero=True)
     scores = selection_scores(counts, n_cases, n_controls)
     k = int(params["k"])
     eps0 = _positive(params, "epsilon_per_pick")

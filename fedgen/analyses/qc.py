@@ -135,6 +135,11 @@ def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
 def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
     """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
     cohort = load_cohort(node_config)
+    return {"counts": genotype_class_counts(cohort, arrays)}, {"n_samples": cohort.n_samples}
+
+
+def genotype_class_counts(cohort, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """(V, 4) int64: hom-REF, het, hom-ALT and missing counts of the requested variants."""
     idx, flip = _block_args(cohort, arrays)
     counts = np.empty((len(idx), 4), dtype=np.int64)
     for s in range(0, len(idx), SUB_BLOCK):  # bounded memory whatever the request size
@@ -143,4 +148,4 @@ def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arra
             counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
     if np.any(counts.sum(axis=1) != cohort.n_samples):
         raise FedgenError("internal check failed: genotype codes outside {0,1,2,missing}")
-    return {"counts": counts}, {"n_samples": cohort.n_samples}
+    return counts

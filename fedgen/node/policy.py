@@ -21,6 +21,7 @@ A policy may also be given inline (a mapping) in local runs: ``sites.<name>.poli
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from pathlib import Path
@@ -46,6 +47,12 @@ REQUIRED_KEYS = tuple(k for k in DEFAULTS if k not in OPTIONAL_KEYS)
 
 def known_analyses() -> set[str]:
     """Names of every analysis the installed fedgen can run at a site (its registry)."""
+    return set(_installed_analyses())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_analyses() -> frozenset[str]:
+    """The registry after importing every analysis module, once per process (the guard asks per message)."""
     import importlib
     import pkgutil
 
@@ -57,7 +64,7 @@ def known_analyses() -> set[str]:
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
         except Exception:  # noqa: BLE001 - an analysis module that cannot load offers nothing
             continue
-    return set(pkg.REGISTRY)
+    return frozenset(pkg.REGISTRY)
 
 
 def installed_version() -> str:

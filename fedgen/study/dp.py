@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,8 @@ import numpy as np
 
 from fedgen.errors import ConfigError, FedgenError
 from fedgen.federation.transport import Request, Transport
-from fedgen.study.runner import StudyContext, blockwise_sum, build_manifest, describe_sites, write_qc_outputs
-from fedgen.study.writers import atomic_write_json, atomic_write_text, publish_dir, staging_dir
+from fedgen.study.runner import StudyContext, blockwise_sum, run_published, write_qc_outputs
+from fedgen.study.writers import atomic_write_text
 
 log = logging.getLogger("fedgen.study")
 
@@ -93,139 +91,116 @@ def _budget(priv: dict[str, Any], *, assoc: bool, topk: bool) -> dict[str, float
 
 def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
     """Run a study whose every release is differentially private; publish results and manifest."""
-    import uuid
-
-    from fedgen.stats import assoc as assocstats
-    from fedgen.study.gwas import format_assoc, phenotype_kind, query_rows
-
-    t_start = time.time()
     priv = check_dp_plan(plan)
-    if not plan.get("study_id"):
-        plan = {**plan, "study_id": uuid.uuid4().hex}
-    ctx = StudyContext(plan, transport)
-    out = Path(plan["output_dir"]).resolve()
-    stage = staging_dir(out)
-    try:
-        with ctx.timed("describe_sites"):
-            info, aln = describe_sites(ctx)
-        phenos = list(plan.get("phenotypes") or [])
-        kinds = {ph: phenotype_kind(info, ph) for ph in phenos}
-        nonbinary = [ph for ph, k in kinds.items() if k != "binary"]
-        analyses = list(plan.get("analyses") or [])
-        want_assoc, want_topk = bool(phenos) and "assoc" in analyses, bool(phenos) and "topk" in analyses
-        if nonbinary and (want_assoc or want_topk):
-            raise ConfigError(
-                f"phenotype(s) {', '.join(nonbinary)} are not binary: under privacy=dp fedgen tests binary traits only "
-                "(allelic test)"
-            )
-        tested = phenos if (want_assoc or want_topk) else []
-        rho = _budget(priv, assoc=want_assoc, topk=want_topk)
-        V = len(aln)
-        releases: list[dict[str, Any]] = []
+    return run_published(plan, transport, lambda ctx, stage, info, aln: _dp_study(ctx, stage, info, aln, priv))
 
-        sigma_counts = math.sqrt(max(V, 1)) / math.sqrt(2 * rho["counts"])
-        log.info("DP genotype counts: %d variants, σ = %.1f per count (ρ = %.4g)", V, sigma_counts, rho["counts"])
-        with ctx.timed("dp_genotype_counts"):
-            noisy = blockwise_sum(ctx, "dp_genotype_counts", aln, key="counts", params={"sigma": sigma_counts},
-                                  label="DP genotype counts")
-        releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
-                         "rho": rho["counts"]})
-        counts = np.clip(noisy, 0, None).astype(np.int64)
-        ctx.notes.append(
-            f"privacy=dp: QC files come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count per site, negative "
-            "counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated for the noise"
+
+def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The releases of a DP study (see the module docstring); returns (results, manifest privacy)."""
+    from fedgen.stats import assoc as assocstats
+    from fedgen.privacy.mechanisms import sigma_for_rho
+    from fedgen.study.gwas import assoc_text, phenotype_kind, query_rows
+
+    plan = ctx.plan
+    phenos = list(plan.get("phenotypes") or [])
+    kinds = {ph: phenotype_kind(info, ph) for ph in phenos}
+    nonbinary = [ph for ph, k in kinds.items() if k != "binary"]
+    analyses = list(plan.get("analyses") or [])
+    want_assoc, want_topk = bool(phenos) and "assoc" in analyses, bool(phenos) and "topk" in analyses
+    if nonbinary and (want_assoc or want_topk):
+        raise ConfigError(
+            f"phenotype(s) {', '.join(nonbinary)} are not binary: under privacy=dp fedgen tests binary traits only "
+            "(allelic test)"
         )
-        results: dict[str, Any] = {}
-        with ctx.timed("write_qc"):
-            results.update(write_qc_outputs(stage, aln, counts, analyses=list(plan.get("analyses") or []), qc=plan.get("qc") or {}))
-        results["files"] = list(results["files"])
-        assoc_summary: dict[str, Any] = {}
-        k = priv["topk"]
-        for ph in tested:
-            rows = np.flatnonzero(results["qc_pass"])
-            if len(rows) == 0:
-                raise FedgenError(f"{ph}: no variant passes QC")
-            # A1 by the pooled noisy counts (post-processing): the minor allele
-            alt_ct = counts[:, 1] + 2 * counts[:, 2]
-            ref_ct = counts[:, 1] + 2 * counts[:, 0]
-            a1_ref = (alt_ct > ref_ct)[rows]
-            params = {"phenotype": ph, "kind": "binary", "covariates": []}
-            assoc_summary[ph] = {"kind": "binary"}
-            if want_assoc:
-                rho_a = rho["assoc"] / len(tested)
-                sigma_a = 2 * math.sqrt(len(rows)) / math.sqrt(2 * rho_a)
-                with ctx.timed(f"dp_assoc_counts.{ph}.all"):
-                    sums = query_rows(ctx, "dp_assoc_counts", aln, rows, a1_ref, {**params, "sigma": sigma_a})
-                c = np.clip(sums["counts"], 0, None)
-                r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
-                name = f"{ph}.assoc"
-                atomic_write_text(stage / name, _assoc_text(aln, rows, a1_ref, r, format_assoc))
-                results["files"].append(name)
-                releases.append({"release": f"{ph}: case/control allele counts of all QC-passing variants", "phenotype": ph,
-                                 "variants": len(rows), "sigma": sigma_a, "l2_sensitivity": 2 * math.sqrt(len(rows)), "rho": rho_a})
-                assoc_summary[ph]["assoc"] = {"test": "allelic chi-square on noisy counts", "tested": len(rows), "sigma": sigma_a}
-            if not want_topk:
-                continue
-            rho_sel = rho["select"] / len(tested)
-            rho_top = rho["topk"] / len(tested)
-            kk = min(k, len(rows))
-            eps0 = math.sqrt(8 * rho_sel / kk)
-            with ctx.timed(f"dp_topk_select.{ph}"):
-                picked, scales = _select(ctx, aln, rows, params, kk, eps0)
-            union = np.unique(np.concatenate(list(picked.values())))
-            U = len(union)
-            sigma_top = 2 * math.sqrt(U) / math.sqrt(2 * rho_top)
-            with ctx.timed(f"dp_assoc_counts.{ph}.topk"):
-                sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top})
+    tested = phenos if (want_assoc or want_topk) else []
+    rho = _budget(priv, assoc=want_assoc, topk=want_topk)
+    V = len(aln)
+    releases: list[dict[str, Any]] = []
+
+    sigma_counts = sigma_for_rho(math.sqrt(max(V, 1)), rho["counts"])
+    log.info("DP genotype counts: %d variants, σ = %.1f per count (ρ = %.4g)", V, sigma_counts, rho["counts"])
+    with ctx.timed("dp_genotype_counts"):
+        noisy = blockwise_sum(ctx, "dp_genotype_counts", aln, key="counts", params={"sigma": sigma_counts},
+                              label="DP genotype counts")
+    releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
+                     "rho": rho["counts"]})
+    counts = np.clip(noisy, 0, None).astype(np.int64)
+    ctx.notes.append(
+        f"privacy=dp: QC files come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count per site, negative "
+        "counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated for the noise"
+    )
+    results: dict[str, Any] = {}
+    with ctx.timed("write_qc"):
+        results.update(write_qc_outputs(stage, aln, counts, analyses=list(plan.get("analyses") or []), qc=plan.get("qc") or {}))
+    results["files"] = list(results["files"])
+    assoc_summary: dict[str, Any] = {}
+    k = priv["topk"]
+    for ph in tested:
+        rows = np.flatnonzero(results["qc_pass"])
+        if len(rows) == 0:
+            raise FedgenError(f"{ph}: no variant passes QC")
+        # A1 by the pooled noisy counts (post-processing): the minor allele
+        alt_ct = counts[:, 1] + 2 * counts[:, 2]
+        ref_ct = counts[:, 1] + 2 * counts[:, 0]
+        a1_ref = (alt_ct > ref_ct)[rows]
+        params = {"phenotype": ph, "kind": "binary", "covariates": []}
+        assoc_summary[ph] = {"kind": "binary"}
+        if want_assoc:
+            rho_a = rho["assoc"] / len(tested)
+            sigma_a = sigma_for_rho(2 * math.sqrt(len(rows)), rho_a)
+            with ctx.timed(f"dp_assoc_counts.{ph}.all"):
+                sums = query_rows(ctx, "dp_assoc_counts", aln, rows, a1_ref, {**params, "sigma": sigma_a})
             c = np.clip(sums["counts"], 0, None)
             r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
-            order = np.argsort(-np.where(np.isfinite(r["chisq"]), r["chisq"], -1.0), kind="stable")[:kk]
-            sel_rows = rows[union][order]
-            rr = {key: np.asarray(v)[order] for key, v in r.items()}
-            name = f"{ph}.dp_topk.assoc"
-            atomic_write_text(stage / name, _assoc_text(aln, sel_rows, a1_ref[union][order], rr, format_assoc))
+            name = f"{ph}.assoc"
+            atomic_write_text(stage / name, assoc_text(aln, rows, a1_ref, r))
             results["files"].append(name)
-            releases += [
-                {"release": f"{ph}: top-k selection", "phenotype": ph, "k": kk, "epsilon_per_pick": eps0, "rho": rho_sel,
-                 "gumbel_scale": scales},
-                {"release": f"{ph}: case/control allele counts of selected variants", "phenotype": ph, "variants": U,
-                 "sigma": sigma_top, "l2_sensitivity": 2 * math.sqrt(U), "rho": rho_top},
-            ]
-            assoc_summary[ph].update({
-                "test": "DP top-k allelic chi-square",
-                "k": kk,
-                "candidates": U,
-                "top_hits": [
-                    {"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]),
-                     "chisq": float(rr["chisq"][j]), "p": float(rr["p"][j])}
-                    for j, i in enumerate(sel_rows.tolist())
-                ],
-            })
-            log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
-                     ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
-        results["association"] = {"phenotypes": assoc_summary, "files": []}
-        with ctx.timed("plots"):
-            from fedgen.results.plots import qc_plots
-
-            results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
-        manifest = build_manifest(plan, ctx, info, aln, results, t_start)
-        manifest["privacy"] = {**priv, "rho_total": rho["total"], "releases": releases,
-                               "public": "variant lists and numbers of samples, cases and controls per site"}
-        atomic_write_json(stage / "manifest.json", manifest)
-        publish_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    log.info("results written to %s", out)
-    return manifest
-
-
-def _assoc_text(aln, rows: np.ndarray, a1_ref: np.ndarray, r: dict[str, np.ndarray], format_assoc) -> str:
-    ref, alt = aln.ref[rows].tolist(), aln.alt[rows].tolist()
-    flip = np.asarray(a1_ref).tolist()
-    a1 = [rf if f else a for rf, a, f in zip(ref, alt, flip)]
-    a2 = [a if f else rf for rf, a, f in zip(ref, alt, flip)]
-    return format_assoc(aln.chrom[rows].tolist(), aln.ids[rows].tolist(), aln.pos[rows].tolist(), a1, a2, r)
+            releases.append({"release": f"{ph}: case/control allele counts of all QC-passing variants", "phenotype": ph,
+                             "variants": len(rows), "sigma": sigma_a, "l2_sensitivity": 2 * math.sqrt(len(rows)), "rho": rho_a})
+            assoc_summary[ph]["assoc"] = {"test": "allelic chi-square on noisy counts", "tested": len(rows), "sigma": sigma_a}
+        if not want_topk:
+            continue
+        rho_sel = rho["select"] / len(tested)
+        rho_top = rho["topk"] / len(tested)
+        kk = min(k, len(rows))
+        eps0 = math.sqrt(8 * rho_sel / kk)
+        with ctx.timed(f"dp_topk_select.{ph}"):
+            picked, scales = _select(ctx, aln, rows, params, kk, eps0)
+        union = np.unique(np.concatenate(list(picked.values())))
+        U = len(union)
+        sigma_top = sigma_for_rho(2 * math.sqrt(U), rho_top)
+        with ctx.timed(f"dp_assoc_counts.{ph}.topk"):
+            sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top})
+        c = np.clip(sums["counts"], 0, None)
+        r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+        order = np.argsort(-np.where(np.isfinite(r["chisq"]), r["chisq"], -1.0), kind="stable")[:kk]
+        sel_rows = rows[union][order]
+        rr = {key: np.asarray(v)[order] for key, v in r.items()}
+        name = f"{ph}.dp_topk.assoc"
+        atomic_write_text(stage / name, assoc_text(aln, sel_rows, a1_ref[union][order], rr))
+        results["files"].append(name)
+        releases += [
+            {"release": f"{ph}: top-k selection", "phenotype": ph, "k": kk, "epsilon_per_pick": eps0, "rho": rho_sel,
+             "gumbel_scale": scales},
+            {"release": f"{ph}: case/control allele counts of selected variants", "phenotype": ph, "variants": U,
+             "sigma": sigma_top, "l2_sensitivity": 2 * math.sqrt(U), "rho": rho_top},
+        ]
+        assoc_summary[ph].update({
+            "test": "DP top-k allelic chi-square",
+            "k": kk,
+            "candidates": U,
+            "top_hits": [
+                {"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]),
+                 "chisq": float(rr["chisq"][j]), "p": float(rr["p"][j])}
+                for j, i in enumerate(sel_rows.tolist())
+            ],
+        })
+        log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
+                 ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
+    results["association"] = {"phenotypes": assoc_summary, "files": []}
+    privacy = {**priv, "rho_total": rho["total"], "releases": releases,
+               "public": "variant lists and numbers of samples, cases and controls per site"}
+    return results, {"privacy": privacy}
 
 
 def _select(

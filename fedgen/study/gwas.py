@@ -241,10 +241,7 @@ def _covariates_separated(ctx, params) -> bool:
     """
     if not params["covariates"] and not params["site_columns"] and not params.get("pcs"):
         return False
-    refusing = sorted(
-        s for s, r in getattr(ctx, "site_info", {}).items()
-        if "covar_ranges" not in ((r.meta.get("policy") or {}).get("allowed_analyses") or ["covar_ranges"])
-    )
+    refusing = ctx.sites_not_allowing("covar_ranges")
     if refusing:
         note = (
             f"{params['phenotype']}: PLINK's covariate-separation check was skipped: the policy of site(s) "
@@ -319,12 +316,17 @@ def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> str:
     c = sums["counts"]
     r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
     name = f"{params['phenotype']}.assoc"
-    ref, alt = aln.ref[rows].tolist(), aln.alt[rows].tolist()
-    a1 = [rf if f else a for rf, a, f in zip(ref, alt, a1_ref.tolist())]
-    a2 = [a if f else rf for rf, a, f in zip(ref, alt, a1_ref.tolist())]
-    text = format_assoc(aln.chrom[rows].tolist(), aln.ids[rows].tolist(), aln.pos[rows].tolist(), a1, a2, r)
-    atomic_write_text(out / name, text)
+    atomic_write_text(out / name, assoc_text(aln, rows, a1_ref, r))
     return name
+
+
+def assoc_text(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, r: dict[str, np.ndarray]) -> str:
+    """The ``.assoc`` text of study variants ``rows`` with A1 = REF where ``a1_ref``."""
+    ref, alt = aln.ref[rows].tolist(), aln.alt[rows].tolist()
+    flip = np.asarray(a1_ref).tolist()
+    a1 = [rf if f else a for rf, a, f in zip(ref, alt, flip)]
+    a2 = [a if f else rf for rf, a, f in zip(ref, alt, flip)]
+    return format_assoc(aln.chrom[rows].tolist(), aln.ids[rows].tolist(), aln.pos[rows].tolist(), a1, a2, r)
 
 
 def format_assoc(chrom: list[str], snp: list[str], bp: list[int], a1: list[str], a2: list[str], r: dict[str, np.ndarray]) -> str:

@@ -380,10 +380,7 @@ def run_pca(
     if norm_err > 1e-6:
         notes.append(f"PC score vectors deviate from unit norm by up to {norm_err:.1e}")
 
-    refusing = sorted(
-        s for s, r in getattr(ctx, "site_info", {}).items()
-        if "pca_histograms" not in ((r.meta.get("policy") or {}).get("allowed_analyses") or ["pca_histograms"])
-    )
+    refusing = ctx.sites_not_allowing("pca_histograms")
     if refusing or any("hist1d" not in r.arrays for r in replies.values()):
         note = (f"per-site PC histograms (plots/pca_sites.png) skipped: the policy of site(s) {', '.join(refusing)} does "
                 "not allow pca_histograms")

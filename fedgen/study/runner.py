@@ -62,6 +62,13 @@ class StudyContext:
                 self.privacy_releases.append({"site": site, "analysis": request.analysis, **priv})
         return replies
 
+    def sites_not_allowing(self, analysis: str) -> list[str]:
+        """Sites whose policy (as their ``site_info`` reported it) does not allow ``analysis``."""
+        return sorted(
+            s for s, r in self.site_info.items()
+            if analysis not in ((r.meta.get("policy") or {}).get("allowed_analyses") or [analysis])
+        )
+
     def timed(self, name: str) -> "_Timer":
         return _Timer(self, name)
 
@@ -163,6 +170,17 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         from fedgen.study.dp import run_dp_plan
 
         return run_dp_plan(plan, transport)
+    return run_published(plan, transport, _exact_study)
+
+
+def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict[str, Any]:
+    """The frame every study runs in: describe the sites, run ``body``, write the manifest, publish.
+
+    ``body(ctx, stage, info, aln)`` writes its files into the staging folder ``stage`` and
+    returns ``(results, manifest_extra)``; results go to :func:`build_manifest`, and
+    ``manifest_extra`` updates the manifest. Results are published atomically: on any failure
+    the staging folder is removed and an earlier results folder stays as it was.
+    """
     t_start = time.time()
     if not plan.get("study_id"):
         plan = {**plan, "study_id": uuid.uuid4().hex}
@@ -172,26 +190,12 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
     try:
         with ctx.timed("describe_sites"):
             info, aln = describe_sites(ctx)
-        results: dict[str, Any] = {}
-        analyses = list(plan.get("analyses") or ["freq", "missing", "hardy"])
-        with ctx.timed("genotype_counts"):
-            counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
-        with ctx.timed("write_qc"):
-            results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
-        if plan.get("pca") is not None:
-            from fedgen.study.pca import run_pca
-
-            with ctx.timed("pca"):
-                results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"], stage, info=info)
-            results["files"] += results["pca"]["files"]
-        association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
-        results["files"] += association.pop("files")
-        results["association"] = association
+        results, extra = body(ctx, stage, info, aln)
         with ctx.timed("plots"):
             from fedgen.results.plots import qc_plots
 
             results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
-        manifest = build_manifest(plan, ctx, info, aln, results, t_start)
+        manifest = {**build_manifest(plan, ctx, info, aln, results, t_start), **extra}
         atomic_write_json(stage / "manifest.json", manifest)
         publish_dir(stage, out)
     except BaseException:
@@ -199,6 +203,27 @@ def run_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
         raise
     log.info("results written to %s", out)
     return manifest
+
+
+def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Alignment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """QC, PCA and association with exact (federated == pooled) statistics."""
+    plan = ctx.plan
+    results: dict[str, Any] = {}
+    analyses = list(plan.get("analyses") or ["freq", "missing", "hardy"])
+    with ctx.timed("genotype_counts"):
+        counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
+    with ctx.timed("write_qc"):
+        results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
+    if plan.get("pca") is not None:
+        from fedgen.study.pca import run_pca
+
+        with ctx.timed("pca"):
+            results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"], stage, info=info)
+        results["files"] += results["pca"]["files"]
+    association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
+    results["files"] += association.pop("files")
+    results["association"] = association
+    return results, {}
 
 
 def run_association_step(
