@@ -26,9 +26,22 @@ CONVENTIONS: list[dict[str, Any]] = [
 ]
 
 
+#: The permissive site policy under which results equal pooled PLINK 2 exactly (with the plan's
+#: ``missing: drop``): no small-cell or sample-set rules. Tests of the default policy pass
+#: ``policy=None`` to :func:`split_sites`.
+PLINK_EXACT_POLICY: dict[str, Any] = {
+    "min_count": 1,
+    "min_cell": 1,
+    "allow_per_variant_sample_sets": True,
+    "pca_rank_per_study": 1000.0,
+    "pca_rank_lifetime": 1e6,
+}
+
+
 def split_sites(
-    data: SynthData, tmp: Path, fractions: list[float], *, seed: int = 0, conventions: list[dict[str, Any]] | None = None
-) -> dict[str, dict[str, str]]:
+    data: SynthData, tmp: Path, fractions: list[float], *, seed: int = 0, conventions: list[dict[str, Any]] | None = None,
+    policy: dict[str, Any] | None = PLINK_EXACT_POLICY,
+) -> dict[str, Any]:
     """Split the pooled samples into sites (uneven sizes, shuffled) and write each site's files."""
     rng = np.random.default_rng(seed)
     n = len(data.samples)
@@ -49,6 +62,8 @@ def split_sites(
         write_vcf(data, vcf, cols=np.sort(cols), shuffle_samples=seed + k, swap_rows=swap_rows, seed=seed + k, **conv)
         write_samples(data, d / "samples.tsv", cols, extra_ids=k, binary_12=bool(k % 2))
         node_configs[site] = {"site": site, "vcf": str(vcf), "samples": str(d / "samples.tsv"), "state_dir": str(d / "state")}
+        if policy is not None:
+            node_configs[site]["policy"] = dict(policy)
     return node_configs
 
 
@@ -61,6 +76,7 @@ def qc_plan(out: Path, sites: list[str], **kw: Any) -> dict[str, Any]:
         "qc": {"maf": 0.01, "geno": 0.1, "hwe": 1e-6},
         "block_size": 97,
         "federation": "inprocess",
+        "missing": "drop",  # PLINK 2's per-variant drop: results equal pooled PLINK 2
     }
     plan.update(kw)
     return plan

@@ -56,12 +56,26 @@ def allow_histograms(nodes) -> None:
     from fedgen.node.policy import known_analyses
 
     for nc in nodes.values():
-        nc.setdefault("policy", json.dumps({"allowed_analyses": sorted(known_analyses())}))
+        pol = nc.get("policy")
+        pol = json.loads(pol) if isinstance(pol, str) else dict(pol or {})
+        pol.setdefault("allowed_analyses", sorted(known_analyses()))
+        nc["policy"] = pol
+
+
+def site_freq(nodes, idx) -> np.ndarray:
+    """Pooled ALT frequency of site variants ``idx`` (same order at every site in these fixtures)."""
+    alt = obs = 0
+    for nc in nodes.values():
+        g = load_cohort(nc).block(np.asarray(idx))
+        alt = alt + np.where(g >= 0, g, 0).sum(1)
+        obs = obs + 2 * (g >= 0).sum(1)
+    return alt / obs
 
 
 def federated_pca(nodes, out: Path, pca: dict, *, study_id: str = "study1", block_size: int = 65536, **plan):
     """Describe sites, count genotypes, run the PCA (QC filters off: PLINK ran --maf only)."""
     allow_histograms(nodes)
+    plan = {"missing": "drop", **plan}
     ctx = StudyContext({"study_id": study_id, "pca": pca, "block_size": block_size, "output_dir": str(out), **plan},
                        InProcessTransport(nodes))
     info, aln = describe_sites(ctx)
@@ -339,7 +353,7 @@ class WireTransport(InProcessTransport):
         replies = {}
         for site, cfg in self._configs.items():
             analysis, params, arrays = decode_request(encode_request(request.analysis, request.params, request.arrays_for(site)))
-            out, meta = execute(cfg, analysis, params, arrays)
+            out, meta = execute(cfg, analysis, params, arrays, context={"study_id": request.study_id})
             arrays_back, meta_back, nbytes = decode_reply(encode_reply(out, meta))
             replies[site] = Reply(site=site, arrays=arrays_back, meta=meta_back, nbytes=nbytes)
         return replies
@@ -347,7 +361,7 @@ class WireTransport(InProcessTransport):
 
 def test_pca_messages_survive_flower_wire_format(tmp_path):
     nodes = split_sites(fixture_data("ld"), tmp_path / "sites", [0.5, 0.5], seed=2)
-    plan = {"study_id": "wire", "block_size": 400, "output_dir": str(tmp_path / "out"),
+    plan = {"study_id": "wire", "block_size": 400, "output_dir": str(tmp_path / "out"), "missing": "drop",
             "pca": {"k": 4, "ld_prune": {"window": 30, "step": 5, "r2": 0.3}}}
     ctx = StudyContext(plan, WireTransport(nodes))
     info, aln = describe_sites(ctx)
@@ -362,7 +376,7 @@ def test_pca_messages_survive_flower_wire_format(tmp_path):
 def test_blocked_protocol_rejects_out_of_order_blocks(tmp_path):
     nodes = split_sites(fixture_data("small"), tmp_path / "sites", [0.6, 0.4], seed=1)
     nc = next(iter(nodes.values()))
-    arr = {"idx": np.arange(5), "flip": np.zeros(5, np.uint8), "freq": np.full(5, 0.3), "basis": np.ones((5, 2))}
+    arr = {"idx": np.arange(5), "flip": np.zeros(5, np.uint8), "freq": site_freq(nodes, np.arange(5)), "basis": np.ones((5, 2))}
     common = {"study_id": "x", "round": 0, "n_blocks": 3, "phase": "project"}
     with pytest.raises(FedgenError, match="without the blocks before it"):
         execute(nc, "pca_product", {**common, "block": 1}, arr)
@@ -389,7 +403,10 @@ def test_federated_ld_prune_equals_plink_indep_pairwise(tmp_path, fractions):
     ours = {f"{r[0]}:{r[1]}" for r in rows}
     theirs = set((PCA_DATA / "ld.prune.in").read_text().split())
     assert ours == theirs
-    assert summary["selection"]["ld_pruned_kept"] == len(theirs) and summary["rounds"]["ld_prune"] == 5
+    # one request per contig segment of at most 300 - 49 first variants (sites answer one contig per request)
+    chrom = [line.split("\t")[0] for line in (tmp_path / "out" / "pca.variants.tsv").read_text().splitlines()[1:]]
+    assert summary["selection"]["ld_pruned_kept"] == len(theirs)
+    assert summary["rounds"]["ld_prune"] >= len(set(chrom))
     assert_matches_plink(summary, nodes, PCA_DATA / "ld.approx")
 
 
@@ -432,14 +449,15 @@ def test_scores_stay_at_sites_and_replies_have_no_samples_axis(tmp_path):
     from fedgen.federation.transport import Request
 
     idx = {s: {"idx": np.arange(40), "flip": np.zeros(40, np.uint8)} for s in nodes}
-    common = {"freq": np.full(40, 0.3), "basis": np.ones((40, 3))}
+    common = {"freq": site_freq(nodes, np.arange(40)), "basis": np.ones((40, 3))}
     for name, params, arrays in [
         ("pca_product", {}, common),
         ("ld_pair_sums", {"n_first": 30, "window": 5}, {}),
         ("pca_scores", {"study_id": "t2", "theta": [1.0, 2.0, 3.0]}, {"freq": common["freq"], "loadings": common["basis"]}),
         ("pca_histograms", {"study_id": "t2", "pairs": [[0, 1]], "ranges": [[[-1, 1], [-1, 1]]], "bins": 12}, {}),
     ]:
-        reps = tr.query(Request(name, params=params, arrays=arrays, per_site_arrays=idx if name != "pca_histograms" else {}))
+        reps = tr.query(Request(name, params=params, arrays=arrays, per_site_arrays=idx if name != "pca_histograms" else {},
+                                study_id="t2"))
         shapes = {s: {k: a.shape for k, a in r.arrays.items()} for s, r in reps.items()}
         assert len({json.dumps(v, sort_keys=True) for v in shapes.values()}) == 1, (name, shapes)
         for s, r in reps.items():
@@ -469,14 +487,21 @@ def test_site_refuses_bad_requests(tmp_path):
     nodes = split_sites(fixture_data("small"), tmp_path / "sites", [0.8, 0.2], seed=1)
     nc = next(iter(nodes.values()))
     idx = {"idx": np.arange(5), "flip": np.zeros(5, np.uint8)}
+    f = site_freq(nodes, np.arange(5))
     with pytest.raises(FedgenError, match="freq"):
-        execute(nc, "pca_product", {}, {**idx, "basis": np.ones((5, 2))})
+        execute(nc, "pca_product", {}, {**idx, "basis": np.ones((5, 2))}, context={"study_id": "ok"})
     with pytest.raises(FedgenError, match="basis"):
-        execute(nc, "pca_product", {}, {**idx, "freq": np.full(5, 0.2), "basis": np.ones((4, 2))})
+        execute(nc, "pca_product", {}, {**idx, "freq": f, "basis": np.ones((4, 2))}, context={"study_id": "ok"})
     with pytest.raises(FedgenError, match="safe file name"):
-        execute(nc, "pca_scores", {"study_id": "../../x", "theta": [1.0]}, {**idx, "freq": np.full(5, 0.2), "loadings": np.ones((5, 1))})
+        execute(nc, "pca_scores", {"study_id": "../../x", "theta": [1.0]}, {**idx, "freq": f, "loadings": np.ones((5, 1))})
+    with pytest.raises(FedgenError, match="answered no PCA for this study"):
+        execute(nc, "pca_scores", {"study_id": "ok", "theta": [1.0]}, {**idx, "freq": f, "loadings": np.ones((5, 1))})
+    execute(nc, "pca_product", {}, {**idx, "freq": f, "basis": np.ones((5, 1))}, context={"study_id": "ok"})
     with pytest.raises(FedgenError, match="theta"):
-        execute(nc, "pca_scores", {"study_id": "ok", "theta": [0.0]}, {**idx, "freq": np.full(5, 0.2), "loadings": np.ones((5, 1))})
+        execute(nc, "pca_scores", {"study_id": "ok", "theta": [0.0]}, {**idx, "freq": f, "loadings": np.ones((5, 1))})
+    with pytest.raises(FedgenError, match="not consistent with this site's data"):  # crafted frequencies
+        execute(nc, "pca_product", {}, {**idx, "freq": np.clip(1 - f, 0.001, 0.999), "basis": np.ones((5, 1))},
+                context={"study_id": "ok2"})
 
 
 def test_too_few_variants_is_a_clear_error(tmp_path):
@@ -488,7 +513,7 @@ def test_too_few_variants_is_a_clear_error(tmp_path):
 def test_site_with_too_few_samples_refuses(tmp_path):
     data = fixture_data("small")
     nodes = split_sites(data, tmp_path / "sites", [0.97, 0.03], seed=1)  # 6 samples at site2
-    with pytest.raises(SiteError, match="rest on 6 samples at this site, fewer than its policy.s min_count of 10"):
+    with pytest.raises(SiteError, match="site2: this site has too few analysed samples for PCA"):
         federated_pca(nodes, tmp_path / "out", {"k": 4})
 
 

@@ -9,7 +9,9 @@ import numpy as np
 from fedgen.analyses.spec import Spec
 from fedgen.errors import FedgenError
 
-Partial = Callable[[Mapping[str, Any], dict[str, Any], dict[str, np.ndarray]], tuple[dict[str, np.ndarray], dict[str, Any]]]
+#: an analysis: (the site's cohort, or None for analyses that need none; the typed request)
+#: -> (named arrays, sums over the site's samples with no samples axis; JSON-able metadata)
+Partial = Callable[[Any, Any], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 REGISTRY: dict[str, Partial] = {}
 SPECS: dict[str, Spec] = {}
@@ -34,17 +36,17 @@ def execute(
     *,
     context: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run one registered analysis step at a site, through the site's egress guard.
+    """Run one request at a site through the site pipeline (:mod:`fedgen.site.pipeline`).
 
     ``node_config`` is the site's own configuration (site name, vcf, samples, state_dir,
     policy); the request cannot change it. ``context`` carries run/study ids and the message
     type for the audit log. Returns named arrays (sums over the site's samples, no samples
-    axis) and JSON-able metadata. Raises :class:`FedgenError` with a user-facing message on
-    refusal (:class:`fedgen.site.guard.Refused`) or bad input.
+    axis) and JSON-able metadata. Raises :class:`fedgen.site.pipeline.Refused` (a
+    :class:`FedgenError`) with a reason that carries no counts on any refusal or failure.
     """
-    from fedgen.site.guard import answer
+    from fedgen.site.pipeline import handle
 
-    return answer(node_config, analysis, params, arrays, context=context)
+    return handle(node_config, analysis, params, arrays, context=context)
 
 
 def _load_builtin() -> None:

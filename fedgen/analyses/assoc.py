@@ -7,8 +7,11 @@
 * ``glm_firth``: information, log-likelihood and (given the pooled I⁻¹) Firth's modified score.
 
 The design (phenotype, covariates) is rebuilt from the request parameters each time; samples
-with a missing phenotype or covariate are left out, and per variant those with a missing call.
-No array has a samples axis.
+with a missing phenotype or covariate are left out. A missing call is, by default
+(``missing: "impute"``), imputed with the site's own mean A1 dosage of that variant, so every
+row of a phenotype rests on one sample set; ``missing: "drop"`` leaves the sample out of that
+variant's sums as PLINK 2 does, and only sites whose policy sets
+``allow_per_variant_sample_sets`` answer it. No array has a samples axis.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedgen.analyses import register
-from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_rows
+from fedgen.analyses.spec import AnalysisRequest, Rules, Spec, arr, cell_rule, meta_count
 from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
-from fedgen.cohort.cohort import Cohort, load_cohort
+from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
 from fedgen.stats import glm
@@ -91,7 +94,30 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
         p += n
     if p > MAX_PREDICTORS:
         raise ValueError(f"the model would have {p} predictors (at most {MAX_PREDICTORS})")
+    if params.get("missing", "impute") not in MISSING_MODES:
+        raise ValueError("'missing' must be 'impute' or 'drop'")
     return p
+
+
+MISSING_MODES = ("impute", "drop")
+
+
+def missing_mode(req: AnalysisRequest) -> str:
+    """The request's handling of missing calls (see the module docstring)."""
+    return str(req.params.get("missing", "impute"))
+
+
+def check_missing_mode(cohort: Any, req: AnalysisRequest) -> None:
+    """``missing: drop`` (per-variant sample sets) only where the site's policy allows it.
+
+    Route closed: a per-variant sample set that varies with missing calls turns V rows into V
+    equations in the samples' phenotypes and covariates (a tracker).
+    """
+    if missing_mode(req) == "drop" and not req.rules.allow_per_variant_sample_sets:
+        raise FedgenError(
+            f"{req.analysis}: missing: drop gives every variant its own sample set, which this site's policy does "
+            "not allow (allow_per_variant_sample_sets); run the study with study.glm.missing: impute"
+        )
 
 
 def _glm_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
@@ -103,7 +129,7 @@ def _covar_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> di
     return {"c": design_predictors(params, str(node_config.get("site", ""))) - 2}
 
 
-def _check_indicator_cells(params: dict[str, Any], C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
+def _check_indicator_cells(params: Mapping[str, Any], C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
     """Each categorical level must hold at least min_count of the samples used, and so must its complement."""
     col = 0
     n = int(keep.sum())
@@ -117,23 +143,22 @@ def _check_indicator_cells(params: dict[str, Any], C: np.ndarray, keep: np.ndarr
         cells = [*counts.tolist(), base]
         if any(0 < c < min_count or 0 < n - c < min_count for c in cells):
             raise FedgenError(
-                f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count of {min_count} "
+                f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count "
                 "of the samples analysed (or all but fewer than that); merge or recode its categories"
             )
         col += k
 
 
-def _design(cohort: Cohort, params: dict[str, Any], node_config: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phenotype, covariates and the samples used (phenotype and every covariate present)."""
     try:
         design_predictors(params, cohort.site)
     except ValueError as exc:
         raise FedgenError(f"bad design parameters: {exc}") from None
     phenotype = str(params["phenotype"])
     kind = str(params["kind"])
-    if node_config is not None:
-        from fedgen.site.guard import check_columns
-
-        check_columns(node_config, [phenotype, *(cv["name"] for cv in params.get("covariates") or [])])
+    if rules is not None:
+        rules.check_columns([phenotype, *(cv["name"] for cv in params.get("covariates") or [])])
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
     y, C, keep = build_design(
         cohort.table.columns,
@@ -148,16 +173,19 @@ def _design(cohort: Cohort, params: dict[str, Any], node_config: Mapping[str, An
     if spec:  # this site's own PC scores from the study's federated PCA (they never left it)
         from fedgen.cohort.pcs import load_site_pcs
 
-        X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]))
+        X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]), state_dir=rules.state_dir if rules else None)
         C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
-    if node_config is not None:
-        from fedgen.site.guard import site_min_count
-
-        _check_indicator_cells(params, C, keep, site_min_count(node_config))
+    if rules is not None:
+        _check_indicator_cells(params, C, keep, rules.min_count)
     return y, C, keep
 
 
-DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs"})
+def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
+    """The sample set a design-based aggregate rests on (for the site's sample-set register)."""
+    return [_design(cohort, req.params, req.rules)[2]]
+
+
+DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing"})
 MAX_PREDICTORS = 128
 MAX_LEVELS = 50
 
@@ -171,33 +199,60 @@ MAX_LEVELS = 50
         limits={"c": 4096},
         meta=frozenset({"n_min"}),
         contributors=meta_count("n_min"),
+        sample_sets=lambda cohort, req: [~np.isnan(x) for x in _covariate_values(cohort, req)],
         doc="per numeric covariate: sum, sum of squares, count",
     ),
 )
-def covar_moments(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def covar_moments(cohort: Any, req: AnalysisRequest):
     """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
-    cohort = load_cohort(node_config)
-    names = list(params.get("names") or [])
-    from fedgen.site.guard import check_columns
-
-    check_columns(node_config, names)
-    out = np.zeros((len(names), 3))
-    for j, name in enumerate(names):
-        vals = [cohort.table.require(name)[i] for i in cohort.table_rows.tolist()]
-        x = _numeric(vals)
-        if x is None:
-            raise FedgenError(f"{cohort.table.path}: covariate {name!r} is not numeric at this site")
+    values = _covariate_values(cohort, req)
+    out = np.zeros((len(values), 3))
+    for j, x in enumerate(values):
         x = x[~np.isnan(x)]
         out[j] = (x.sum(), (x * x).sum(), len(x))
     present = out[:, 2][out[:, 2] > 0]  # a covariate absent at this site reveals nothing
     return {"moments": out}, {"n_min": int(present.min()) if len(present) else cohort.n_samples}
 
 
-def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
+def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
+    names = req.params.get("names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FedgenError("covar_moments: 'names' must be a list of column names")
+    req.rules.check_columns(names)
+    out = []
+    for name in names:
+        vals = [cohort.table.require(name)[i] for i in cohort.table_rows.tolist()]
+        x = _numeric(vals)
+        if x is None:
+            raise FedgenError(f"{cohort.table.path}: covariate {name!r} is not numeric at this site")
+        out.append(x)
+    return out
+
+
+def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarray, *, impute: bool):
+    """Per sub-block: (offset, A1 dosages of the kept samples, imputation values or None, cells).
+
+    ``cells`` (rows, 2): carriers and non-carriers of A1 among the kept samples with a call.
+    The imputation value of a variant is the site's mean A1 dosage over all its analysed samples
+    with a call (0 when none): a fixed function of the site's data, never a request parameter
+    (an aggregator-chosen value would let two requests difference out the imputed people).
+    """
     idx, flip = _block_args(cohort, arrays)
     for s in range(0, len(idx), SUB_BLOCK):
-        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
-        yield s, g[:, keep]
+        full = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        g = full[:, keep]
+        fill = None
+        if impute:
+            called = full >= 0
+            n_called = called.sum(1)
+            tot = np.where(called, full, 0).sum(1, dtype=np.int64)
+            fill = np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0)
+        carriers = np.count_nonzero(g > 0, axis=1)
+        non = np.count_nonzero(g == 0, axis=1)
+        yield s, g, fill, np.stack([carriers, non], axis=1)
+
+
+ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
 
 
 @register(
@@ -205,26 +260,55 @@ def _genotypes(cohort: Cohort, arrays: dict[str, np.ndarray], keep: np.ndarray):
     Spec(
         params=DESIGN_PARAMS,
         inputs=VARIANT_INPUTS,
-        outputs={"counts": arr("i8", "v", 4)},
+        outputs={"counts": arr("i8|f8", "v", 4), **ROW_OUTPUTS},
         meta=frozenset({"n_cases", "n_controls", "suppressed"}),
         contributors=meta_count("n_cases", "n_controls"),
-        suppress=suppress_small_variant_rows(
-            lambda out: np.minimum(out["counts"][:, 0] + out["counts"][:, 1], out["counts"][:, 2] + out["counts"][:, 3]) // 2
-        ),
+        suppress=cell_rule(),
+        sample_sets=lambda cohort, req: design_sample_set(cohort, _no_covariates(req)),
+        validate=check_missing_mode,
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
 )
-def assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1)."""
-    cohort = load_cohort(node_config)
-    y, _, keep = _design(cohort, {**params, "covariates": []}, node_config)
+def assoc_counts(cohort: Any, req: AnalysisRequest):
+    """(V, 4): A1 alleles in cases, A2 in cases, A1 in controls, A2 in controls (dosage = A1).
+
+    With ``missing: impute`` a missing call adds its imputed dosage (counts are then float).
+    """
+    req = _no_covariates(req)
+    y, _, keep = _design(cohort, req.params, req.rules)
     case = y[keep] == 1
-    out = case_control_allele_counts(cohort, arrays, case, keep)
-    return {"counts": out}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+    idx = np.asarray(req.arrays.get("idx", []))
+    impute = missing_mode(req) == "impute"
+    out = np.zeros((len(idx), 4), dtype=np.float64 if impute else np.int64)
+    cells = np.zeros((len(idx), 2), dtype=np.int64)
+    for s, g, fill, c in _genotypes(cohort, req.arrays, keep, impute=impute):
+        cells[s : s + len(g)] = c
+        out[s : s + len(g)] = _allele_counts(g, case, fill)
+    return {"counts": out, "_cells": cells}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+
+
+def _no_covariates(req: AnalysisRequest) -> AnalysisRequest:
+    from dataclasses import replace
+
+    return replace(req, params={**req.params, "covariates": [], "site_columns": {}, "pcs": None})
+
+
+def _allele_counts(g: np.ndarray, case: np.ndarray, fill: np.ndarray | None, *, missing_as_zero: bool = False) -> np.ndarray:
+    if fill is not None:
+        d = np.where(g >= 0, g, fill[:, None])
+        a, c = d[:, case].sum(1), d[:, ~case].sum(1)
+        return np.stack([a, 2.0 * case.sum() - a, c, 2.0 * (~case).sum() - c], axis=1)
+    ok = np.ones(g.shape, bool) if missing_as_zero else g >= 0
+    gc = np.where(g >= 0, g, 0).astype(np.int64)
+    a = gc[:, case].sum(1)
+    b = 2 * ok[:, case].sum(1) - a
+    c = gc[:, ~case].sum(1)
+    d = 2 * ok[:, ~case].sum(1) - c
+    return np.stack([a, b, c, d], axis=1)
 
 
 def case_control_allele_counts(
-    cohort: Cohort, arrays: dict[str, np.ndarray], case: np.ndarray, keep: np.ndarray, *, missing_as_zero: bool = False
+    cohort: Cohort, arrays: Mapping[str, np.ndarray], case: np.ndarray, keep: np.ndarray, *, missing_as_zero: bool = False
 ) -> np.ndarray:
     """(V, 4) int64: A1 and A2 alleles in cases, then in controls (dosage = A1).
 
@@ -233,97 +317,97 @@ def case_control_allele_counts(
     """
     idx = np.asarray(arrays.get("idx", []))
     out = np.zeros((len(idx), 4), dtype=np.int64)
-    for s, g in _genotypes(cohort, arrays, keep):
-        ok = np.ones(g.shape, bool) if missing_as_zero else g >= 0
-        gc = np.where(g >= 0, g, 0).astype(np.int64)
-        a = gc[:, case].sum(1)
-        b = 2 * ok[:, case].sum(1) - a
-        c = gc[:, ~case].sum(1)
-        d = 2 * ok[:, ~case].sum(1) - c
-        out[s : s + len(g)] = np.stack([a, b, c, d], axis=1)
+    for s, g, _, _ in _genotypes(cohort, arrays, keep, impute=False):
+        out[s : s + len(g)] = _allele_counts(g, case, None, missing_as_zero=missing_as_zero)
     return out
+
+
+GLM_SPEC = dict(
+    params=DESIGN_PARAMS,
+    param_dims=None,
+    meta=frozenset({"n", "suppressed"}),
+    contributors=meta_count("n"),
+    sample_sets=design_sample_set,
+    validate=check_missing_mode,
+)
+
+
+def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run a site GLM kernel over the request's variants in sub-blocks and stack the parts."""
+    y, C, keep = _design(cohort, req.params, req.rules)
+    impute = missing_mode(req) == "impute"
+    rows = {k: _per_row(req.arrays, k) for k in per_row}
+    parts, cells = [], []
+    for s, g, fill, c in _genotypes(cohort, req.arrays, keep, impute=impute):
+        extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
+        parts.append(fn(g, y[keep], C[keep], *extra, fill=fill))
+        cells.append(c)
+    out = _stack(parts)
+    if cells:
+        out["_cells"] = np.concatenate(cells)
+    return out, {"n": int(keep.sum())}
 
 
 @register(
     "glm_linear",
     Spec(
-        params=DESIGN_PARAMS,
+        **{**GLM_SPEC, "param_dims": _glm_dims},
         inputs=VARIANT_INPUTS,
-        outputs={"XtX_triu": arr("f8", "v", "t"), "Xty": arr("f8", "v", "p"), "yty": arr("f8", "v"), "n": arr("i8", "v")},
-        param_dims=_glm_dims,
-        meta=frozenset({"n", "suppressed"}),
-        contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
+        outputs={"XtX_triu": arr("f8", "v", "t"), "Xty": arr("f8", "v", "p"), "yty": arr("f8", "v"), "n": arr("i8", "v"), **ROW_OUTPUTS},
+        suppress=cell_rule(),
         doc="per variant: XᵀX (upper triangle), Xᵀy, yᵀy, n of the linear model",
     ),
 )
-def glm_linear(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params, node_config)
-    parts = []
-    for _, g in _genotypes(cohort, arrays, keep):
-        parts.append(glm.site_linear_suffstats(g, y[keep], C[keep]))
-    return _stack(parts), {"n": int(keep.sum())}
+def glm_linear(cohort: Any, req: AnalysisRequest):
+    return _glm_parts(cohort, req, glm.site_linear_suffstats)
 
 
 @register(
     "glm_logistic",
     Spec(
-        params=DESIGN_PARAMS,
+        **{**GLM_SPEC, "param_dims": _glm_dims},
         inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p")},
-        outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True)},
-        param_dims=_glm_dims,
-        meta=frozenset({"n", "suppressed"}),
-        contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
+        outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True),
+                 **ROW_OUTPUTS},
+        suppress=cell_rule(kish=True),
         doc="per variant at the aggregator's β: Hessian (upper triangle), gradient, n",
     ),
 )
-def glm_logistic(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params, node_config)
-    beta = _beta(arrays)
-    parts = []
-    for s, g in _genotypes(cohort, arrays, keep):
-        parts.append(glm.site_logistic_partials(g, y[keep], C[keep], beta[s : s + len(g)], with_loglik=False))
-    return _stack(parts), {"n": int(keep.sum())}
+def glm_logistic(cohort: Any, req: AnalysisRequest):
+    _beta(req.arrays)
+
+    def kernel(g, y, C, beta, *, fill):
+        return glm.site_logistic_partials(g, y, C, beta, with_loglik=False, fill=fill)
+
+    return _glm_parts(cohort, req, kernel, "beta")
 
 
 @register(
     "glm_firth",
     Spec(
-        params=DESIGN_PARAMS,
+        **{**GLM_SPEC, "param_dims": _glm_dims},
         inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p"), "Iinv": arr("*", "v", "p", "p", optional=True)},
-        outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True)},
-        param_dims=_glm_dims,
-        meta=frozenset({"n", "suppressed"}),
-        contributors=meta_count("n"),
-        suppress=suppress_small_variant_rows(lambda out: _rows_rest_on(out)),
+        outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True),
+                 **ROW_OUTPUTS},
+        suppress=cell_rule(kish=True),
         doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
     ),
 )
-def glm_firth(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params, node_config)
-    beta = _beta(arrays)
-    iinv = arrays.get("Iinv")
-    parts = []
-    for s, g in _genotypes(cohort, arrays, keep):
-        sub = None if iinv is None else np.asarray(iinv, dtype=np.float64)[s : s + len(g)]
-        parts.append(glm.site_firth_partials(g, y[keep], C[keep], beta[s : s + len(g)], sub))
-    return _stack(parts), {"n": int(keep.sum())}
+def glm_firth(cohort: Any, req: AnalysisRequest):
+    _beta(req.arrays)
+    return _glm_parts(cohort, req, glm.site_firth_partials, "beta", "Iinv")
 
 
-def _rows_rest_on(out: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Samples each variant's sums rest on: n, or the IRLS weights' effective size when smaller."""
-    n = np.asarray(out["n"], dtype=np.float64)
-    if "_neff" in out:
-        neff = np.floor(np.asarray(out["_neff"], dtype=np.float64) + 1e-9)
-        n = np.where(n > 0, np.maximum(np.minimum(n, neff), 0.5), 0.0)  # 0.5: a positive n never reads as "no data"
-    return n
+def _per_row(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
+    if key not in arrays:
+        return None
+    a = np.asarray(arrays[key], dtype=np.float64)
+    if not np.all(np.isfinite(a) | np.isnan(a)):
+        raise FedgenError(f"{key!r} has infinite values")
+    return a
 
 
-def _beta(arrays: dict[str, np.ndarray]) -> np.ndarray:
+def _beta(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     if "beta" not in arrays:
         raise FedgenError("request has no coefficient array 'beta'")
     beta = np.asarray(arrays["beta"], dtype=np.float64)
@@ -366,7 +450,7 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {}
     out = pack_symmetric({k: np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in parts[0]})
-    if "neff" in out:  # stays at the site: the guard's small-cell rule uses it (keys with "_" never leave)
+    if "neff" in out:  # stays at the site: the pipeline's effective-size rule uses it (keys with "_" never leave)
         out["_neff"] = out.pop("neff")
     return out
 
@@ -380,16 +464,16 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         meta=frozenset({"n_cases", "n_controls"}),
         contributors=meta_count("n_cases", "n_controls"),
         sample_level=True,
+        sample_sets=design_sample_set,
         doc="per covariate: min and max among cases and among controls (single samples' values)",
     ),
 )
-def covar_ranges(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def covar_ranges(cohort: Any, req: AnalysisRequest):
     """Per design covariate: min/max among this site's cases and among its controls.
 
     Used only for PLINK's covariate-separation rule (binary traits). The extremes are single
     samples' (standardised) values; under a privacy policy this request is refused.
     """
-    cohort = load_cohort(node_config)
-    y, C, keep = _design(cohort, params, node_config)
+    y, C, keep = _design(cohort, req.params, req.rules)
     case = y[keep] > 0.5
     return glm.site_covar_ranges(y[keep], C[keep]), {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}

@@ -4,7 +4,7 @@ Neighbouring datasets differ by adding or removing one individual (all their var
 guarantee of each release holds for the site's own samples against the aggregator and every
 other site. The site computes each release's sensitivity and privacy cost itself from the
 request's size (never from numbers the aggregator sends), reserves the cost in its ledger
-before computing (:mod:`fedgen.site.guard`), and draws noise from the operating system's
+before computing (:mod:`fedgen.site.pipeline`), and draws noise from the operating system's
 CSPRNG (:class:`fedgen.privacy.mechanisms.NoiseSource` without a seed).
 
 Treated as public, as in Uhler, Slavković & Fienberg (2013): the site's variant list and its
@@ -46,8 +46,7 @@ import numpy as np
 from fedgen.analyses import register
 from fedgen.analyses.assoc import _design, case_control_allele_counts
 from fedgen.analyses.qc import VARIANT_INPUTS, genotype_class_counts
-from fedgen.analyses.spec import Spec, arr, meta_count
-from fedgen.cohort.cohort import load_cohort
+from fedgen.analyses.spec import AnalysisRequest, Spec, arr, meta_count
 from fedgen.errors import FedgenError
 
 MAX_TOPK = 1000
@@ -70,9 +69,9 @@ def _positive(params: Mapping[str, Any], key: str) -> float:
     return x
 
 
-def _sigma_of(node_config: Mapping[str, Any]) -> float:
-    """The σ of the (single) Gaussian event the guard reserved for this request."""
-    (event,) = [e for e in node_config.get("_events") or [] if e.get("type") == "gaussian"]
+def _sigma_of(req: AnalysisRequest) -> float:
+    """The σ of the (single) Gaussian event the pipeline reserved for this request."""
+    (event,) = [e for e in req.rules.events if e.get("type") == "gaussian"]
     return float(event["sigma"])
 
 
@@ -102,11 +101,10 @@ def _genotype_counts_cost(params, dims, node_config) -> list[dict[str, Any]]:
         doc="per variant (hom-REF, het, hom-ALT, missing) + discrete Gaussian noise; L2 sensitivity √v",
     ),
 )
-def dp_genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
-    counts = genotype_class_counts(cohort, arrays)
-    sigma = _sigma_of(node_config)
-    meta = {"n_samples": cohort.n_samples, "sigma": sigma, "l2_sensitivity": math.sqrt(max(len(counts), 1)),
+def dp_genotype_counts(cohort: Any, req: AnalysisRequest):
+    counts = genotype_class_counts(cohort, req.arrays)
+    sigma = _sigma_of(req)
+    meta = {"n_samples": req.rules.public_count(cohort, "samples", cohort.n_samples), "sigma": sigma, "l2_sensitivity": math.sqrt(max(len(counts), 1)),
             "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
     return {"counts": _noisy(counts, sigma)}, meta
 
@@ -114,13 +112,21 @@ def dp_genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], a
 # ----------------------------------------------------------------------------- case/control counts
 
 
-def _binary_design(cohort, params: Mapping[str, Any]):
+def _binary_design(cohort, req: AnalysisRequest):
+    params = req.params
     if str(params.get("kind")) != "binary":
         raise FedgenError("differentially private association releases need a binary phenotype")
     if params.get("covariates") or params.get("site_columns") or params.get("pcs"):
         raise FedgenError("differentially private association releases take no covariates")
-    y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None})
+    y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None}, req.rules)
     return y[keep] == 1, keep
+
+
+def _public_case_counts(cohort, req: AnalysisRequest, case: np.ndarray) -> tuple[int, int]:
+    """Cases and controls as they may leave the site (noised and cached under a DP-only policy)."""
+    ph = str(req.params.get("phenotype"))
+    return (req.rules.public_count(cohort, f"cases:{ph}", int(case.sum())),
+            req.rules.public_count(cohort, f"controls:{ph}", int((~case).sum())))
 
 
 def _assoc_cost(params, dims, node_config) -> list[dict[str, Any]]:
@@ -143,12 +149,12 @@ DP_ASSOC_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", 
         doc="per variant A1/A2 allele counts in cases and controls + discrete Gaussian noise; L2 sensitivity 2√v",
     ),
 )
-def dp_assoc_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
-    case, keep = _binary_design(cohort, params)
-    counts = case_control_allele_counts(cohort, arrays, case, keep)
-    sigma = _sigma_of(node_config)
-    meta = {"n_cases": int(case.sum()), "n_controls": int((~case).sum()), "sigma": sigma,
+def dp_assoc_counts(cohort: Any, req: AnalysisRequest):
+    case, keep = _binary_design(cohort, req)
+    counts = case_control_allele_counts(cohort, req.arrays, case, keep)
+    sigma = _sigma_of(req)
+    n_cases, n_controls = _public_case_counts(cohort, req, case)
+    meta = {"n_cases": n_cases, "n_controls": n_controls, "sigma": sigma,
             "l2_sensitivity": 2.0 * math.sqrt(max(len(counts), 1)), "mechanism": "discrete Gaussian (Canonne, Kamath & Steinke 2020)"}
     return {"counts": _noisy(counts, sigma)}, meta
 
@@ -202,16 +208,19 @@ def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
         doc="k variant positions chosen by the one-shot Gumbel mechanism on the site's allelic χ²",
     ),
 )
-def dp_topk_select(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def dp_topk_select(cohort: Any, req: AnalysisRequest):
     from fedgen.privacy.mechanisms import gumbel_top_k
 
-    cohort = load_cohort(node_config)
-    case, keep = _binary_design(cohort, params)
-    n_cases, n_controls = int(case.sum()), int((~case).sum())
-    if n_cases < 1 or n_controls < 1:
+    params = req.params
+    case, keep = _binary_design(cohort, req)
+    if int(case.sum()) < 1 or int((~case).sum()) < 1:
         raise FedgenError("this site has no cases or no controls for the phenotype")
+    # The score's denominators are the counts the site publishes (exact, or noised under a DP-only
+    # policy): fixed numbers, so the bound L / min(R, S) holds whatever the data, and the Gumbel
+    # scale in the reply reveals nothing beyond them.
+    n_cases, n_controls = (max(1, x) for x in _public_case_counts(cohort, req, case))
     # A missing call counts as no copy of A1 (fixed denominators 2R, 2S): the bound holds per variant.
-    counts = case_control_allele_counts(cohort, arrays, case, keep, missing_as_zero=True)
+    counts = case_control_allele_counts(cohort, req.arrays, case, keep, missing_as_zero=True)
     scores = selection_scores(counts, n_cases, n_controls)
     k = int(params["k"])
     eps0 = _positive(params, "epsilon_per_pick")

@@ -30,18 +30,16 @@ import numpy as np
 import fedgen
 from fedgen.analyses import register
 from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
-from fedgen.analyses.spec import Spec, arr, meta_count
-from fedgen.cohort.cohort import Cohort, load_cohort
+from fedgen.analyses.spec import AnalysisRequest, Spec, arr, meta_count, small_cells
+from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.pcs import (
     check_study_id,
     cohort_iids,
     load_site_pcs,
     plot_site_scores,
-    site_state_dir,
     write_site_pcs,
 )
 from fedgen.errors import FedgenError
-from fedgen.site.guard import site_min_count
 from fedgen.stats import pca as pcastats
 
 #: A site with fewer samples refuses PCA requests: Z_s Z_sᵀ of a handful of samples spans
@@ -54,13 +52,42 @@ KEEP_DECODED_BYTES = 512 * 2**20
 MIN_CELL_DEFAULT = 5
 
 
-def _cohort(node_config: Mapping[str, Any]) -> Cohort:
-    cohort = load_cohort(node_config)
+def _cohort(cohort: Cohort) -> Cohort:
     if cohort.n_samples < MIN_SITE_SAMPLES:
-        raise FedgenError(
-            f"this site has {cohort.n_samples} analysed samples; PCA needs at least {MIN_SITE_SAMPLES} per site"
-        )
+        raise FedgenError(f"this site has too few analysed samples for PCA (it needs at least {MIN_SITE_SAMPLES})")
     return cohort
+
+
+def _state(req: AnalysisRequest) -> Path:
+    if req.rules.state_dir is None:
+        raise FedgenError("the site has no state folder")
+    return Path(req.rules.state_dir)
+
+
+#: how far (in standard errors of the site's own estimate, plus a rounding allowance) a PCA
+#: request's frequency may lie from the site's own allele frequency
+FREQ_TOLERANCE_SE = 8.0
+
+
+def _site_freq_ok(cohort: Cohort, idx: np.ndarray, flip: np.ndarray, freq: np.ndarray) -> None:
+    """PCA frequencies must be plausible pooled estimates given this site's own data.
+
+    Route closed: crafted frequencies (near 0 or 1 for variants the site's people carry) blow up
+    the standardisation of a few carriers, so the product is dominated by their genotypes.
+    """
+    counts = np.zeros(len(idx))
+    called = np.zeros(len(idx))
+    for sl in _blocks(len(idx)):
+        g = cohort.block(idx[sl], flip[sl])
+        ok = g >= 0
+        counts[sl] = np.where(ok, g, 0).sum(1)
+        called[sl] = ok.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_site = np.where(called > 0, counts / (2 * np.maximum(called, 1)), np.nan)
+    se = np.sqrt(np.clip(f_site * (1 - f_site), 0.25 / np.maximum(called, 1), None) / (2 * np.maximum(called, 1)))
+    bad = np.isfinite(f_site) & (np.abs(freq - f_site) > FREQ_TOLERANCE_SE * se + 1.0 / (2 * np.maximum(called, 1)))
+    if bad.any():
+        raise FedgenError("PCA: the request's allele frequencies are not consistent with this site's data")
 
 
 def _vector(arrays: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
@@ -159,6 +186,7 @@ def _round_tag(params: dict[str, Any], what: str) -> str:
     return f"{study_id}.{what}.{rnd}"
 
 
+MAX_LD_WINDOW = 1000
 MAX_BASIS = 64  # columns of a PCA basis: enough for 20+ PCs with oversampling; far below any site's n
 
 _BLOCK_PARAMS = frozenset({"study_id", "round", "n_blocks", "phase", "block"})
@@ -175,23 +203,27 @@ _BLOCK_PARAMS = frozenset({"study_id", "round", "n_blocks", "phase", "block"})
         meta=frozenset({"n_samples", "projected"}),
         contributors=meta_count("n_samples"),
         may_be_empty=True,
+        sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
+        validate=lambda cohort, req: _validate_pca(cohort, req),
+        rank=lambda req: _rank_of(req, "basis"),
         doc="Z_s(Z_sᵀQ) for the aggregator's basis Q (variants × b); Z_sᵀQ stays at the site",
     ),
 )
-def pca_product(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def pca_product(cohort: Any, req: AnalysisRequest):
     """``Z_s (Z_sᵀ Q)``, (V, b) float64, for the requested variants and basis ``Q``.
 
     ``phase``: ``"single"`` (default; the request holds every variant), ``"project"`` (block
     ``block`` of ``n_blocks``: accumulate ``Z_bᵀ Q_b`` at the site, reply nothing) or
     ``"product"`` (block of variants: reply ``Z_b H`` with the accumulated ``H``).
     """
-    cohort = _cohort(node_config)
+    cohort = _cohort(cohort)
+    params, arrays = req.params, req.arrays
     idx, flip = _block_args(cohort, arrays)
     two_p, inv_sd = _standardisation(arrays, len(idx))
     phase = str(params.get("phase", "single"))
     blocks = _blocks(len(idx))
     if phase == "product":
-        state = site_state_dir(node_config)
+        state = _state(req)
         tag = _round_tag(params, "H")
         block, n_blocks = _block_of(params)
         H = _load_accumulated(state, tag, n_blocks)
@@ -219,7 +251,7 @@ def pca_product(node_config: Mapping[str, Any], params: dict[str, Any], arrays: 
         tag = _round_tag(params, "H")
         if n_blocks == 1:
             raise FedgenError("a 'project' phase needs n_blocks > 1")
-        _accumulate(site_state_dir(node_config), tag, block, n_blocks, H, keep_complete=True)
+        _accumulate(_state(req), tag, block, n_blocks, H, keep_complete=True)
         return {}, {"n_samples": cohort.n_samples, "projected": block + 1}
     Y = np.empty_like(Q)
     for b, sl in enumerate(blocks):
@@ -231,34 +263,108 @@ def pca_product(node_config: Mapping[str, Any], params: dict[str, Any], arrays: 
 @register(
     "ld_pair_sums",
     Spec(
-        params=frozenset({"n_first", "window"}),
+        params=frozenset({"n_first", "window", "missing"}),
         inputs=VARIANT_INPUTS,
-        outputs={"pairs": arr("u2|u4", "f", "w", 6)},
+        outputs={"pairs": arr("u2|u4|f8", "f", "w", 6)},
         param_dims=lambda params, nc: {"f": int(params["n_first"]), "w": int(params["window"]) - 1},
-        meta=frozenset({"n_samples"}),
+        limits={"w": MAX_LD_WINDOW - 1},
+        meta=frozenset({"n_samples", "suppressed"}),
         contributors=meta_count("n_samples"),
-        doc="per variant pair in a window: pairwise-complete n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i·g_j",
+        sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
+        validate=lambda cohort, req: _validate_ld(cohort, req),
+        doc="per variant pair in a window: n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i·g_j (missing calls imputed at the "
+        "site's mean, or pairwise complete under missing: drop)",
     ),
 )
-def ld_pair_sums(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    """(n_first, window-1, 6) pairwise-complete sums (n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i g_j)."""
-    cohort = _cohort(node_config)
+def ld_pair_sums(cohort: Any, req: AnalysisRequest):
+    """(n_first, window-1, 6) sums (n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i g_j) per variant pair.
+
+    A pair is withheld (all zero) when either variant has 1..min_cell-1 carriers or non-carriers
+    at the site, or when the two lie on different contigs or further apart than the site's
+    ``ld_max_window_bp`` (route: a window of cross-products around a rare variant spells out
+    its carriers' genotypes).
+    """
+    cohort = _cohort(cohort)
+    params, arrays = req.params, req.arrays
     idx, flip = _block_args(cohort, arrays)
-    try:
-        n_first = int(params["n_first"])
-        window = int(params["window"])
-    except (KeyError, TypeError, ValueError):
-        raise FedgenError("ld_pair_sums needs integer parameters 'n_first' and 'window'") from None
-    if not (0 <= n_first <= len(idx)) or not 2 <= window <= 100_000:
-        raise FedgenError("ld_pair_sums: 'n_first' must be within the request and 2 <= window <= 100000")
-    out = np.zeros((n_first, window - 1, 6), dtype=np.int64)
+    n_first, window = int(params["n_first"]), int(params["window"])
+    impute = str(params.get("missing", "impute")) == "impute"
+    out = np.zeros((n_first, window - 1, 6), dtype=np.float64 if impute else np.int64)
+    small = np.zeros(len(idx), dtype=bool)
+    for s in range(0, len(idx), SUB_BLOCK):
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        small[s : s + len(g)] = small_cells(np.stack([(g > 0).sum(1), (g == 0).sum(1)], axis=1), req.rules.min_cell)
     for s in range(0, n_first, SUB_BLOCK):
         first = min(SUB_BLOCK, n_first - s)
         rows = slice(s, min(s + first + window - 1, len(idx)))
         g = cohort.block(idx[rows], flip[rows])
-        out[s : s + first] = pcastats.site_ld_pair_sums(g, first, window)
+        fill = None
+        if impute:
+            called = g >= 0
+            fill = np.where(called.any(1), np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1), 0.0)
+        out[s : s + first] = pcastats.site_ld_pair_sums(g, first, window, fill=fill)
+    # pairs withheld: a small cell at either end, different contigs, or too far apart
+    pos, chrom = cohort.pos[idx], cohort.chrom[idx]
+    i = np.arange(n_first)[:, None]
+    j = i + np.arange(1, window)[None, :]
+    inside = j < len(idx)
+    jc = np.where(inside, j, 0)
+    withheld = inside & (small[i] | small[jc] | (chrom[i] != chrom[jc]) | (pos[jc] - pos[i] > req.rules.ld_max_window_bp))
+    out[withheld] = 0
+    meta = {"n_samples": cohort.n_samples}
+    if withheld.any():
+        meta["suppressed"] = int(withheld.sum())
+    if impute:
+        return {"pairs": out}, meta
     dtype = np.uint16 if 4 * cohort.n_samples <= np.iinfo(np.uint16).max else np.uint32
-    return {"pairs": out.astype(dtype)}, {"n_samples": cohort.n_samples}
+    return {"pairs": out.astype(dtype)}, meta
+
+
+def _validate_pca(cohort: Cohort, req: AnalysisRequest) -> None:
+    """PCA requests: frequencies consistent with the site's own data (see :func:`_site_freq_ok`)."""
+    cohort = _cohort(cohort)
+    idx, flip = _block_args(cohort, req.arrays)
+    p = _vector(req.arrays, "freq", len(idx))
+    if np.any(~np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise FedgenError("'freq' must hold allele frequencies in [0, 1]")
+    _site_freq_ok(cohort, idx, flip, p)
+
+
+def _rank_of(req: AnalysisRequest, key: str) -> int:
+    """Basis columns a request multiplies the site's data by (once per round or per score pass)."""
+    phase = str(req.params.get("phase", "single"))
+    if phase == "product":
+        return 0
+    try:
+        block = int(req.params.get("block", 0))
+    except (TypeError, ValueError):
+        raise FedgenError("'block' must be an integer") from None
+    a = req.arrays.get(key)
+    return 0 if a is None or block != 0 else int(np.shape(a)[1]) if np.ndim(a) == 2 else 0
+
+
+def _validate_ld(cohort: Cohort, req: AnalysisRequest) -> None:
+    """LD requests: the site's own order (strictly increasing positions on one contig), bounded windows.
+
+    Route closed: aggregator-chosen index sets (any variants, any window) give the exact
+    cross-product matrix of the site's genotypes, from which every genotype follows.
+    """
+    from fedgen.analyses.assoc import check_missing_mode
+
+    try:
+        n_first, window = int(req.params["n_first"]), int(req.params["window"])
+    except (KeyError, TypeError, ValueError):
+        raise FedgenError("ld_pair_sums needs integer parameters 'n_first' and 'window'") from None
+    idx, _ = _block_args(cohort, req.arrays)
+    if not (0 <= n_first <= len(idx)) or not 2 <= window <= MAX_LD_WINDOW:
+        raise FedgenError(f"ld_pair_sums: 'n_first' must be within the request and 2 <= window <= {MAX_LD_WINDOW}")
+    if len(idx) > 1:
+        chrom = cohort.chrom[idx]
+        if np.any(chrom != chrom[0]):
+            raise FedgenError("ld_pair_sums: a request covers one contig")
+        if np.any(np.diff(idx) <= 0) or np.any(np.diff(cohort.pos[idx]) < 0):
+            raise FedgenError("ld_pair_sums: variants must be in the site's order (increasing positions, no repeats)")
+    check_missing_mode(cohort, req)
 
 
 def _hist_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -297,13 +403,24 @@ def _hist_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dic
         meta=frozenset({"n_samples", "projected", "stored"}),
         contributors=meta_count("n_samples"),
         may_be_empty=True,
+        sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
+        validate=lambda cohort, req: _validate_pca(cohort, req),
+        rank=lambda req: _rank_of(req, "loadings"),
+        needs_study_pca=True,
         doc="stores the site's PC scores locally; replies Σ, Σ² (and, only where the site allows pca_histograms, "
         "small-cell-suppressed 1-D histograms)",
     ),
 )
-def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    """Compute and store this site's PC scores; reply with Σv, Σv² and 1-D histograms per PC."""
-    cohort = _cohort(node_config)
+def pca_scores(cohort: Any, req: AnalysisRequest):
+    """Compute and store this site's PC scores; reply with Σv, Σv² and 1-D histograms per PC.
+
+    The loadings must belong to a PCA this site answered for the study (the pipeline checks
+    this and charges their width to the PCA rank register), and every stored PC must spread
+    over many people: a PC whose squared scores have a Kish effective size below min_count is
+    refused (route: planted "PCs" that single people out and then enter a GLM as covariates).
+    """
+    cohort = _cohort(cohort)
+    params, arrays = req.params, req.arrays
     study_id = check_study_id(str(params.get("study_id") or ""))
     idx, flip = _block_args(cohort, arrays)
     two_p, inv_sd = _standardisation(arrays, len(idx))
@@ -317,11 +434,16 @@ def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
     for sl in _blocks(len(idx)):
         g = cohort.block(idx[sl], flip[sl])
         proj += pcastats.site_sample_projection(g, two_p[sl], inv_sd[sl], U[sl])
-    state = site_state_dir(node_config)
+    state = _state(req)
     total = _accumulate(state, f"{study_id}.scores", block, n_blocks, proj)
     if total is None:
         return {}, {"n_samples": cohort.n_samples, "projected": block + 1}
     scores = total / np.sqrt(theta)
+    sq = scores * scores
+    with np.errstate(invalid="ignore", divide="ignore"):
+        neff = np.where(sq.sum(0) > 0, sq.sum(0) ** 2 / np.maximum((sq * sq).sum(0), 1e-300), 0.0)
+    if np.any(neff < max(req.rules.min_count, MIN_SITE_SAMPLES)):
+        raise FedgenError("pca_scores: a PC would rest on a few people at this site (not a PCA of the study's data)")
     eigenval = [float(x) for x in params.get("eigenvalues") or []]
     meta = {
         "study_id": study_id,
@@ -338,10 +460,10 @@ def pca_scores(node_config: Mapping[str, Any], params: dict[str, Any], arrays: d
         plot_site_scores(scores, path.with_suffix(".png"), eigenvalues=eigenval,
                          title=f"{cohort.site}: PC scores of {cohort.n_samples} local samples (not shared)")
     sums = np.stack([scores.sum(axis=0), (scores * scores).sum(axis=0)], axis=1)
-    if "pca_histograms" not in ((node_config.get("_policy") or {}).get("allowed_analyses") or ()):
+    if "pca_histograms" not in ((req.rules.public_policy or {}).get("allowed_analyses") or ()):
         return {"sums": sums}, {"n_samples": cohort.n_samples, "stored": True}
     h = _hist_params(params)
-    h["min_count"] = max(h["min_count"], site_min_count(node_config))
+    h["min_count"] = max(h["min_count"], req.rules.min_count)
     n_h = min(h["pcs"], k)
     edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
     hist = np.zeros((n_h, h["bins"]), dtype=np.int64)
@@ -373,7 +495,7 @@ def _hist2d_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> d
         "counts over aggregator-chosen ranges of aggregator-chosen projections can single out samples by differencing)",
     ),
 )
-def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def pca_histograms(cohort: Any, req: AnalysisRequest):
     """2-D histograms of stored scores for PC pairs, small cells suppressed.
 
     Params: ``study_id``, ``pairs`` ([[0, 1], [2, 3]]: 0-based PC indices), ``ranges``
@@ -381,7 +503,8 @@ def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], array
     mapping site name → integer), ``min_count``.
     Replies ``hist2d`` (pairs, bins, bins), ``outside`` and ``hidden`` (pairs,).
     """
-    cohort = _cohort(node_config)
+    cohort = _cohort(cohort)
+    params = req.params
     study_id = check_study_id(str(params.get("study_id") or ""))
     pairs = params.get("pairs") or []
     ranges = params.get("ranges") or []
@@ -392,7 +515,7 @@ def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], array
         if isinstance(bins_param, Mapping):  # one grid size per site
             bins_param = bins_param.get(cohort.site, 40)
         bins = int(bins_param)
-        min_count = max(int(params.get("min_count", MIN_CELL_DEFAULT)), MIN_CELL_DEFAULT, site_min_count(node_config))
+        min_count = max(int(params.get("min_count", MIN_CELL_DEFAULT)), MIN_CELL_DEFAULT, req.rules.min_count)
     except (TypeError, ValueError, IndexError):
         raise FedgenError("pca_histograms: bad 'pairs', 'ranges' or 'bins'") from None
     if len(ranges) != len(pairs) or not 1 <= bins <= 1000 or any(min(p) < 0 for p in pairs):
@@ -400,7 +523,7 @@ def pca_histograms(node_config: Mapping[str, Any], params: dict[str, Any], array
     if any(lo >= hi for r in ranges for lo, hi in r):
         raise FedgenError("pca_histograms: empty range")
     n_pc = 1 + max((max(p) for p in pairs), default=0)
-    scores = load_site_pcs(cohort, study_id, n_pc, state_dir=site_state_dir(node_config))
+    scores = load_site_pcs(cohort, study_id, n_pc, state_dir=_state(req))
     out = np.zeros((len(pairs), bins, bins), dtype=np.int64)
     outside = np.zeros(len(pairs), dtype=np.int64)
     hidden = np.zeros(len(pairs), dtype=np.int64)

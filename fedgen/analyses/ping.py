@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 import fedgen
 from fedgen.analyses import register
-from fedgen.analyses.spec import Spec, arr
+from fedgen.analyses.spec import AnalysisRequest, Spec, arr
 
 
-@register("ping", Spec(outputs={"one": arr("i8", 1)}, meta=frozenset({"site", "version"}), doc="liveness; no site data"))
-def ping(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    return {"one": np.ones(1, dtype=np.int64)}, {"site": str(node_config.get("site", "?")), "version": fedgen.__version__}
+@register("ping", Spec(outputs={"one": arr("i8", 1)}, meta=frozenset({"site", "version"}), needs_cohort=False,
+                       doc="liveness; no site data"))
+def ping(cohort: Any, req: AnalysisRequest):
+    return {"one": np.ones(1, dtype=np.int64)}, {"site": req.rules.site or "?", "version": fedgen.__version__}

@@ -14,11 +14,9 @@ import numpy as np
 
 import fedgen
 from fedgen.analyses import register
-from fedgen.analyses.spec import Spec, arr, meta_count, suppress_small_variant_rows
-from fedgen.cohort.cohort import load_cohort
+from fedgen.analyses.spec import AnalysisRequest, Spec, arr, called_count_rule, meta_count
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
-from fedgen.site.guard import check_columns, site_min_count
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
 
@@ -55,16 +53,20 @@ def _site_samples(meta: Mapping[str, Any]) -> int:
         opaque=frozenset({"table_bytes"}),
         meta=frozenset({"site", "version", "vcf", "samples_file", "counts", "contigs", "columns", "policy"}),
         contributors=_site_samples,
+        sample_sets=lambda cohort, req: [] if req.rules.dp_only else [np.ones(cohort.n_samples, bool)],
         doc="the site's variant table (public coordinates/alleles), sample counts, column kinds",
     ),
 )
-def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
-    cohort = load_cohort(node_config)
+def site_info(cohort: Any, req: AnalysisRequest):
+    params = req.params
     columns: dict[str, Any] = {}
     rows = cohort.table_rows.tolist()
     for role in ("phenotypes", "covariates"):
-        check_columns(node_config, list(params.get(role) or []))
-        for col in list(params.get(role) or []):
+        names = params.get(role) or []
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise FedgenError(f"site_info: {role!r} must be a list of column names")
+        req.rules.check_columns(names)
+        for col in names:
             values = cohort.table.require(col)
             vals = [values[i] for i in rows]
             try:
@@ -72,20 +74,25 @@ def site_info(node_config: Mapping[str, Any], params: dict[str, Any], arrays: di
             except ValueError as exc:
                 raise FedgenError(f"{cohort.table.path}: column {col!r}: {exc}") from None
             if columns[col]["kind"] == "categorical":
-                _check_levels(col, vals, columns[col]["levels"], site_min_count(node_config))
+                _check_levels(col, vals, columns[col]["levels"], req.rules.min_count)
+            columns[col]["n"] = req.rules.public_count(cohort, f"column:{col}", columns[col]["n"])
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
+    counts = dict(cohort.counts)
+    if req.rules.dp_only:  # no exact count of people leaves a DP-only site
+        for key in ("vcf_samples", "table_samples", "samples", "vcf_only_samples", "table_only_samples"):
+            counts[key] = req.rules.public_count(cohort, key, counts.get(key, 0))
+        counts["noisy"] = 1
     meta = {
         "site": cohort.site,
         "version": fedgen.__version__,
         "vcf": cohort.vcf.name,
         "samples_file": cohort.table.path.name,
-        "counts": cohort.counts,
+        "counts": counts,
         "contigs": cohort.contigs,
         "columns": columns,
     }
-    policy = node_config.get("_policy")
-    if policy:  # what this site agrees to answer (public, so the aggregator can plan around it)
-        meta["policy"] = {k: policy[k] for k in ("allowed_analyses", "min_count", "max_variants_per_request")}
+    if req.rules.public_policy:  # what this site agrees to answer (public, so the aggregator can plan around it)
+        meta["policy"] = dict(req.rules.public_policy)
     return {"variants": table}, meta
 
 
@@ -95,7 +102,7 @@ MAX_LEVELS = 50
 def _check_levels(col: str, vals: list[str], levels: list[str], min_count: int) -> None:
     """A categorical column's level names leave the site only if each level holds min_count samples."""
     if len(levels) > MAX_LEVELS:
-        raise FedgenError(f"column {col!r} has {len(levels)} categories (at most {MAX_LEVELS}); recode it")
+        raise FedgenError(f"column {col!r} has more than {MAX_LEVELS} categories; recode it")
     counts = {lev: 0 for lev in levels}
     for v in vals:
         if v in counts:
@@ -103,12 +110,12 @@ def _check_levels(col: str, vals: list[str], levels: list[str], min_count: int) 
     rare = sum(1 for c in counts.values() if c < min_count)
     if rare:
         raise FedgenError(
-            f"column {col!r}: {rare} of its {len(levels)} categories hold fewer than the site's min_count of "
-            f"{min_count} samples; their names would identify people: merge or recode them"
+            f"column {col!r}: some of its categories hold fewer than the site's min_count of samples; their names "
+            "would identify people: merge or recode them"
         )
 
 
-def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _block_args(cohort, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if "idx" not in arrays:
         raise FedgenError("request has no variant index array 'idx'")
     idx = np.asarray(arrays["idx"], dtype=np.int64)
@@ -127,18 +134,18 @@ def _block_args(cohort, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
         outputs={"counts": arr("i8", "v", 4)},
         meta=frozenset({"n_samples", "suppressed"}),
         contributors=meta_count("n_samples"),
-        suppress=suppress_small_variant_rows(lambda out: out["counts"][:, :3].sum(1), fill="missing"),
+        suppress=called_count_rule,
+        sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
         doc="per variant: hom-REF, het, hom-ALT, missing counts (a variant called in fewer than "
         "min_count samples at the site is reported as all-missing there)",
     ),
 )
-def genotype_counts(node_config: Mapping[str, Any], params: dict[str, Any], arrays: dict[str, np.ndarray]):
+def genotype_counts(cohort: Any, req: AnalysisRequest):
     """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
-    cohort = load_cohort(node_config)
-    return {"counts": genotype_class_counts(cohort, arrays)}, {"n_samples": cohort.n_samples}
+    return {"counts": genotype_class_counts(cohort, req.arrays)}, {"n_samples": cohort.n_samples}
 
 
-def genotype_class_counts(cohort, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def genotype_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """(V, 4) int64: hom-REF, het, hom-ALT and missing counts of the requested variants."""
     idx, flip = _block_args(cohort, arrays)
     counts = np.empty((len(idx), 4), dtype=np.int64)

@@ -61,13 +61,76 @@ class Spec:
     contributors: Callable[[Mapping[str, Any]], int | None] | None = None
     #: privacy events of one request: (params, bound dims, node_config) -> list of event dicts
     dp_cost: Callable[[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]], list[dict[str, Any]]] | None = None
-    #: per-row small-cell rule: (reply arrays, min_count, n_samples) -> (arrays, rows suppressed)
-    suppress: Callable[[dict[str, np.ndarray], int, int], tuple[dict[str, np.ndarray], int]] | None = None
+    #: per-row disclosure rule: (reply arrays incl. site-only "_" companions, rules, n_samples)
+    #: -> (arrays, boolean mask of the rows withheld, or None)
+    suppress: Callable[[dict[str, np.ndarray], "Rules", int], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
     #: releases individual samples' values (refused unless the site policy names it explicitly)
     sample_level: bool = False
     #: replies may be empty (e.g. an accumulate-only step)
     may_be_empty: bool = False
+    #: the sample sets the aggregate rests on, for the site's released-sample-set register:
+    #: (cohort, request) -> list of boolean masks over the cohort's analysed samples
+    sample_sets: Callable[[Any, "AnalysisRequest"], list[np.ndarray]] | None = None
+    #: request checks that need the site's data (index order, frequencies, rank caps):
+    #: (cohort, request) -> None, raising on a request the site refuses
+    validate: Callable[[Any, "AnalysisRequest"], None] | None = None
+    #: the analysis needs no cohort (e.g. ping)
+    needs_cohort: bool = True
+    #: PCA-like products: basis columns this request multiplies the site's data by (charged to
+    #: the site's PCA rank register; the request's ``freq`` is bound to its study)
+    rank: Callable[["AnalysisRequest"], int] | None = None
+    #: accepted only for a study whose PCA this site has answered (``pca_product`` rounds)
+    needs_study_pca: bool = False
     doc: str = ""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the site pipeline tells an analysis: the policy values and site state it may use.
+
+    Analyses never read the policy or the site layer themselves; the pipeline fills this in.
+    """
+
+    site: str = ""
+    min_count: int = 1
+    min_cell: int = 1
+    allow_per_variant_sample_sets: bool = True
+    allowed_columns: tuple[str, ...] = ()
+    state_dir: Any = None
+    events: tuple[Mapping[str, Any], ...] = ()
+    public_policy: Mapping[str, Any] | None = None
+    #: under a DP-only policy exact counts never leave the site (see :mod:`fedgen.site.pipeline`)
+    dp_only: bool = False
+    #: under ``dp_only``: (cohort, name, exact count) -> the site's noisy, charged, cached count
+    noisy_counts: Callable[[Any, str, int], int] | None = None
+    pca_rank_per_study: float = 1.0
+    pca_rank_lifetime: float = 1e9
+    ld_max_window_bp: int = 10**12
+
+    def public_count(self, cohort: Any, name: str, value: int) -> int:
+        """A count as it may leave the site: exact, or noised under a DP-only policy."""
+        return int(value) if self.noisy_counts is None else int(self.noisy_counts(cohort, name, int(value)))
+
+    def check_columns(self, names: Any) -> None:
+        """Refuse samples-table columns outside the policy's ``allowed_columns`` (empty = all)."""
+        if not self.allowed_columns:
+            return
+        bad = sorted({str(n) for n in names} - set(self.allowed_columns))
+        if bad:
+            from fedgen.errors import FedgenError
+
+            raise FedgenError(f"column(s) {', '.join(map(repr, bad))} are not in the site policy's allowed_columns")
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """One typed request as an analysis sees it: parameters, input arrays and the site's rules."""
+
+    analysis: str
+    params: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray]
+    rules: Rules = field(default_factory=Rules)
+    study_id: str = ""
 
 
 def meta_count(*keys: str) -> Callable[[Mapping[str, Any]], int | None]:
@@ -189,31 +252,62 @@ def expected_elements(spec: Spec, dims: Mapping[str, int]) -> int:
     return total
 
 
-def suppress_small_variant_rows(column: Callable[[dict[str, np.ndarray]], np.ndarray], fill: str = "zero"):
-    """A ``Spec.suppress`` rule: rows (variants) whose aggregate rests on 0 < n < min_count samples.
+def zero_rows(out: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Zero, in every array whose leading axes match ``mask``, the positions where ``mask`` is set."""
+    mask = np.asarray(mask, dtype=bool)
+    res: dict[str, np.ndarray] = {}
+    for name, a in out.items():
+        a = np.asarray(a)
+        if mask.any() and a.ndim >= mask.ndim and a.shape[: mask.ndim] == mask.shape:
+            a = np.array(a, copy=True)
+            a[mask] = 0
+        res[name] = a
+    return res
 
-    ``column(out)`` gives, per row, the number of samples the row rests on (the smallest group
-    for case/control tables). ``fill="zero"`` zeroes every per-variant array's row (the site then
-    contributes nothing to that variant); ``fill="missing"`` makes a genotype-count row
-    all-missing ``(0, 0, 0, n)``.
+
+def small_cells(cells: np.ndarray, min_cell: int) -> np.ndarray:
+    """Rows (leading axes of ``cells``) any of whose cells (last axis) holds 1..min_cell-1 people.
+
+    An empty cell (0) is not small: it is either the study's design (a site of cases only) or a
+    monomorphic variant, and it singles nobody out.
+    """
+    c = np.asarray(cells)
+    return np.any((c > 0) & (c < int(min_cell)), axis=-1)
+
+
+def cell_rule(*, kish: bool = False):
+    """A ``Spec.suppress`` rule for row-level analyses (one row per variant or variant pair).
+
+    The analysis returns, beside its arrays, a site-only ``_cells`` array: per row the number of
+    carriers and of non-carriers of A1 among the samples the row rests on. A row with a cell of
+    1..``min_cell``-1 people is withheld (zeroed; its ``withheld`` flag set): its sums would be
+    a few identifiable people's values (route: small carrier cells). With ``kish``, a row whose
+    IRLS weights have a Kish effective size below ``min_count`` is withheld too (route: a β
+    that weights the fit onto a few people).
     """
 
-    def rule(out: dict[str, np.ndarray], min_count: int, n_samples: int) -> tuple[dict[str, np.ndarray], int]:
-        if not out:
-            return out, 0
-        n = np.asarray(column(out))
-        small = (n > 0) & (n < int(min_count))
-        k = int(small.sum())
-        if not k:
-            return out, 0
-        res = {}
-        for name, a in out.items():
-            a = np.array(a, copy=True)
-            if a.ndim >= 1 and a.shape[0] == len(small):
-                a[small] = 0
-                if fill == "missing" and name == "counts":
-                    a[small, 3] = n_samples
-            res[name] = a
-        return res, k
+    def rule(out: dict[str, np.ndarray], rules: "Rules", n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        cells = out.get("_cells")
+        if cells is None:
+            return out, None
+        mask = small_cells(cells, rules.min_cell)
+        if kish and "_neff" in out and "n" in out:
+            neff = np.floor(np.asarray(out["_neff"], dtype=np.float64) + 1e-9)
+            n = np.asarray(out["n"])
+            mask |= (n > 0) & (neff < int(rules.min_count))
+        return zero_rows(out, mask), mask
 
     return rule
+
+
+def called_count_rule(out: dict[str, np.ndarray], rules: "Rules", n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Genotype counts: a variant called in 1..min_count-1 samples is reported as all-missing."""
+    if not out:
+        return out, None
+    c = np.array(out["counts"], copy=True)
+    called = c[:, :3].sum(1)
+    mask = (called > 0) & (called < int(rules.min_count))
+    if mask.any():
+        c[mask] = 0
+        c[mask, 3] = n_samples
+    return {**out, "counts": c}, mask

@@ -1,10 +1,10 @@
-"""Site side of fedgen on Flower: request → egress guard → analysis → reply.
+"""Site side of fedgen on Flower: request → site pipeline (validate, disclosure rules, analysis, egress check, audit) → reply.
 
 Loaded by each SuperNode from the site's INSTALLED fedgen (the FAB carries no code; see
 :mod:`fedgen.federation.superexec`). The site's settings come only from ``context.node_config``
 (set by the site with ``flower-supernode --node-config``); a request cannot change them.
 
-Every message passes through :mod:`fedgen.site.guard`: a message of any type other than
+Every message passes through :mod:`fedgen.site.pipeline`: a message of any type other than
 ``query.fedgen`` is refused and logged before Flower's dispatch; a fedgen query is checked
 against the site policy and the analysis' declaration, and its reply is audited.
 """
@@ -35,7 +35,7 @@ class SiteClientApp(ClientApp):
     """A ClientApp that answers fedgen queries only; anything else is refused and audited."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        from fedgen.site.guard import MESSAGE_TYPE, refuse_message
+        from fedgen.site.pipeline import MESSAGE_TYPE, refuse_message
 
         mtype = str(message.metadata.message_type)
         if mtype != MESSAGE_TYPE:
@@ -61,7 +61,7 @@ def handle(msg: Message, context: Context) -> Message:
         try:
             analysis, params, arrays = decode_request(msg.content)
         except FedgenError as exc:
-            from fedgen.site.guard import refuse_message
+            from fedgen.site.pipeline import refuse_message
 
             raise FedgenError(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}")) from None
         ctx = {**_context(msg, context), "study_id": request_study_id(msg.content)}

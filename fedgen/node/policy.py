@@ -14,6 +14,16 @@ This module writes the default policy and validates a policy's syntax and keys. 
 ``accepted_fab_hashes``      SHA-256 hashes of further FABs the site accepts (hex)
 ``allowed_columns``          samples-table columns a study may use as phenotypes or covariates
                              (empty = every column); anything else is refused
+``min_cell``                 smallest non-empty cell a released row may rest on: carriers and
+                             non-carriers of A1 among the row's samples (default 5)
+``allow_per_variant_sample_sets``  answer ``missing: drop`` requests (PLINK's per-variant drop of
+                             missing calls, whose varying sample sets are a tracker); off by default
+``max_sample_sets_per_study`` distinct sample sets one study may release aggregates over
+``pca_rank_per_study``       largest total PCA basis width (columns, as a fraction of the site's
+                             samples) one study may have the site multiply by its data
+``pca_rank_lifetime``        the same over the site's lifetime, all studies together
+``ld_max_window_bp``         largest physical span of one LD request
+``dp_count_sigma``           σ of the discrete Gaussian on counts a DP-only site publishes
 
 A policy may also be given inline (a mapping) in local runs: ``sites.<name>.policy``.
 :func:`load_policy` fills defaults for keys it omits and validates the result.
@@ -39,9 +49,18 @@ DEFAULTS: dict[str, Any] = {
     "accepted_fedgen_versions": [],  # filled with the installed version (see default_policy)
     "accepted_fab_hashes": [],
     "allowed_columns": [],
+    "min_cell": 5,
+    "allow_per_variant_sample_sets": False,
+    "max_sample_sets_per_study": 8,
+    "pca_rank_per_study": 0.1,
+    "pca_rank_lifetime": 0.5,
+    "ld_max_window_bp": 2_000_000,
+    "dp_count_sigma": 20.0,
 }
 
-OPTIONAL_KEYS = ("accepted_fedgen_versions", "accepted_fab_hashes", "allowed_columns")
+DISCLOSURE_KEYS = ("min_cell", "allow_per_variant_sample_sets", "max_sample_sets_per_study", "pca_rank_per_study",
+                   "pca_rank_lifetime", "ld_max_window_bp", "dp_count_sigma")
+OPTIONAL_KEYS = ("accepted_fedgen_versions", "accepted_fab_hashes", "allowed_columns", *DISCLOSURE_KEYS)
 REQUIRED_KEYS = tuple(k for k in DEFAULTS if k not in OPTIONAL_KEYS)
 
 
@@ -173,6 +192,24 @@ accepted_fab_hashes = []
 # Samples-table columns a study may use as phenotypes or covariates (empty = every column).
 # List them to keep identifiers, dates and other columns out of every aggregate.
 allowed_columns = []
+
+# Disclosure rules (docs/THREAT_MODEL.md names the attack each one stops).
+# Smallest non-empty cell a released row may rest on (carriers / non-carriers of the tested allele).
+min_cell = {DEFAULTS["min_cell"]}
+# PLINK's per-variant drop of missing calls (study.glm.missing: drop) gives every variant its own
+# sample set, which differencing turns into individual values. Off: missing calls are imputed.
+allow_per_variant_sample_sets = false
+# Distinct sample sets (phenotype/covariate missingness patterns) one study may use.
+max_sample_sets_per_study = {DEFAULTS["max_sample_sets_per_study"]}
+# PCA: total basis width multiplied by this site's data, as a fraction of its samples,
+# per study and over the site's lifetime.
+pca_rank_per_study = {DEFAULTS["pca_rank_per_study"]!r}
+pca_rank_lifetime = {DEFAULTS["pca_rank_lifetime"]!r}
+# Largest physical span of one LD request (base pairs).
+ld_max_window_bp = {DEFAULTS["ld_max_window_bp"]}
+# A site whose policy allows only DP releases publishes its counts with this much discrete
+# Gaussian noise (charged to the budget once per version of its data).
+dp_count_sigma = {DEFAULTS["dp_count_sigma"]!r}
 """
 
 
@@ -234,6 +271,19 @@ def validate_policy(policy: dict[str, Any], *, known_analyses: set[str] | None =
         is_int(policy["max_variants_per_request"]) and policy["max_variants_per_request"] >= 1
     ):
         problems.append(f"max_variants_per_request must be a whole number >= 1, got {policy['max_variants_per_request']!r}")
+    if "min_cell" in policy and not (is_int(policy["min_cell"]) and policy["min_cell"] >= 1):
+        problems.append(f"min_cell must be a whole number >= 1, got {policy['min_cell']!r}")
+    if "allow_per_variant_sample_sets" in policy and not isinstance(policy["allow_per_variant_sample_sets"], bool):
+        problems.append("allow_per_variant_sample_sets must be true or false")
+    if "max_sample_sets_per_study" in policy and not (is_int(policy["max_sample_sets_per_study"]) and policy["max_sample_sets_per_study"] >= 1):
+        problems.append(f"max_sample_sets_per_study must be a whole number >= 1, got {policy['max_sample_sets_per_study']!r}")
+    for key in ("pca_rank_per_study", "pca_rank_lifetime"):
+        if key in policy and not (is_num(policy[key]) and policy[key] > 0):
+            problems.append(f"{key} must be a number > 0 (a fraction of the site's samples), got {policy[key]!r}")
+    if "ld_max_window_bp" in policy and not (is_int(policy["ld_max_window_bp"]) and policy["ld_max_window_bp"] >= 1):
+        problems.append(f"ld_max_window_bp must be a whole number >= 1, got {policy['ld_max_window_bp']!r}")
+    if "dp_count_sigma" in policy and not (is_num(policy["dp_count_sigma"]) and policy["dp_count_sigma"] > 0):
+        problems.append(f"dp_count_sigma must be a number > 0, got {policy['dp_count_sigma']!r}")
     if "accepted_fedgen_versions" in policy:
         v = policy["accepted_fedgen_versions"]
         if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):

@@ -1,4 +1,4 @@
-"""Site-side enforcement: the egress guard, the audit log and the site's state folder."""
+"""Site-side enforcement: the request pipeline, its disclosure registers, the audit log and the state folder."""
 
 from __future__ import annotations
 

@@ -90,7 +90,10 @@ def allelic_assoc(a: Any, b: Any, c: Any, d: Any) -> dict[str, np.ndarray]:
         only a case or control total is 0 PLINK reports CHISQ 0, P 1 — and ``or_`` = ad/(bc),
         NA when bc = 0.
     """
-    a, b, c, d = (np.asarray(x, dtype=np.int64) for x in (a, b, c, d))
+    arrs = [np.asarray(x) for x in (a, b, c, d)]
+    # integer counts stay exact in int64; imputed (fractional) counts are float64
+    kind = np.int64 if all(x.dtype.kind in "iub" for x in arrs) else np.float64
+    a, b, c, d = (x.astype(kind) for x in arrs)
     fa, fb, fc, fd = (x.astype(np.float64) for x in (a, b, c, d))
     with np.errstate(divide="ignore", invalid="ignore"):
         f_a = np.where(a + b > 0, fa / (fa + fb), np.nan)

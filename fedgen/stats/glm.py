@@ -102,12 +102,26 @@ def _blocks(n_variants: int, n_samples: int) -> list[slice]:
     return [slice(s, min(s + step, n_variants)) for s in range(0, n_variants, step)]
 
 
-def _geno_block(gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0/1 non-missing mask and genotype with missing set to 0, both float64."""
+def _geno_block(gb: np.ndarray, fill: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 non-missing mask and genotype with missing set to 0, both float64.
+
+    With ``fill`` (one value per variant), a missing call is imputed with its variant's value
+    and every sample counts as present (one sample set for every variant).
+    """
+    if fill is not None:
+        G = gb.astype(np.float64)
+        miss = gb < 0
+        if miss.any():
+            G[miss] = np.broadcast_to(np.asarray(fill, dtype=np.float64)[:, None], G.shape)[miss]
+        return np.ones(G.shape), G
     M = (gb >= 0).astype(np.float64)
     G = gb.astype(np.float64)
     G *= M  # -1 -> -0.0
     return M, G
+
+
+def _fill_of(fill: Any, sl: slice) -> np.ndarray | None:
+    return None if fill is None else np.asarray(fill, dtype=np.float64)[sl]
 
 
 def _cov_products(C: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -266,7 +280,7 @@ def _invalid_cov(cov: np.ndarray) -> np.ndarray:
 
 
 # =============================================================================== linear
-def site_linear_suffstats(g: Any, y: Any, C: Any) -> dict[str, np.ndarray]:
+def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None) -> dict[str, np.ndarray]:
     """One site's partial sums for linear regression of ``y`` on ``[1, g, C]``.
 
     Parameters
@@ -278,6 +292,8 @@ def site_linear_suffstats(g: Any, y: Any, C: Any) -> dict[str, np.ndarray]:
         Phenotype; samples with a missing phenotype must already be removed.
     C : (N, k) float or None
         Covariates (no NaN).
+    fill : (V,) float or None
+        Imputation value per variant: a missing call takes it instead of dropping the sample.
 
     Returns
     -------
@@ -297,7 +313,7 @@ def site_linear_suffstats(g: Any, y: Any, C: Any) -> dict[str, np.ndarray]:
     Xty = np.zeros((V, p))
     yty = np.zeros(V)
     for sl in _blocks(V, N):
-        M, G = _geno_block(g[sl])
+        M, G = _geno_block(g[sl], _fill_of(fill, sl))
         sm = M @ q_m
         sg = G @ q_g
         sgg = np.einsum("ij,ij->i", G, G)
@@ -427,7 +443,7 @@ class _SiteTerms:
         return out
 
 
-def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bool = True
+def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bool = True, fill: Any = None
                            ) -> dict[str, np.ndarray]:
     """One site's IRLS sums at ``beta``: Hessian, gradient, sample count, log-likelihood.
 
@@ -461,7 +477,7 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
     n = np.zeros(V, dtype=np.int64)
     neff = np.zeros(V)
     for sl in _blocks(V, N):
-        M, G = _geno_block(g[sl])
+        M, G = _geno_block(g[sl], _fill_of(fill, sl))
         n[sl] = np.rint(M.sum(1)).astype(np.int64)
         pr, ll = _fitted_block(beta[sl], G, C, y=y if with_loglik else None, M=M)
         if ll is not None:
@@ -680,7 +696,7 @@ def _wald_results(beta1: np.ndarray, var1: np.ndarray, fitted: np.ndarray, unfin
 
 
 # =============================================================================== Firth
-def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None
+def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None, *, fill: Any = None
                         ) -> dict[str, np.ndarray]:
     """One site's Firth sums at ``beta``.
 
@@ -720,7 +736,7 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None
         ustar = np.full((V, p), np.nan)
         offdiag = np.where(iu == ju, 1.0, 2.0)
     for sl in _blocks(V, N):
-        M, G = _geno_block(g[sl])
+        M, G = _geno_block(g[sl], _fill_of(fill, sl))
         n[sl] = np.rint(M.sum(1)).astype(np.int64)
         pr, loglik[sl] = _fitted_block(beta[sl], G, C, y=y, M=M)
         v = np.subtract(1.0, pr)

@@ -343,7 +343,7 @@ class BlockKrylovPCA:
 # --------------------------------------------------------------------------- LD pruning
 
 
-def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128) -> np.ndarray:
+def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128, fill: Any = None) -> np.ndarray:
     """Pairwise-complete sums for each variant and its next ``window - 1`` neighbours.
 
     Parameters
@@ -358,19 +358,25 @@ def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128
     (n_first, window - 1, 6) int64: for the pair (i, i + d), d = 1..window-1, over samples with
     both calls present: ``n``, ``Σg_i``, ``Σg_i²``, ``Σg_j``, ``Σg_j²``, ``Σg_i g_j``.
     Pairs past the last row are 0. Sums over samples: they add up across sites.
+    With ``fill`` (one value per row), a missing call is imputed with it: every sample counts in
+    every pair, and the sums are float64.
     """
     g = np.asarray(dosage)
     R = g.shape[0]
     W1 = int(window) - 1
-    out = np.zeros((n_first, max(W1, 0), 6), dtype=np.int64)
+    out = np.zeros((n_first, max(W1, 0), 6), dtype=np.int64 if fill is None else np.float64)
     if W1 <= 0 or n_first == 0:
         return out
     rows_used = min(R, n_first + W1)
     g = g[:rows_used]
     # float32 products of small integers are exact while every sum stays below 2^24 (4N)
-    dtype = np.float32 if 4 * g.shape[1] < 2**24 else np.float64
-    present = (g >= 0).astype(dtype)
-    g0 = np.where(g >= 0, g, 0).astype(dtype)
+    dtype = np.float32 if 4 * g.shape[1] < 2**24 and fill is None else np.float64
+    if fill is None:
+        present = (g >= 0).astype(dtype)
+        g0 = np.where(g >= 0, g, 0).astype(dtype)
+    else:
+        present = np.ones(g.shape, dtype)
+        g0 = np.where(g >= 0, g, np.asarray(fill, dtype=np.float64)[: g.shape[0], None]).astype(dtype)
     g2 = g0 * g0
     stacked = np.stack([present, g0, g2])  # (3, R, N)
     d = np.arange(1, W1 + 1)
@@ -388,7 +394,7 @@ def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128
         jc = np.where(ok, jj, 0)
         blk = np.stack([m[ii, jc] for m in mats], axis=-1)
         blk[~ok] = 0
-        out[r] = np.rint(blk).astype(np.int64)
+        out[r] = np.rint(blk).astype(np.int64) if fill is None else blk
     return out
 
 
@@ -398,7 +404,8 @@ def ld_pair_r2_exceeds(pair_sums: Any, r2: float) -> np.ndarray:
     ``pair_sums`` is (V, W-1, 6) from :func:`site_ld_pair_sums`, summed over sites. The
     covariance and variances are ``n``-scaled integers, as in plink2_ld.cc.
     """
-    s = np.asarray(pair_sums, dtype=np.int64)
+    s = np.asarray(pair_sums)
+    s = s.astype(np.int64) if s.dtype.kind in "iu" else s.astype(np.float64)
     n, sx, sxx, sy, syy, dot = (s[..., i] for i in range(6))
     cov = (dot * n - sx * sy).astype(np.float64)
     v1 = (sxx * n - sx * sx).astype(np.float64)

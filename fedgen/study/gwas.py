@@ -171,7 +171,8 @@ def run_association(
     summary: dict[str, Any] = {}
     for pheno in phenos:
         kind = phenotype_kind(info, pheno)
-        params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec}
+        params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
+                  "missing": plan.get("missing", "impute")}
         res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
         if kind == "binary" and "assoc" in analyses:
             with ctx.timed(f"assoc:{pheno}"):
@@ -207,9 +208,32 @@ def _na(strings: list[str], bad: np.ndarray) -> list[str]:
     return ["NA" if b else s for s, b in zip(strings, bad.tolist())]
 
 
+#: ERRCODE of a row that a site's disclosure rule withheld (a cell of 1..min_cell-1 carriers or
+#: non-carriers of A1, or IRLS weights resting on fewer than min_count people)
+WITHHELD = "SMALL_CELL"
+
+
+def _withheld(sums: dict[str, np.ndarray], n: int) -> np.ndarray:
+    w = sums.get("withheld")
+    return np.zeros(n, bool) if w is None else np.asarray(w) > 0
+
+
+def _note_withheld(ctx: Any, what: str, mask: np.ndarray) -> None:
+    k = int(np.count_nonzero(mask))
+    if k:
+        note = (f"{what}: {k} row(s) withheld by a site's small-cell rule (ERRCODE {WITHHELD}): fewer than the "
+                "site's min_cell carriers or non-carriers of A1, or IRLS weights on too few people")
+        log.info(note)
+        ctx.notes.append(note)
+
+
 def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> tuple[str, np.ndarray]:
     sums = query_rows(ctx, "glm_linear", aln, rows, a1_ref, params)
     r = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
+    held = _withheld(sums, len(rows))
+    r["errcode"] = np.where(held, WITHHELD, r["errcode"])
+    if out is not None:
+        _note_withheld(ctx, f"{params['phenotype']} linear", held)
     bad = r["errcode"] != "."
     name = f"{params['phenotype']}.glm.linear"
     p = np.where(bad, np.nan, np.exp(r["p_ln"]))
@@ -264,9 +288,11 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
         log.warning("%s: a covariate separates cases from controls; every variant uses Firth regression", params["phenotype"])
     drv = glm.LogisticDriver(len(rows), n_pred, covar_separated=separated, a1_is_ref=a1_ref)
     rounds = 0
+    held = np.zeros(len(rows), bool)
     while not drv.done:
         act = np.flatnonzero(drv.active)
         sums = query_rows(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params, {"beta": drv.beta[act]})
+        held[act] |= _withheld(sums, len(act))
         drv.step(sums["H"], sums["grad"])
         rounds += 1
     res = drv.results()
@@ -281,13 +307,16 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
             if fd.need == "score":
                 arrays["Iinv"] = fd.Iinv[act]
             sums = query_rows(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params, arrays)
+            held[fidx[act]] |= _withheld(sums, len(act))
             fd.step(sums["I"], sums["loglik"], sums.get("ustar"))
             rounds += 1
         fr = fd.results()
         for key in ("beta", "se", "z", "p_ln", "errcode"):
             res[key][fidx] = fr[key]
     log.info("%s: logistic regression in %d rounds (%d variants with Firth)", params["phenotype"], rounds, len(fidx))
-    err = np.asarray(res["errcode"]).astype(str)
+    err = np.where(held, WITHHELD, np.asarray(res["errcode"]).astype(str)).astype(str)
+    if out is not None:
+        _note_withheld(ctx, f"{params['phenotype']} logistic", held)
     show = (err == ".") | (err == "UNFINISHED")
     name = f"{params['phenotype']}.glm.logistic.hybrid"
     if out is None:
@@ -312,9 +341,15 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
 
 
 def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> str:
-    sums = query_rows(ctx, "assoc_counts", aln, rows, a1_ref, params)
+    sums = query_rows(ctx, "assoc_counts", aln, rows, a1_ref, {**params, "covariates": [], "site_columns": {}, "pcs": None})
     c = sums["counts"]
     r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+    held = _withheld(sums, len(rows))
+    if held.any():  # PLINK 1.9's .assoc has no ERRCODE column: withheld rows print NA (manifest note)
+        _note_withheld(ctx, f"{params['phenotype']} allelic test", held)
+        for key in ("chisq", "p", "or_", "f_a", "f_u"):
+            if key in r:
+                r[key] = np.where(held, np.nan, np.asarray(r[key], dtype=np.float64))
     name = f"{params['phenotype']}.assoc"
     atomic_write_text(out / name, assoc_text(aln, rows, a1_ref, r))
     return name

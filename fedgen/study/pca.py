@@ -219,24 +219,33 @@ def federated_ld_prune(
     step: int,
     r2: float,
     block: int,
+    missing: str = "impute",
 ) -> np.ndarray:
-    """PLINK 2 ``--indep-pairwise window step r2`` over candidate ``rows``; returns kept rows."""
+    """PLINK 2 ``--indep-pairwise window step r2`` over candidate ``rows``; returns kept rows.
+
+    Requests cover one contig each (sites refuse anything else). With ``missing="impute"``
+    the sites impute missing calls at their own mean dosage; ``"drop"`` is PLINK's pairwise
+    complete computation (sites must allow per-variant sample sets).
+    """
     n = len(rows)
     if n == 0:
         return rows
     W1 = window - 1
-    pair_sums = np.zeros((n, W1, 6), dtype=np.int64)
+    dtype = np.float64 if missing == "impute" else np.int64
+    pair_sums = np.zeros((n, W1, 6), dtype=dtype)
     step_rows = max(1, int(block) - W1)  # a request (rows + look-ahead) stays within block_size
-    for b0 in range(0, n, step_rows):
-        first = min(step_rows, n - b0)
-        sub = rows[b0 : min(b0 + first + W1, n)]
-        req = Request(
-            "ld_pair_sums",
-            params={"n_first": first, "window": window},
-            per_site_arrays=_site_arrays(aln, sub),
-        )
-        pair_sums[b0 : b0 + first] = _total(traffic.query("ld_prune", req), "pairs", dtype=np.int64)
     chrom = aln.chrom[rows]
+    bounds = np.flatnonzero(np.r_[True, chrom[1:] != chrom[:-1], True])
+    for c0, c1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        for b0 in range(c0, c1, step_rows):
+            first = int(min(step_rows, c1 - b0))
+            sub = rows[b0 : min(b0 + first + W1, c1)]
+            req = Request(
+                "ld_pair_sums",
+                params={"n_first": first, "window": window, "missing": missing},
+                per_site_arrays=_site_arrays(aln, sub),
+            )
+            pair_sums[b0 : b0 + first] = _total(traffic.query("ld_prune", req), "pairs", dtype=dtype)
     exceeds = pcastats.ld_pair_r2_exceeds(pair_sums, r2)
     # pairs across contigs never share a window; mask them anyway
     same = np.zeros_like(exceeds)
@@ -312,7 +321,7 @@ def run_pca(
     if cfg["ld_prune"]:
         lp = cfg["ld_prune"]
         with ctx.timed("pca_ld_prune"):
-            rows = federated_ld_prune(traffic, aln, counts, rows, block=block_rows, **lp)
+            rows = federated_ld_prune(traffic, aln, counts, rows, block=block_rows, missing=ctx.plan.get("missing", "impute"), **lp)
         selection["ld_pruned_kept"] = len(rows)
         log.info("PCA: LD pruning (window %d, step %d, r2 %g) kept %d of %d candidates",
                  lp["window"], lp["step"], lp["r2"], len(rows), selection["candidates"])

@@ -91,6 +91,13 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             raise ConfigError(f"study.qc.{k}: unknown filter (known: maf, geno, hwe)")
         if v is not None and not (isinstance(v, (int, float)) and 0 <= float(v) <= 1):
             raise ConfigError(f"study.qc.{k} must be a number in [0, 1] or null, got {v!r}")
+    glm_cfg = study.get("glm") or {}
+    unknown_glm = sorted(set(glm_cfg) - {"missing"})
+    if unknown_glm:
+        raise ConfigError(f"study.glm: unknown key(s) {', '.join(unknown_glm)} (known: missing)")
+    missing = str(glm_cfg.get("missing", "impute"))
+    if missing not in ("impute", "drop"):
+        raise ConfigError(f"study.glm.missing must be impute or drop, got {missing!r}")
     out = resolved.get("output_dir")
     if not out:
         raise ConfigError("output_dir is not set")
@@ -106,6 +113,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "block_size": int(study.get("block_size") or 65536),
         "glm_block_size": int(study.get("glm_block_size") or 65536),
         "site_covariate": bool(study.get("site_covariate") or False),
+        "missing": missing,
         "lambda_without_pcs": bool(study.get("lambda_without_pcs", True)),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
