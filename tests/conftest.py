@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ PLINK_EXACT_POLICY: dict[str, Any] = {
     "allow_per_variant_sample_sets": True,
     "pca_rank_per_study": 1000.0,
     "pca_rank_lifetime": 1e6,
+    "extra_analyses": ["pca_product", "pca_scores"],
 }
 
 
@@ -63,7 +65,7 @@ def split_sites(
         write_samples(data, d / "samples.tsv", cols, extra_ids=k, binary_12=bool(k % 2))
         node_configs[site] = {"site": site, "vcf": str(vcf), "samples": str(d / "samples.tsv"), "state_dir": str(d / "state")}
         if policy is not None:
-            node_configs[site]["policy"] = dict(policy)
+            node_configs[site]["policy"] = json.dumps(policy)  # as a node config carries it
     return node_configs
 
 

@@ -59,7 +59,7 @@ def allow_histograms(nodes) -> None:
         pol = nc.get("policy")
         pol = json.loads(pol) if isinstance(pol, str) else dict(pol or {})
         pol.setdefault("allowed_analyses", sorted(known_analyses()))
-        nc["policy"] = pol
+        nc["policy"] = json.dumps(pol)
 
 
 def site_freq(nodes, idx) -> np.ndarray:

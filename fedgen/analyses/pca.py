@@ -186,6 +186,8 @@ def _round_tag(params: dict[str, Any], what: str) -> str:
     return f"{study_id}.{what}.{rnd}"
 
 
+PCA_OPT_IN = ("its exact products reveal who is in the site's cohort: a membership test on an honest PCA transcript "
+              "reaches an AUC near 1 even at rank 5 (docs/THREAT_MODEL.md)")
 MAX_LD_WINDOW = 1000
 MAX_BASIS = 64  # columns of a PCA basis: enough for 20+ PCs with oversampling; far below any site's n
 
@@ -206,6 +208,7 @@ _BLOCK_PARAMS = frozenset({"study_id", "round", "n_blocks", "phase", "block"})
         sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
         validate=lambda cohort, req: _validate_pca(cohort, req),
         rank=lambda req: _rank_of(req, "basis"),
+        opt_in_reason=PCA_OPT_IN,
         doc="Z_s(Z_sᵀQ) for the aggregator's basis Q (variants × b); Z_sᵀQ stays at the site",
     ),
 )
@@ -406,6 +409,7 @@ def _hist_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dic
         sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
         validate=lambda cohort, req: _validate_pca(cohort, req),
         rank=lambda req: _rank_of(req, "loadings"),
+        opt_in_reason=PCA_OPT_IN,
         needs_study_pca=True,
         doc="stores the site's PC scores locally; replies Σ, Σ² (and, only where the site allows pca_histograms, "
         "small-cell-suppressed 1-D histograms)",

@@ -66,6 +66,8 @@ class Spec:
     suppress: Callable[[dict[str, np.ndarray], "Rules", int], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
     #: releases individual samples' values (refused unless the site policy names it explicitly)
     sample_level: bool = False
+    #: not in the default policy for this reason (a site opts in with ``extra_analyses``)
+    opt_in_reason: str = ""
     #: replies may be empty (e.g. an accumulate-only step)
     may_be_empty: bool = False
     #: the sample sets the aggregate rests on, for the site's released-sample-set register:

@@ -38,6 +38,8 @@ import signal
 import subprocess
 import sys
 import traceback
+
+from fedgen.federation import flwr_compat
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +321,10 @@ def main() -> None:
         return
 
     _sanitise_sys_path()
+    try:
+        flwr_compat.require("superexec")
+    except flwr_compat.FlowerIncompatible as exc:
+        sys.exit(f"fedgen site node: {exc}")
     fork = os.environ.get("FEDGEN_FORK_CLIENTAPP", "1") != "0"
     pipe = None
     if fork:
@@ -349,7 +355,7 @@ def main() -> None:
             subprocess.Popen(cmd)  # noqa: S603 - reaped by Flower's SuperExec like its own launches
             return LaunchResult.accepted()
 
-    rs.get_executor = lambda *a, **k: FedgenExecutor()  # type: ignore[assignment]
+    flwr_compat.rebind(rs, "get_executor", lambda *a, **k: FedgenExecutor())
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
     sys.argv[0] = "flower-superexec"

@@ -30,6 +30,8 @@ import os
 import sys
 import time as _time
 import types
+
+from fedgen.federation import flwr_compat
 from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -119,7 +121,7 @@ def _quiet_fab_install() -> None:
 
     shim.secho = secho  # type: ignore[attr-defined]
     shim._fedgen_shim = True  # type: ignore[attr-defined]
-    install.typer = shim  # type: ignore[attr-defined]
+    flwr_compat.rebind(install, "typer", shim)
 
 
 def setup_plain_logging(level: str | int | None = None, *, extra_filters: list[logging.Filter] | None = None) -> None:
@@ -182,7 +184,7 @@ def _use_fedgen_superexec() -> None:
     shim = types.ModuleType("subprocess")
     shim.__dict__.update(vars(subprocess))
     shim.Popen = popen  # type: ignore[attr-defined]
-    sci.subprocess = shim  # type: ignore[attr-defined]
+    flwr_compat.rebind(sci, "subprocess", shim)
 
 
 def _run_superexec() -> None:
@@ -215,6 +217,11 @@ def main() -> None:
     problem = _refuse(sys.argv[1:])
     if problem:
         sys.exit(problem)
+    try:
+        flwr_compat.require("supernode")
+        flwr_compat.require("superexec")
+    except flwr_compat.FlowerIncompatible as exc:
+        sys.exit(f"fedgen site node: {exc}")
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     os.environ["PYTHONSAFEPATH"] = "1"  # inherited by the SuperExec and every task
     setup_plain_logging()
@@ -227,7 +234,7 @@ def main() -> None:
         shim = types.ModuleType("time")
         shim.__dict__.update({k: v for k, v in vars(_time).items() if not k.startswith("__")})
         shim.sleep = lambda s: real_sleep(min(float(s), cap))  # type: ignore[attr-defined]
-        sci.time = shim  # type: ignore[attr-defined]
+        flwr_compat.rebind(sci, "time", shim)
     _use_fedgen_superexec()
     from flwr.supernode.cli import flower_supernode
 

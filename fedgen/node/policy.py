@@ -24,6 +24,8 @@ This module writes the default policy and validates a policy's syntax and keys. 
 ``pca_rank_lifetime``        the same over the site's lifetime, all studies together
 ``ld_max_window_bp``         largest physical span of one LD request
 ``dp_count_sigma``           σ of the discrete Gaussian on counts a DP-only site publishes
+``extra_analyses``           analyses added to ``allowed_analyses`` (e.g. the opt-in PCA analyses,
+                             left out of the default policy for the membership risk they carry)
 
 A policy may also be given inline (a mapping) in local runs: ``sites.<name>.policy``.
 :func:`load_policy` fills defaults for keys it omits and validates the result.
@@ -100,6 +102,14 @@ def sample_level_analyses() -> set[str]:
     return {name for name, spec in pkg.SPECS.items() if spec.sample_level}
 
 
+def opt_in_analyses() -> dict[str, str]:
+    """Installed analyses left out of the default policy for a stated disclosure risk: name -> why."""
+    import fedgen.analyses as pkg
+
+    known_analyses()
+    return {name: spec.opt_in_reason for name, spec in pkg.SPECS.items() if spec.opt_in_reason}
+
+
 def default_policy(analyses: list[str] | None = None) -> dict[str, Any]:
     """The default policy as a dict.
 
@@ -107,7 +117,7 @@ def default_policy(analyses: list[str] | None = None) -> dict[str, Any]:
     samples' values (a site must name those explicitly).
     """
     if analyses is None:
-        analyses = sorted(known_analyses() - sample_level_analyses())
+        analyses = sorted(known_analyses() - sample_level_analyses() - set(opt_in_analyses()))
     return {
         **DEFAULTS,
         "allowed_analyses": sorted(analyses),
@@ -142,7 +152,12 @@ def load_policy(source: Any) -> dict[str, Any]:
     for key, value in list(policy.items()):  # OmegaConf / TOML containers → plain lists
         if isinstance(value, tuple) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, dict))):
             policy[key] = list(value)
+    extra = policy.pop("extra_analyses", [])
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise ValueError(f"{where}: extra_analyses must be a list of analysis names")
     effective = {**default_policy(), **policy}
+    if extra:  # opt-ins added to the (default or listed) analyses
+        effective["allowed_analyses"] = sorted(set(effective["allowed_analyses"]) | set(extra))
     problems = validate_policy(effective, known_analyses=known_analyses())
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
@@ -158,6 +173,9 @@ def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
         f"Not listed by default because they release single samples' values: {', '.join(sample_level)}."
         if sample_level else "No installed analysis releases single samples' values."
     )
+    opt = opt_in_analyses()
+    if opt:
+        sample_note += "\n# Not listed by default for the membership risk they carry (add them only if cohort membership\n# is not secret): " + ", ".join(sorted(opt)) + "."
     return f"""\
 # fedgen site policy for site "{site}": what this site agrees to compute and release.
 # Only this site edits this file; the aggregator cannot change it. Check it after editing with

@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import sys
+
+from fedgen.federation import flwr_compat
 from typing import Any, Awaitable, Callable, Iterable
 
 log = logging.getLogger("fedgen.aggregator")
@@ -147,7 +149,7 @@ def _install(admin_hosts: list[str]) -> None:
     def middleware() -> list[Any]:
         return [Middleware(AdminGate, allow=admin_hosts), *real_middleware()]
 
-    slmain._get_middleware = middleware  # type: ignore[attr-defined]
+    flwr_compat.rebind(slmain, "_get_middleware", middleware)
 
     real_log_config = fsl.get_uvicorn_log_config
 
@@ -159,7 +161,7 @@ def _install(admin_hosts: list[str]) -> None:
         cfg["handlers"]["access"].setdefault("filters", []).append("fedgen_access")
         return cfg
 
-    fsl.get_uvicorn_log_config = log_config  # type: ignore[attr-defined]
+    flwr_compat.rebind(fsl, "get_uvicorn_log_config", log_config)
 
     real_superexec = fsl._get_superexec_command
 
@@ -169,7 +171,7 @@ def _install(admin_hosts: list[str]) -> None:
             cmd = [sys.executable, "-m", "fedgen.node.superlink", _SUPEREXEC_FLAG, *cmd[1:]]
         return cmd
 
-    fsl._get_superexec_command = superexec_command  # type: ignore[attr-defined]
+    flwr_compat.rebind(fsl, "_get_superexec_command", superexec_command)
 
 
 def _run_superexec() -> None:
@@ -188,6 +190,10 @@ def main() -> None:
         return
     if "--insecure" in sys.argv[1:]:
         sys.exit("the fedgen aggregator always uses TLS; remove --insecure")
+    try:
+        flwr_compat.require("superlink")
+    except flwr_compat.FlowerIncompatible as exc:
+        sys.exit(f"fedgen aggregator: {exc}")
     if "--allow-runtime-dependency-installation" in sys.argv[1:]:
         sys.exit("the fedgen aggregator never installs packages at run time")
     if "--disable-runtime-dependency-installation" not in sys.argv[1:]:

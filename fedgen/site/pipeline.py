@@ -205,7 +205,8 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
         raise Refused(f"unknown analysis {analysis!r}: not in this site's installed fedgen")
     spec = SPECS[analysis]
     if analysis not in policy["allowed_analyses"]:
-        extra = " (it releases individual samples' values)" if spec.sample_level else ""
+        extra = " (it releases individual samples' values)" if spec.sample_level else (
+            f" (opt-in: {spec.opt_in_reason})" if spec.opt_in_reason else "")
         raise Refused(f"analysis {analysis!r} is not allowed by the site's policy{extra}")
     # ---------------------------------------------------------------- validate
     try:

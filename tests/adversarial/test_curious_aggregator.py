@@ -1,0 +1,282 @@
+"""A curious aggregator replays every known route against a site at the default policy.
+
+Each test *tries to reconstruct* individual data from what the site's real ClientApp sends back
+(genotypes, phenotypes, membership) and asserts that it fails: the site refused, or what came
+back does not determine anyone's values. Routes and the rules that close them are listed in
+``docs/THREAT_MODEL.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from hostile import HostileAggregator, Refusal, Site, glm_params, idx, triu_col
+
+from fedgen.site.pipeline import dp_only
+
+PCA_OPT_IN = {"extra_analyses": ["pca_product", "pca_scores"]}
+
+
+@pytest.fixture()
+def site(tmp_path):
+    return Site(tmp_path / "hk")
+
+
+def _sum_g(rep) -> np.ndarray:
+    arrays, _ = rep
+    p = arrays["Xty"].shape[1]
+    return arrays["XtX_triu"][:, triu_col(p, 0, 1)]
+
+
+# ----------------------------------------------------------------------------- differencing
+
+
+def test_differencing_two_sample_sets_recovers_no_one(site):
+    """Y and Y_ONE differ by one person: Σg and Σy over the two sets would give their genotypes and Y."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    full = agg.ask("glm_linear", glm_params("Y"), idx(V))
+    one = agg.try_ask("glm_linear", glm_params("Y_ONE"), idx(V))
+    truth_g = np.where(site.genotype(site.one) >= 0, site.genotype(site.one), 0)
+    if one is not None:
+        g_hat = _sum_g(full) - _sum_g(one)
+        y_hat = full[0]["Xty"][:, 0] - one[0]["Xty"][:, 0]
+        assert not np.allclose(g_hat, truth_g, atol=0.5), "genotypes of the missing person recovered"
+        assert not np.any(np.isclose(y_hat, site.y[site.one], atol=1e-6)), "phenotype of the missing person recovered"
+    else:
+        assert "differencing" in agg.refusals[-1] or "min_count" in agg.refusals[-1]
+
+
+def test_inclusion_exclusion_over_three_sets_recovers_no_one(site):
+    """Sets U−A, U−B, U−(A∪B) with |A|=|B|=20 and A∩B={x}: every pairwise difference is large,
+    but Σ(U−A∪B) − Σ(U−A) − Σ(U−B) + Σ(U) is person x alone."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    reps = [agg.try_ask("glm_linear", glm_params("Y", covariates=c), idx(V)) for c in ([], ["A_M"], ["B_M"], ["A_M", "B_M"])]
+    x = 1
+    if all(r is not None for r in reps):
+        u, a, b, ab = (_sum_g(r) for r in reps)
+        g_hat = ab - a - b + u
+        truth = np.where(site.genotype(x) >= 0, site.genotype(x), 0)
+        assert not np.allclose(g_hat, truth, atol=0.5), "person x's genotypes recovered by inclusion-exclusion"
+    else:
+        assert reps[0] is not None  # the honest study over everyone is answered
+        assert any("differencing" in r for r in agg.refusals)
+
+
+def test_per_variant_missing_calls_are_no_tracker(site):
+    """PLINK's per-variant drop: rows whose n is one short give that person's Y (tracker)."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    with pytest.raises(Refusal, match="allow_per_variant_sample_sets"):
+        agg.ask("glm_linear", glm_params("Y", missing="drop"), idx(V))
+    arrays, _ = agg.ask("glm_linear", glm_params("Y"), idx(V))  # default: imputed, one sample set
+    g = site.data.dosage[:, site.members]
+    one_missing = np.flatnonzero((g < 0).sum(1) == 1)
+    assert len(one_missing) >= 1
+    complete = np.flatnonzero((g < 0).sum(1) == 0)
+    ok = arrays["n"] > 0
+    assert len(set(arrays["n"][ok].tolist())) == 1  # every answered row rests on the same people
+    full_sum = arrays["Xty"][complete[ok[complete]][0], 0]
+    for j in one_missing:
+        if not ok[j]:
+            continue
+        k = int(np.flatnonzero(g[j] < 0)[0])
+        y_hat = full_sum - arrays["Xty"][j, 0]
+        assert not np.isclose(y_hat, site.y[k], atol=1e-6)
+    with pytest.raises(Refusal, match="allow_per_variant_sample_sets"):
+        agg.ask("assoc_counts", glm_params("D", "binary", missing="drop"), idx(V))
+
+
+# ----------------------------------------------------------------------------- small cells
+
+
+def test_small_carrier_cells_give_no_carrier_phenotypes(site):
+    """A variant carried by one person: Σg·y / Σg is their Y; case A1 counts are their D."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    carriers, non = site.carriers(), site.non_carriers()
+    rare = np.flatnonzero(((carriers > 0) & (carriers < 5)) | ((non > 0) & (non < 5)))
+    assert len(rare) >= 5
+    arrays, meta = agg.ask("glm_linear", glm_params("Y"), idx(V))
+    sg = _sum_g((arrays, meta))
+    g = site.data.dosage[:, site.members]
+    recovered = 0
+    for j in rare:
+        assert arrays["withheld"][j] == 1
+        who = np.flatnonzero(g[j] > 0) if carriers[j] < 5 else np.flatnonzero(g[j] == 0)
+        if sg[j] != 0:
+            y_hat = arrays["Xty"][j, 1] / sg[j]
+            recovered += int(any(np.isclose(y_hat, site.y[k], atol=1e-6) for k in who))
+    assert recovered == 0
+    assert not np.any(arrays["XtX_triu"][rare]) and not np.any(arrays["Xty"][rare])
+    counts, _ = agg.ask("assoc_counts", glm_params("D", "binary"), idx(V))
+    assert np.all(counts["withheld"][rare] == 1) and not np.any(counts["counts"][rare])
+    # the common variants stay exact: a row with ≥ min_cell carriers and non-carriers is answered
+    common = np.flatnonzero((carriers >= 5) & (non >= 5))
+    assert np.all(arrays["withheld"][common] == 0) and np.all(arrays["n"][common] == len(site.members))
+
+
+def test_a_beta_that_isolates_one_person_is_withheld(site):
+    agg = HostileAggregator(site.node_config)
+    target = float(site.age[3])
+    beta = np.zeros((8, 3))
+    beta[:, 2] = 1.0  # η = (age − target) / 0.001: only person 3 sits at η ≈ 0
+    arrays, meta = agg.ask("glm_logistic", {"phenotype": "D", "kind": "binary",
+                                            "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": 1e-3}]},
+                           {**idx(np.arange(20, 28)), "beta": beta})
+    assert np.all(arrays["withheld"] == 1) and not np.any(arrays["H_triu"])
+
+
+# ----------------------------------------------------------------------------- LD
+
+
+def test_ld_requests_take_only_site_ordered_windows(site):
+    agg = HostileAggregator(site.node_config)
+    chrom = np.asarray(site.data.chrom)
+    first = np.flatnonzero(chrom == chrom[0])
+    other = np.flatnonzero(chrom != chrom[0])
+    for bad in (first[::-1][:10], np.r_[first[:5], first[:5]], np.r_[first[-3:], other[:3]]):
+        with pytest.raises(Refusal, match="ld_pair_sums"):
+            agg.ask("ld_pair_sums", {"n_first": 1, "window": len(bad)}, idx(bad))
+
+
+def test_ld_window_at_a_rare_variant_spells_out_no_genotypes(site):
+    """Σ g_i g_j over a window starting at a singleton variant i is the carrier's genotype at j."""
+    agg = HostileAggregator(site.node_config)
+    g = site.data.dosage[:, site.members]
+    chrom = np.asarray(site.data.chrom)
+    singles = [j for j in np.flatnonzero((g > 0).sum(1) == 1) if j + 20 < len(chrom) and chrom[j + 20] == chrom[j]]
+    assert singles
+    for i in singles[:5]:
+        win = np.arange(i, i + 21)
+        arrays, _ = agg.ask("ld_pair_sums", {"n_first": 1, "window": 21}, idx(win))
+        pairs = arrays["pairs"][0]
+        k = int(np.flatnonzero(g[i] > 0)[0])
+        truth = np.where(g[win[1:], k] >= 0, g[win[1:], k], 0) * g[i, k]
+        assert not np.any(pairs), "pairs of a rare variant left the site"
+        assert not (np.any(truth) and np.array_equal(pairs[:, 5], truth))
+
+
+def test_ld_pairs_further_apart_than_the_cap_are_withheld(tmp_path):
+    site = Site(tmp_path / "hk", policy={"ld_max_window_bp": 1})
+    agg = HostileAggregator(site.node_config)
+    chrom = np.asarray(site.data.chrom)
+    win = np.flatnonzero(chrom == chrom[0])[:30]
+    arrays, _ = agg.ask("ld_pair_sums", {"n_first": 10, "window": 20}, idx(win))
+    assert not np.any(arrays["pairs"])
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def test_pca_products_are_opt_in_and_bounded(tmp_path):
+    """Exact PCA products reveal membership (measured AUC ≈ 1 on an honest transcript, see
+    scripts/attack_pca_membership.py): off in the default policy; where a site opts in,
+    crafted frequencies are refused and the total rank revealed is capped."""
+    site = Site(tmp_path / "hk")
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    g = site.data.dosage[:, site.members]
+    ok = g >= 0
+    f = np.where(ok, g, 0).sum(1) / (2 * np.maximum(ok.sum(1), 1))
+    rng = np.random.default_rng(0)
+    with pytest.raises(Refusal, match="not allowed by the site's policy .*opt-in"):
+        agg.ask("pca_product", {}, {**idx(V), "freq": f, "basis": rng.normal(size=(V, 8))})
+
+    opted = Site(tmp_path / "sz", policy=PCA_OPT_IN)
+    agg = HostileAggregator(opted.node_config)
+    crafted = np.where(f < 0.5, 0.001, 0.999)
+    with pytest.raises(Refusal, match="not consistent with this site's data"):
+        agg.ask("pca_product", {}, {**idx(V), "freq": crafted, "basis": rng.normal(size=(V, 8))}, study_id="s0")
+    got, n = [], len(opted.members)
+    for k in range(100):  # wide random bases under ever new study ids
+        rep = agg.try_ask("pca_product", {}, {**idx(V), "freq": f, "basis": rng.normal(size=(V, 16))}, study_id=f"s{k}")
+        if rep is None:
+            break
+        got.append(rep[0]["product"])
+    assert got and "PCA rank" in agg.refusals[-1]
+    revealed = np.linalg.matrix_rank(np.hstack(got))
+    assert revealed <= 0.5 * n < min(V, n)  # never the full Z Zᵀ
+
+
+def test_planted_pc_covariates_are_refused(tmp_path):
+    site = Site(tmp_path / "hk", policy=PCA_OPT_IN)
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    g = site.data.dosage[:, site.members]
+    ok = g >= 0
+    f = np.where(ok, g, 0).sum(1) / (2 * np.maximum(ok.sum(1), 1))
+    # loadings on the variants only person 5 carries: a "PC" that is person 5's indicator
+    own = (g[:, 5] > 0) & ((g > 0).sum(1) == 1)
+    U = np.zeros((V, 1))
+    U[own | (np.arange(V) == 0), 0] = 1.0
+    params = {"study_id": "fake", "theta": [1.0]}
+    with pytest.raises(Refusal, match="answered no PCA for this study"):
+        agg.ask("pca_scores", params, {**idx(V), "freq": f, "loadings": U}, study_id="fake")
+    agg.ask("pca_product", {}, {**idx(V), "freq": f, "basis": np.ones((V, 1))}, study_id="fake")
+    with pytest.raises(Refusal, match="rest on a few people"):
+        agg.ask("pca_scores", params, {**idx(V), "freq": f, "loadings": U}, study_id="fake")
+    with pytest.raises(Refusal):
+        agg.ask("glm_linear", {**glm_params("Y"), "pcs": {"study_id": "fake", "n": 1, "mean": [0.0], "sd": [1.0]}}, idx(V))
+
+
+# ----------------------------------------------------------------------------- DP-only sites
+
+
+DP_ONLY = {"allowed_analyses": ["ping", "site_info", "dp_genotype_counts", "dp_assoc_counts", "dp_topk_select"],
+           "epsilon_budget": 50.0}
+
+
+def test_dp_only_site_publishes_no_exact_count(tmp_path, monkeypatch):
+    """Counts before and after one person joins would give that person's D at ε = 0."""
+    import fedgen.analyses.dp as dpmod
+    from fedgen.privacy.mechanisms import NoiseSource
+
+    monkeypatch.setattr(dpmod, "_noise_source", lambda: NoiseSource(seed=3))
+    assert dp_only(DP_ONLY)
+    site = Site(tmp_path / "hk", policy=DP_ONLY)
+    agg = HostileAggregator(site.node_config)
+    joiner = 7
+    site.write_samples(drop=joiner)
+    before = agg.ask("site_info", {"phenotypes": ["D"]})[1]
+    cases_before = agg.ask("dp_assoc_counts", {"phenotype": "D", "kind": "binary", "sigma": 50.0}, idx(10))[1]["n_cases"]
+    site.write_samples()
+    after = agg.ask("site_info", {"phenotypes": ["D"]})[1]
+    again = agg.ask("site_info", {"phenotypes": ["D"]})[1]
+    cases_after = agg.ask("dp_assoc_counts", {"phenotype": "D", "kind": "binary", "sigma": 50.0}, idx(10))[1]["n_cases"]
+    assert after["counts"] == again["counts"]  # asking again reveals nothing new
+    n = len(site.members)
+    assert after["counts"]["noisy"] == 1 and (before["counts"]["samples"], after["counts"]["samples"]) != (n - 1, n)
+    assert cases_after - cases_before != site.d[joiner] or abs(cases_after - int(site.d.sum())) > 0
+    ledger = json.loads((tmp_path / "hk" / "state" / "noisy_counts.json").read_text())
+    assert ledger["sigma"] > 0 and ledger["counts"]
+
+
+def test_refusals_quote_no_counts(site):
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    agg.ask("glm_linear", glm_params("Y"), idx(V))
+    agg.ask("glm_linear", glm_params("Y", covariates=["A_M"]), idx(V))  # 20 people fewer: an honest set
+    for attempt in (lambda: agg.ask("glm_linear", glm_params("Y_ONE"), idx(V)),
+                    lambda: agg.ask("glm_linear", glm_params("Y", covariates=["B_M"]), idx(V)),  # A ∩ B = one person
+                    lambda: agg.ask("glm_linear", glm_params("Y", missing="drop"), idx(V)),
+                    lambda: agg.ask("glm_linear", glm_params("Y"), idx(V + 5))):
+        with pytest.raises(Refusal):
+            attempt()
+    n = len(site.members)
+    for reason in agg.refusals:
+        numbers = {int(x) for x in re.findall(r"\d+", reason)}
+        assert not numbers & {n, n - 1, n - 20, 20, 1, 19}, reason
+
+
+def test_a_site_of_cases_only_still_contributes(tmp_path):
+    site = Site(tmp_path / "hk")
+    site.d[:] = 1
+    site.write_samples()
+    agg = HostileAggregator(site.node_config)
+    counts, meta = agg.ask("assoc_counts", glm_params("D", "binary"), idx(site.n_variants))
+    assert meta["n_controls"] == 0 and counts["counts"][:, 0].sum() > 0
