@@ -417,6 +417,7 @@ def test_node_init_writes_private_files_and_keeps_keys(site, tmp_path):
         "state_dir": str(state),
         "policy": str(state / "policy.toml"),
         "audit_payloads": "true",
+        "audit_payload_retention_days": "0",
     }
     fp = pki.fingerprint_public_key(c.public_key)
     with pytest.raises(ConfigError, match="already exists"):

@@ -232,7 +232,8 @@ def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
 def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarray, *, impute: bool):
     """Per sub-block: (offset, A1 dosages of the kept samples, imputation values or None, cells).
 
-    ``cells`` (rows, 2): carriers and non-carriers of A1 among the kept samples with a call.
+    ``cells`` (rows, 2): carriers of A1 (dosage > 0) and carriers of A2 (dosage < 2) among the
+    kept samples with a call.
     The imputation value of a variant is the site's mean A1 dosage over all its analysed samples
     with a call (0 when none): a fixed function of the site's data, never a request parameter
     (an aggregator-chosen value would let two requests difference out the imputed people).
@@ -248,8 +249,8 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             tot = np.where(called, full, 0).sum(1, dtype=np.int64)
             fill = np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0)
         carriers = np.count_nonzero(g > 0, axis=1)
-        non = np.count_nonzero(g == 0, axis=1)
-        yield s, g, fill, np.stack([carriers, non], axis=1)
+        other = np.count_nonzero((g >= 0) & (g < 2), axis=1)
+        yield s, g, fill, np.stack([carriers, other], axis=1)
 
 
 ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}

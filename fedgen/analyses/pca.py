@@ -254,13 +254,14 @@ def pca_product(cohort: Any, req: AnalysisRequest):
         tag = _round_tag(params, "H")
         if n_blocks == 1:
             raise FedgenError("a 'project' phase needs n_blocks > 1")
-        _accumulate(_state(req), tag, block, n_blocks, H, keep_complete=True)
-        return {}, {"n_samples": cohort.n_samples, "projected": block + 1}
+        total = _accumulate(_state(req), tag, block, n_blocks, H, keep_complete=True)
+        out = {} if total is None else {"_H": total}  # complete: the products that follow reveal Z_b H
+        return out, {"n_samples": cohort.n_samples, "projected": block + 1}
     Y = np.empty_like(Q)
     for b, sl in enumerate(blocks):
         g = decoded[b] if keep else cohort.block(idx[sl], flip[sl])
         Y[sl] = pcastats.site_variant_products(g, two_p[sl], inv_sd[sl], H)
-    return {"product": Y}, {"n_samples": cohort.n_samples}
+    return {"product": Y, "_H": H}, {"n_samples": cohort.n_samples}
 
 
 @register(
@@ -282,8 +283,8 @@ def pca_product(cohort: Any, req: AnalysisRequest):
 def ld_pair_sums(cohort: Any, req: AnalysisRequest):
     """(n_first, window-1, 6) sums (n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i g_j) per variant pair.
 
-    A pair is withheld (all zero) when either variant has 1..min_cell-1 carriers or non-carriers
-    at the site, or when the two lie on different contigs or further apart than the site's
+    A pair is withheld (all zero) when either variant has 1..min_cell-1 carriers of one of its
+    alleles at the site, or when the two lie on different contigs or further apart than the site's
     ``ld_max_window_bp`` (route: a window of cross-products around a rare variant spells out
     its carriers' genotypes).
     """
@@ -296,7 +297,8 @@ def ld_pair_sums(cohort: Any, req: AnalysisRequest):
     small = np.zeros(len(idx), dtype=bool)
     for s in range(0, len(idx), SUB_BLOCK):
         g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
-        small[s : s + len(g)] = small_cells(np.stack([(g > 0).sum(1), (g == 0).sum(1)], axis=1), req.rules.min_cell)
+        small[s : s + len(g)] = small_cells(np.stack([(g > 0).sum(1), ((g >= 0) & (g < 2)).sum(1)], axis=1),
+                                                   req.rules.min_cell)
     for s in range(0, n_first, SUB_BLOCK):
         first = min(SUB_BLOCK, n_first - s)
         rows = slice(s, min(s + first + window - 1, len(idx)))
@@ -465,7 +467,7 @@ def pca_scores(cohort: Any, req: AnalysisRequest):
                          title=f"{cohort.site}: PC scores of {cohort.n_samples} local samples (not shared)")
     sums = np.stack([scores.sum(axis=0), (scores * scores).sum(axis=0)], axis=1)
     if "pca_histograms" not in ((req.rules.public_policy or {}).get("allowed_analyses") or ()):
-        return {"sums": sums}, {"n_samples": cohort.n_samples, "stored": True}
+        return {"sums": sums, "_H": scores}, {"n_samples": cohort.n_samples, "stored": True}
     h = _hist_params(params)
     h["min_count"] = max(h["min_count"], req.rules.min_count)
     n_h = min(h["pcs"], k)
@@ -476,7 +478,7 @@ def pca_scores(cohort: Any, req: AnalysisRequest):
         counts, _ = np.histogram(scores[:, j], bins=edges)
         hist[j], hidden[j] = pcastats.suppress_small_cells(counts, h["min_count"])
         hidden[j] += cohort.n_samples - int(counts.sum())
-    return {"sums": sums, "hist1d": hist, "hidden": hidden}, {"n_samples": cohort.n_samples, "stored": True}
+    return {"sums": sums, "hist1d": hist, "hidden": hidden, "_H": scores}, {"n_samples": cohort.n_samples, "stored": True}
 
 
 def _hist2d_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:

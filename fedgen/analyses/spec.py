@@ -281,7 +281,8 @@ def cell_rule(*, kish: bool = False):
     """A ``Spec.suppress`` rule for row-level analyses (one row per variant or variant pair).
 
     The analysis returns, beside its arrays, a site-only ``_cells`` array: per row the number of
-    carriers and of non-carriers of A1 among the samples the row rests on. A row with a cell of
+    carriers of A1 and of carriers of A2 (people with at least one copy of each allele) among the
+    samples the row rests on. A row with a cell of
     1..``min_cell``-1 people is withheld (zeroed; its ``withheld`` flag set): its sums would be
     a few identifiable people's values (route: small carrier cells). With ``kish``, a row whose
     IRLS weights have a Kish effective size below ``min_count`` is withheld too (route: a β

@@ -166,7 +166,7 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
 # ---------------------------------------------------------------- site node config
 
 _SITE_KEYS = {
-    "site": ("name", "vcf", "samples", "state_dir", "policy", "audit_payloads"),
+    "site": ("name", "vcf", "samples", "state_dir", "policy", "audit_payloads", "audit_payload_retention_days"),
     "aggregator": ("address", "ca_cert"),
     "auth": ("private_key", "public_key"),
     "node": ("runtime_port", "poll_interval", "log_level"),
@@ -191,6 +191,7 @@ class SiteConfig:
     poll_interval: float = DEFAULT_POLL
     log_level: str = "INFO"
     audit_payloads: bool = True
+    audit_payload_retention_days: float = 0.0  # 0 = keep for ever
 
     def node_config(self) -> dict[str, str]:
         """What the ClientApp sees as ``context.node_config`` (see fedgen.cohort.load_cohort)."""
@@ -201,6 +202,7 @@ class SiteConfig:
             "state_dir": str(self.state_dir),
             "policy": str(self.policy),
             "audit_payloads": "true" if self.audit_payloads else "false",
+            "audit_payload_retention_days": f"{self.audit_payload_retention_days:g}",
         }
 
     @property
@@ -237,6 +239,7 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
         poll_interval=r.number("node", "poll_interval", DEFAULT_POLL, lo=0.01, hi=60.0),
         log_level=r.level("node", "log_level"),
         audit_payloads=r.boolean("site", "audit_payloads", True),
+        audit_payload_retention_days=r.number("site", "audit_payload_retention_days", 0.0, lo=0.0, hi=36500.0),
     )
 
 
@@ -275,6 +278,8 @@ policy = {toml_str(policy)}
 # Keep a copy of every payload that left (audit-payloads/<sha256>.npz) so `fedgen audit --verify`
 # can re-hash it; false keeps only the hashes in audit.jsonl.
 audit_payloads = true
+# Delete kept payloads after this many days (0 = keep them; the log keeps every hash either way).
+audit_payload_retention_days = 0
 
 [aggregator]
 # The study's aggregator (Flower SuperLink), host:port. The node only connects out to it.

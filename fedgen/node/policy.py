@@ -15,13 +15,14 @@ This module writes the default policy and validates a policy's syntax and keys. 
 ``allowed_columns``          samples-table columns a study may use as phenotypes or covariates
                              (empty = every column); anything else is refused
 ``min_cell``                 smallest non-empty cell a released row may rest on: carriers and
-                             non-carriers of A1 among the row's samples (default 5)
+                             carriers of A2 among the row's samples (default 5)
 ``allow_per_variant_sample_sets``  answer ``missing: drop`` requests (PLINK's per-variant drop of
                              missing calls, whose varying sample sets are a tracker); off by default
 ``max_sample_sets_per_study`` distinct sample sets one study may release aggregates over
 ``pca_rank_per_study``       largest total PCA basis width (columns, as a fraction of the site's
                              samples) one study may have the site multiply by its data
-``pca_rank_lifetime``        the same over the site's lifetime, all studies together
+``pca_rank_lifetime``        dimension of everything PCA requests revealed over the site's lifetime
+                             (the span of the sample-space projections, as a fraction of N)
 ``ld_max_window_bp``         largest physical span of one LD request
 ``dp_count_sigma``           σ of the discrete Gaussian on counts a DP-only site publishes
 ``extra_analyses``           analyses added to ``allowed_analyses`` (e.g. the opt-in PCA analyses,
@@ -54,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "min_cell": 5,
     "allow_per_variant_sample_sets": False,
     "max_sample_sets_per_study": 8,
-    "pca_rank_per_study": 0.1,
+    "pca_rank_per_study": 0.25,
     "pca_rank_lifetime": 0.5,
     "ld_max_window_bp": 2_000_000,
     "dp_count_sigma": 20.0,
@@ -212,15 +213,16 @@ accepted_fab_hashes = []
 allowed_columns = []
 
 # Disclosure rules (docs/THREAT_MODEL.md names the attack each one stops).
-# Smallest non-empty cell a released row may rest on (carriers / non-carriers of the tested allele).
+# Smallest non-empty cell a released row may rest on (carriers of either allele).
 min_cell = {DEFAULTS["min_cell"]}
 # PLINK's per-variant drop of missing calls (study.glm.missing: drop) gives every variant its own
 # sample set, which differencing turns into individual values. Off: missing calls are imputed.
 allow_per_variant_sample_sets = false
 # Distinct sample sets (phenotype/covariate missingness patterns) one study may use.
 max_sample_sets_per_study = {DEFAULTS["max_sample_sets_per_study"]}
-# PCA: total basis width multiplied by this site's data, as a fraction of its samples,
-# per study and over the site's lifetime.
+# PCA (only if allowed above): total basis width per study, and the dimension of everything PCA
+# requests have revealed over the site's lifetime, as fractions of its samples. Below 1, the
+# site's genotype relationship matrix is never revealed in full.
 pca_rank_per_study = {DEFAULTS["pca_rank_per_study"]!r}
 pca_rank_lifetime = {DEFAULTS["pca_rank_lifetime"]!r}
 # Largest physical span of one LD request (base pairs).

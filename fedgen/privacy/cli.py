@@ -44,9 +44,19 @@ def ledger_report(state_dir: str | Path) -> dict[str, Any]:
     if not state.is_dir():
         raise FedgenError(f"state dir {state} does not exist or is not a folder")
     policy_path = state / POLICY_FILE
+    effective = state / "policy.effective.json"  # what the site last answered under (written by its pipeline)
+    source = None
     try:
-        policy = load_policy(policy_path if policy_path.is_file() else None)
-    except ValueError as exc:
+        if policy_path.is_file():
+            policy = load_policy(policy_path)
+            source = str(policy_path.resolve())
+        elif effective.is_file():
+            rec = json.loads(effective.read_text())
+            policy = load_policy(rec["policy"])
+            source = f"{rec.get('source', 'inline policy')} as last used ({effective})"
+        else:
+            policy = load_policy(None)
+    except (ValueError, KeyError, OSError) as exc:
         raise FedgenError(f"policy: {exc}") from None
     budget = float(policy["epsilon_budget"])
     delta = float(policy["delta"])
@@ -54,7 +64,7 @@ def ledger_report(state_dir: str | Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "state_dir": str(state.resolve()),
         "ledger": str(ledger_path.resolve()),
-        "policy": str(policy_path.resolve()) if policy_path.is_file() else None,
+        "policy": source,
     }
     if not ledger_path.exists():
         summary = {

@@ -118,6 +118,39 @@ def keep_payload(state_dir: str | Path, digest: str, arrays: Mapping[str, np.nda
     return target
 
 
+def head(state_dir: str | Path) -> str:
+    """SHA-256 of the last line of the audit log (the chain head; GENESIS when empty).
+
+    An operator who writes it down outside the site (a ticket, a printed log) can later prove
+    that no entry before it was changed: ``fedgen audit --verify`` must end at a chain that
+    contains this hash.
+    """
+    path = Path(state_dir) / AUDIT_LOG
+    if not path.exists():
+        return GENESIS
+    with open(path, "rb") as f:
+        return _last_hash(f)
+
+
+def prune_payloads(state_dir: str | Path, *, older_than_days: float) -> int:
+    """Delete kept payloads older than the retention period; returns how many (the log keeps their hashes)."""
+    import time
+
+    folder = Path(state_dir) / PAYLOAD_DIR
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - float(older_than_days) * 86400.0
+    n = 0
+    for p in folder.glob("*.npz"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink()
+                n += 1
+        except FileNotFoundError:
+            continue
+    return n
+
+
 def load_payload(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with np.load(path, allow_pickle=False) as z:
         arrays = {k[2:]: z[k] for k in z.files if k.startswith("a_")}

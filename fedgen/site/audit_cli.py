@@ -104,6 +104,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             else:
                 kept = len(list((state / audit.PAYLOAD_DIR).glob("*.npz"))) if (state / audit.PAYLOAD_DIR).is_dir() else 0
                 print(f"  Verified: hash chain intact; {kept} kept payloads match their SHA-256")
+        print(f"  Chain head: {audit.head(state)}  (write it down outside the site to anchor the log)")
     return 1 if problems else 0
 
 

@@ -148,6 +148,7 @@ class _Run:
     ledger: Any = None
     reservations: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    last_reservation: Any = None
 
 
 def handle(
@@ -232,8 +233,6 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     if spec.rank is not None and cohort is not None:
         _charge_rank(cohort, areq, spec, policy, state)
     if spec.dp_cost is not None:
-        from fedgen.privacy.accounting import compose_epsilon
-
         try:
             events = spec.dp_cost(req.params, dims, node_config)
         except (FedgenError, ValueError, KeyError, TypeError) as exc:
@@ -244,7 +243,6 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
             analysis=analysis, params=req.params, arrays=req.arrays, study_id=req.study_id,
             rules=_replace(rules, events=tuple(events)),
         )
-        run.eps_release = compose_epsilon(events, float(policy["delta"]))  # type: ignore[attr-defined]
     # ---------------------------------------------------------------- analysis
     out, meta = REGISTRY[analysis](cohort, areq)
     # ---------------------------------------------------------------- egress check
@@ -273,6 +271,8 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
         raise Refused(f"{analysis}: reply metadata exceeds the site's limit")
     if spec.sample_sets is not None and cohort is not None:
         _admit_sample_sets(cohort, areq, spec, policy, state)
+    if cohort is not None:
+        _reveal(cohort, areq, private, policy, state)
     return out, meta, policy, contributors
 
 
@@ -297,7 +297,7 @@ def _rules(node_config: Mapping[str, Any], policy: Mapping[str, Any], state: Pat
     from fedgen.analyses.spec import Rules
 
     public = {k: policy[k] for k in ("allowed_analyses", "min_count", "min_cell", "max_variants_per_request",
-                                      "allow_per_variant_sample_sets")}
+                                      "allow_per_variant_sample_sets", "delta")}
     is_dp_only = dp_only(policy)
     noisy = None
     if is_dp_only:
@@ -383,8 +383,24 @@ def _charge_rank(cohort, areq, spec, policy: Mapping[str, Any], state: Path | No
         if freq is not None:
             reg.bind_freq(study, key, hashlib.sha256(np.ascontiguousarray(freq, dtype=np.float64).tobytes()).hexdigest())
         if cols:
-            reg.charge(study, cols, analysis=areq.analysis, per_study_cap=int(float(policy["pca_rank_per_study"]) * n),
-                       lifetime_cap=int(float(policy["pca_rank_lifetime"]) * n))
+            reg.charge(study, cols, analysis=areq.analysis, per_study_cap=int(float(policy["pca_rank_per_study"]) * n))
+
+
+def _reveal(cohort, areq, private: Mapping[str, np.ndarray], policy: Mapping[str, Any], state: Path | None) -> None:
+    """Lifetime PCA register: the span of every sample-space matrix H the site multiplied its data by."""
+    import hashlib
+
+    from fedgen.site.register import PcaRegister
+
+    H = private.get("_H")
+    if H is None:
+        return
+    if state is None:
+        raise Refused(f"{areq.analysis}: the site has no state folder for its PCA register")
+    key = hashlib.sha256(np.ascontiguousarray(cohort_member_hashes(cohort)).tobytes()).hexdigest()[:16]
+    with PcaRegister(state) as reg:
+        reg.reveal(state, key, np.asarray(H, dtype=np.float64), analysis=areq.analysis,
+                   lifetime_cap=int(float(policy["pca_rank_lifetime"]) * int(cohort.n_samples)))
 
 
 def _ledger(run: _Run, policy: Mapping[str, Any], state: Path | None, what: str):
@@ -407,7 +423,7 @@ def _reserve(run: _Run, node_config, policy, state, req: SiteRequest, events) ->
     except BudgetExceeded as exc:  # ε figures only: they describe the site's budget, not its data
         raise Refused(str(exc)) from None
     run.reservations.append(res.id)
-    run.last_reservation = res  # type: ignore[attr-defined]
+    run.last_reservation = res
 
 
 class _NoisyCounts:
@@ -458,13 +474,48 @@ def _fingerprint(cohort) -> str:
         return ""
 
 
+_PRUNED: dict[str, float] = {}
+EFFECTIVE_POLICY = "policy.effective.json"
+
+
+def _retention(node_config: Mapping[str, Any], state: Path) -> None:
+    """Kept payloads older than ``audit_payload_retention_days`` (node config) are deleted, hourly at most."""
+    import time
+
+    days = node_config.get("audit_payload_retention_days")
+    if days in (None, "", 0, "0"):
+        return
+    now = time.time()
+    if now - _PRUNED.get(str(state), 0.0) < 3600:
+        return
+    _PRUNED[str(state)] = now
+    audit.prune_payloads(state, older_than_days=float(days))
+
+
+def _record_policy(node_config: Mapping[str, Any], policy: Mapping[str, Any], state: Path) -> None:
+    """Keep the policy the site actually answered under (``fedgen ledger`` reads it back)."""
+    from fedgen.fileio import atomic_write_text
+
+    src = node_config.get("policy")
+    source = "default policy" if not src else ("inline policy (node configuration)" if str(src).lstrip().startswith("{") or
+                                                isinstance(src, Mapping) else str(src))
+    text = json.dumps({"source": source, "policy": dict(policy)}, sort_keys=True, default=str)
+    path = state / EFFECTIVE_POLICY
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+
+
 def _release(node_config, req: SiteRequest, state, run: _Run, out, meta, policy, contributors):
     from fedgen.privacy.accounting import compose_epsilon
 
     events = run.events
     eps_release = compose_epsilon(events, float(policy["delta"])) if events else 0.0
     if events and run.reservations:
-        res = getattr(run, "last_reservation", None)
+        res = run.last_reservation
         meta["privacy"] = {
             "events": events,
             "epsilon": eps_release,
@@ -476,6 +527,8 @@ def _release(node_config, req: SiteRequest, state, run: _Run, out, meta, policy,
     if state is not None:
         if _keep_payloads(node_config):
             audit.keep_payload(state, digest, out, meta)
+            _retention(node_config, state)
+        _record_policy(node_config, policy, state)
         audit.append(
             state,
             {

@@ -22,6 +22,7 @@ A study also gets at most ``max_sample_sets_per_study`` distinct sets.
 from __future__ import annotations
 
 import hashlib
+import io
 import sqlite3
 import time
 from pathlib import Path
@@ -136,12 +137,18 @@ class SampleSetRegister:
 class PcaRegister:
     """PCA rank revealed per study and over the site's lifetime, and each study's frequencies.
 
-    Every ``pca_product`` round multiplies the site's data by an aggregator-chosen basis of b
-    columns and reveals ``Z_s Z_sᵀ Q``; ``pca_scores`` does the same with its loadings. At full
-    rank these give ``Z_s Z_sᵀ`` and from it membership and genotypes, so the total width is
-    capped per study and per site lifetime (as fractions of the site's samples). A study's
-    frequencies are bound at first use: the same variants get the same frequencies for the
-    whole study (no differencing of products over varied standardisations).
+    Every ``pca_product`` round multiplies the site's data by an aggregator-chosen basis and
+    reveals ``Z_s H`` with ``H = Z_sᵀ Q`` (samples × b); ``pca_scores`` does the same with its
+    loadings. At full rank these give ``Z_s Z_sᵀ`` and from it genotypes, so:
+
+    * per study, the total basis width is capped (``pca_rank_per_study`` × N columns);
+    * over the site's lifetime, the dimension of the span of every ``H`` it has multiplied its
+      data by (in sample space, where the information lives) is capped (``pca_rank_lifetime`` ×
+      N). An honest PCA repeated on the same data adds no new dimension; random bases add all
+      of theirs. The span is kept as an orthonormal basis in ``<state_dir>/pca/revealed-*.npy``.
+
+    A study's frequencies are bound at first use: the same variants get the same frequencies for
+    the whole study (no differencing of products over varied standardisations).
     """
 
     def __init__(self, state_dir: Path) -> None:
@@ -164,21 +171,52 @@ class PcaRegister:
         row = self._db.execute("SELECT 1 FROM pca_rank WHERE study_id = ? AND analysis = 'pca_product'", (study_id,)).fetchone()
         return row is not None
 
-    def charge(self, study_id: str, columns: int, *, analysis: str, per_study_cap: int, lifetime_cap: int) -> None:
+    def charge(self, study_id: str, columns: int, *, analysis: str, per_study_cap: int) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             study = db.execute("SELECT COALESCE(SUM(columns), 0) FROM pca_rank WHERE study_id = ?", (study_id,)).fetchone()[0]
-            life = db.execute("SELECT COALESCE(SUM(columns), 0) FROM pca_rank").fetchone()[0]
             if study + columns > per_study_cap:
                 raise SetRefused(f"{analysis}: the study would exceed the PCA rank this site reveals per study (pca_rank_per_study)")
-            if life + columns > lifetime_cap:
-                raise SetRefused(f"{analysis}: the site's lifetime PCA rank (pca_rank_lifetime) is used up")
             db.execute("INSERT INTO pca_rank VALUES (?, ?, ?, ?)", (study_id, int(columns), analysis, time.time()))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def reveal(self, state_dir: Path, cohort_key: str, H: np.ndarray, *, analysis: str, lifetime_cap: int) -> int:
+        """Add the span of ``H`` (samples × b) to the site's revealed subspace; refuse past the cap.
+
+        Returns the number of new dimensions. Directions whose residual after projecting out the
+        revealed basis is below 1e-9 of ``H``'s norm are not new.
+        """
+        from fedgen.fileio import atomic_write_bytes
+
+        path = Path(state_dir) / "pca" / f"revealed-{cohort_key}.npy"
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # serialises updates of the basis file too
+        try:
+            B = np.load(path) if path.exists() else np.zeros((H.shape[0], 0))
+            if B.shape[0] != H.shape[0]:
+                raise SetRefused(f"{analysis}: the site's PCA register does not match its samples")
+            R = H - B @ (B.T @ H) if B.shape[1] else np.array(H, dtype=np.float64)
+            scale = max(float(np.linalg.norm(H)), 1e-300)
+            U, s, _ = np.linalg.svd(R, full_matrices=False)
+            new = U[:, s > 1e-9 * scale]
+            if new.shape[1]:
+                new = new - B @ (B.T @ new)  # one more pass for orthogonality
+                new, _ = np.linalg.qr(new)
+                if B.shape[1] + new.shape[1] > lifetime_cap:
+                    raise SetRefused(f"{analysis}: the site's lifetime PCA rank (pca_rank_lifetime) is used up")
+                buf = io.BytesIO()
+                np.save(buf, np.hstack([B, new]))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, buf.getvalue())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(new.shape[1])
 
     def bind_freq(self, study_id: str, key: str, digest: str) -> None:
         db = self._db

@@ -113,6 +113,14 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
             "(allelic test)"
         )
     tested = phenos if (want_assoc or want_topk) else []
+    # every site accounts at its own policy's δ: a different study δ would make a site refuse
+    # half-way through the study, after other releases were already charged
+    off = {s: r.meta.get("policy", {}).get("delta") for s, r in info.items()
+           if r.meta.get("policy", {}).get("delta") not in (None, priv["delta"])}
+    if off:
+        detail = ", ".join(f"{s}: {d:g}" for s, d in off.items())
+        raise ConfigError(f"privacy.delta = {priv['delta']:g} differs from the δ of site polic(ies) {detail}; "
+                          "set privacy.delta to the sites' δ (nothing was released)")
     rho = _budget(priv, assoc=want_assoc, topk=want_topk)
     V = len(aln)
     releases: list[dict[str, Any]] = []

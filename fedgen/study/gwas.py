@@ -209,7 +209,7 @@ def _na(strings: list[str], bad: np.ndarray) -> list[str]:
 
 
 #: ERRCODE of a row that a site's disclosure rule withheld (a cell of 1..min_cell-1 carriers or
-#: non-carriers of A1, or IRLS weights resting on fewer than min_count people)
+#: carriers of A2, or IRLS weights resting on fewer than min_count people)
 WITHHELD = "SMALL_CELL"
 
 
@@ -222,7 +222,7 @@ def _note_withheld(ctx: Any, what: str, mask: np.ndarray) -> None:
     k = int(np.count_nonzero(mask))
     if k:
         note = (f"{what}: {k} row(s) withheld by a site's small-cell rule (ERRCODE {WITHHELD}): fewer than the "
-                "site's min_cell carriers or non-carriers of A1, or IRLS weights on too few people")
+                "site's min_cell carriers of A1 or of A2, or IRLS weights on too few people")
         log.info(note)
         ctx.notes.append(note)
 

@@ -388,8 +388,8 @@ def build_manifest(
         "timings": ctx.timings,
         "suppressed_by_sites": dict(ctx.suppressed),
         "notes": ctx.notes + [
-            f"{key.split('@')[1]}: {n} variant rows of {key.split('@')[0]} withheld (called in fewer samples than the "
-            "site's min_count); pooled values for those variants lack that site"
+            f"{key.split('@')[1]}: {n} rows of {key.split('@')[0]} withheld by the site's disclosure rules (too few "
+            "people called, or too few carriers of an allele); pooled values for those rows lack that site"
             for key, n in ctx.suppressed.items()
         ],
     }

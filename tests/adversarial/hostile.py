@@ -117,9 +117,10 @@ class Site:
         g = self.data.dosage[:, self.members]
         return (g > 0).sum(1)
 
-    def non_carriers(self) -> np.ndarray:
+    def other_carriers(self) -> np.ndarray:
+        """People with at least one copy of the other allele (REF)."""
         g = self.data.dosage[:, self.members]
-        return (g == 0).sum(1)
+        return ((g >= 0) & (g < 2)).sum(1)
 
 
 def triu_col(p: int, i: int, j: int) -> int:
