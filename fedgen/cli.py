@@ -55,9 +55,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_text() -> str:
+    import importlib.metadata as md
+
+    import fedgen
+
+    try:
+        flwr = md.version("flwr")
+    except md.PackageNotFoundError:  # pragma: no cover
+        flwr = "not installed"
+    return f"fedgen {fedgen.__version__} (flwr {flwr}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedgen", description="Federated genomic analysis across sites (PLINK-compatible).")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--version", action="version", version=_version_text())
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="simulate Hong Kong/Shenzhen-like cohorts (VCF + samples table per site)")
     s.add_argument("--out", required=True, help="output folder; one subfolder per site")

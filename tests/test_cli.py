@@ -48,6 +48,7 @@ def test_run_inprocess_via_cli(tmp_path, capsys):
         (["study.phenotypes=[HEIGHT]"], "site site1: .*samples.tsv: no column 'HEIGHT'"),
         (["study.covariates=[bmi]"], "no column 'bmi'"),
         (["study.qc.maf=2"], r"study.qc.maf must be a number in \[0, 1\]"),
+        (["study=gwas"], r"study.phenotypes is required for association"),
     ],
 )
 def test_bad_input_gives_one_clear_message(tmp_path, capsys, extra, message):
@@ -109,3 +110,13 @@ def test_remote_federation_submits_to_running_superlink(tmp_path):
         )
     assert manifest["federation"] == "remote"
     assert_same_table(tmp_path / "out" / "freq.afreq", DATA / "qc" / "small.afreq")
+
+
+def test_version_names_fedgen_and_flower(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    import fedgen
+
+    assert out.startswith(f"fedgen {fedgen.__version__} (flwr 1.4")

@@ -301,10 +301,11 @@ def test_a_beta_that_weights_the_fit_onto_one_person_is_withheld(sites):
     ages = [c.table.require("age")[i] for i in c.table_rows.tolist()]
     target = float(next(a for a in ages if a not in ("NA", "")))
     v = 8
+    sd = float(np.nanstd(c.sample_values("age"), ddof=1))
     beta = np.zeros((v, 3))
-    beta[:, 2] = 1.0
+    beta[:, 2] = sd / 1e-3  # η = (age − target) / 0.001
     req = Request("glm_logistic", params={"phenotype": "BIN", "kind": "binary",
-                                          "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": 1e-3}]},
+                                          "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": sd}]},
                   arrays={**_idx(v), "beta": beta})
     rep = tr.query(req)["site1"]
     assert rep.meta["suppressed"] == v  # every row rests on about one person's weight: nothing of them leaves

@@ -120,6 +120,40 @@ def check_missing_mode(cohort: Any, req: AnalysisRequest) -> None:
         )
 
 
+#: how far the study's standardisation of a numeric covariate may be from the site's own
+STANDARDISATION_FACTOR = 20.0
+
+
+def check_design(cohort: Any, req: AnalysisRequest) -> None:
+    """Design requests: the missing-call mode the policy allows, and plausible standardisations.
+
+    A numeric covariate is standardised with the study's pooled mean and SD. Both must be
+    plausible given the site's own values (SD within a factor of 20 of the site's, mean within
+    20 SDs): an aggregator-chosen SD of 1e-3 would blow one covariate up until a β singles out
+    the people at one value of it.
+    """
+    check_missing_mode(cohort, req)
+    for cv in req.params.get("covariates") or []:
+        if not isinstance(cv, Mapping) or cv.get("kind") != "numeric":
+            continue
+        vals = [cohort.table.require(str(cv["name"]))[i] for i in cohort.table_rows.tolist()]
+        x = _numeric(vals)
+        if x is None:
+            continue  # the design builder reports it
+        x = x[~np.isnan(x)]
+        if len(x) < 2:
+            continue
+        m, s = float(x.mean()), float(x.std(ddof=1))
+        mean, sd = float(cv.get("mean", 0.0)), float(cv.get("sd", 1.0))
+        f = STANDARDISATION_FACTOR
+        scale = max(s, sd)
+        if s > 0 and not (s / f <= sd <= s * f and abs(mean - m) <= f * scale):
+            raise FedgenError(
+                f"{req.analysis}: covariate {cv['name']!r}: the study's standardisation is not plausible for this "
+                "site's values"
+            )
+
+
 def _glm_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
     p = design_predictors(params, str(node_config.get("site", "")))
     return {"p": p, "t": p * (p + 1) // 2}
@@ -266,7 +300,7 @@ ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
         contributors=meta_count("n_cases", "n_controls"),
         suppress=cell_rule(),
         sample_sets=lambda cohort, req: design_sample_set(cohort, _no_covariates(req)),
-        validate=check_missing_mode,
+        validate=check_design,
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
 )
@@ -329,7 +363,7 @@ GLM_SPEC = dict(
     meta=frozenset({"n", "suppressed"}),
     contributors=meta_count("n"),
     sample_sets=design_sample_set,
-    validate=check_missing_mode,
+    validate=check_design,
 )
 
 

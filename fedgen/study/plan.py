@@ -91,6 +91,12 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             raise ConfigError(f"study.qc.{k}: unknown filter (known: maf, geno, hwe)")
         if v is not None and not (isinstance(v, (int, float)) and 0 <= float(v) <= 1):
             raise ConfigError(f"study.qc.{k} must be a number in [0, 1] or null, got {v!r}")
+    if set(analyses) & {"assoc", "glm", "topk"} and not (study.get("phenotypes") or []):
+        raise ConfigError(
+            "study.phenotypes is required for association (study.analyses has "
+            f"{', '.join(sorted(set(analyses) & {'assoc', 'glm', 'topk'}))}): name the samples-table column(s) to test, "
+            "e.g. 'study.phenotypes=[T2D]'"
+        )
     glm_cfg = study.get("glm") or {}
     unknown_glm = sorted(set(glm_cfg) - {"missing"})
     if unknown_glm:

@@ -125,10 +125,13 @@ def test_a_beta_that_isolates_one_person_is_withheld(site):
     target = float(site.age[3])
     beta = np.zeros((8, 3))
     beta[:, 2] = 1.0  # η = (age − target) / 0.001: only person 3 sits at η ≈ 0
-    arrays, meta = agg.ask("glm_logistic", {"phenotype": "D", "kind": "binary",
-                                            "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": 1e-3}]},
-                           {**idx(np.arange(20, 28)), "beta": beta})
-    assert np.all(arrays["withheld"] == 1) and not np.any(arrays["H_triu"])
+    age = lambda sd: {"phenotype": "D", "kind": "binary", "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": sd}]}  # noqa: E731
+    with pytest.raises(Refusal, match="standardisation is not plausible"):
+        agg.ask("glm_logistic", age(1e-3), {**idx(np.arange(20, 28)), "beta": beta})
+    sd = float(np.std(site.age, ddof=1))
+    beta[:, 2] = sd / 1e-3  # the same η with a plausible standardisation and a huge β
+    arrays, meta = agg.ask("glm_logistic", age(sd), {**idx(np.arange(20, 28)), "beta": beta})
+    assert np.all(arrays["withheld"] == 1) and not np.any(arrays["H_triu"]) and not np.any(arrays["grad"])
 
 
 # ----------------------------------------------------------------------------- LD
