@@ -271,8 +271,9 @@ def test_refusals_quote_no_counts(site):
     V = site.n_variants
     agg.ask("glm_linear", glm_params("Y"), idx(V))
     agg.ask("glm_linear", glm_params("Y", covariates=["A_M"]), idx(V))  # 20 people fewer: an honest set
+    agg.ask("glm_linear", glm_params("Y", covariates=["B_M"]), idx(V))  # A ∩ B = one person, not isolable yet
     for attempt in (lambda: agg.ask("glm_linear", glm_params("Y_ONE"), idx(V)),
-                    lambda: agg.ask("glm_linear", glm_params("Y", covariates=["B_M"]), idx(V)),  # A ∩ B = one person
+                    lambda: agg.ask("glm_linear", glm_params("Y", covariates=["A_M", "B_M"]), idx(V)),  # now it would be
                     lambda: agg.ask("glm_linear", glm_params("Y", missing="drop"), idx(V)),
                     lambda: agg.ask("glm_linear", glm_params("Y"), idx(V + 5))):
         with pytest.raises(Refusal):
@@ -290,3 +291,27 @@ def test_a_site_of_cases_only_still_contributes(tmp_path):
     agg = HostileAggregator(site.node_config)
     counts, meta = agg.ask("assoc_counts", glm_params("D", "binary"), idx(site.n_variants))
     assert meta["n_controls"] == 0 and counts["counts"][:, 0].sum() > 0
+
+
+def test_register_refuses_exactly_the_combinations_that_isolate_people():
+    """Two phenotypes whose missing groups share one person: no sum over U, S1, S2 isolates that
+    person (an honest study goes on); adding S1 ∩ S2 would, and is refused."""
+    from fedgen.site.register import atoms_ok
+
+    people = set(range(500))
+    as_set = lambda s: np.array(sorted(s), dtype=np.uint64)  # noqa: E731
+    U = as_set(people)
+    s1, s2 = as_set(people - set(range(0, 30))), as_set(people - set(range(29, 60)))
+    assert atoms_ok([U, s1], s2, 10)
+    assert not atoms_ok([U, s1, s2], as_set(people - set(range(0, 60))), 10)
+    # brute force over every combination with coefficients in {-1, 0, 1}: the rule agrees
+    import itertools
+
+    sets = [U, s1, s2, as_set(people - set(range(0, 60)))]
+    ind = np.array([[1.0 if p in set(s.tolist()) else 0.0 for p in range(500)] for s in sets])
+    smallest = min(int(np.count_nonzero(np.abs(np.array(c) @ ind) > 1e-9))
+                   for c in itertools.product((-1, 0, 1), repeat=4) if any(c) and np.any(np.array(c) @ ind))
+    assert smallest == 1  # the fourth set isolates person 29
+    smallest3 = min(int(np.count_nonzero(np.abs(np.array(c) @ ind[:3]) > 1e-9))
+                    for c in itertools.product((-1, 0, 1), repeat=3) if any(c) and np.any(np.array(c) @ ind[:3]))
+    assert smallest3 >= 10
