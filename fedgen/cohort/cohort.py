@@ -224,10 +224,12 @@ def _match(site: str, vcf: Path, geno: dict[str, Any], table: SamplesTable) -> C
     pos_in_table = {iid: i for i, iid in enumerate(table.iid)}
     cols = [j for j, s in enumerate(vcf_samples) if s in pos_in_table]
     if not cols:
+        # sample IDs stay in the site's own log: this message may travel to the aggregator
+        log.warning("%s: samples table IIDs (e.g. %s) and %s samples (e.g. %s) do not overlap", table.path,
+                    ", ".join(table.iid[:3]), vcf.name, ", ".join(vcf_samples[:3]))
         raise InputError(
-            f"{table.path}: no sample overlap between the samples table ({len(table.iid)} IIDs, e.g. "
-            f"{', '.join(table.iid[:3])}) and {vcf.name} ({len(vcf_samples)} samples, e.g. "
-            f"{', '.join(vcf_samples[:3])})"
+            f"{table.path}: no sample overlap between the samples table's IID column and {vcf.name} "
+            "(the site's log shows examples of both)"
         )
     rows = [pos_in_table[vcf_samples[j]] for j in cols]
     var = geno["variants"]

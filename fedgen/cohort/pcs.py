@@ -130,10 +130,12 @@ def load_site_pcs(cohort: Cohort, study_id: str, n: int, *, state_dir: Path | No
     want = cohort_iids(cohort)
     missing = [s for s in want if s not in where]
     if missing:
-        raise InputError(
-            f"{path}: no PC scores for {len(missing)} analysed sample(s) (e.g. {', '.join(missing[:3])}); "
-            "the cohort changed after the PCA ran; run the PCA again"
-        )
+        import logging
+
+        logging.getLogger(__name__).warning("%s: no PC scores for %d analysed sample(s), e.g. %s", path, len(missing),
+                                            ", ".join(missing[:3]))
+        raise InputError(f"{path}: no PC scores for some analysed samples; the cohort changed after the PCA ran; "
+                         "run the PCA again")
     return scores[[where[s] for s in want], :n].copy()
 
 

@@ -43,8 +43,7 @@ def describe_column(values: Sequence[str], *, role: str) -> dict[str, Any]:
     num = _numeric(values)
     if num is None:
         if role == "phenotype":
-            bad = sum(1 for v in values if not _is_missing(v) and not _isfloat(v))
-            raise ValueError(f"phenotype values must be numeric ({bad} samples have non-numeric values)")
+            raise ValueError("phenotype values must be numeric (some samples have non-numeric values)")
         levels = sorted({v for v in values if not _is_missing(v)})
         return {"kind": "categorical", "levels": levels, "n": int(sum(not _is_missing(v) for v in values))}
     obs = num[~np.isnan(num)]
@@ -79,7 +78,7 @@ def phenotype_values(values: Sequence[str], *, kind: str, name: str, where: str)
         out[num == 0] = np.nan
         return out
     raise InputError(
-        f"{where}: phenotype {name!r} is analysed as binary but has {len(uniq - {0.0, 1.0, 2.0})} distinct values other than 0/1/2"
+        f"{where}: phenotype {name!r} is analysed as binary but has distinct values other than 0/1/2"
     )
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedgen.errors import InputError
+
+_log = logging.getLogger(__name__)
 
 MISSING_TOKENS = frozenset({"", "NA", "na", "NaN", "nan", ".", "N/A"})
 
@@ -32,8 +35,10 @@ class SamplesTable:
             try:
                 out[i] = float(v)
             except ValueError:
+                # the detail stays in the site's own log; the message may travel to the aggregator
+                _log.warning("%s: column %r row %d (IID %s): %r is not a number", self.path, name, i + 2, self.iid[i], v)
                 raise InputError(
-                    f"{self.path}: column {name!r} row {i + 2} (IID {self.iid[i]}): {v!r} is not a number"
+                    f"{self.path}: column {name!r} has a value that is not a number (the site's log names the row)"
                 ) from None
         return out
 
