@@ -156,16 +156,17 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         if want_assoc:
             rho_a = rho["assoc"] / len(tested)
             sigma_a = sigma_for_rho(2 * math.sqrt(len(rows)), rho_a)
+            metas: dict[str, dict[str, Any]] = {}
             with ctx.timed(f"dp_assoc_counts.{ph}.all"):
-                sums = query_rows(ctx, "dp_assoc_counts", aln, rows, a1_ref, {**params, "sigma": sigma_a})
-            c = np.clip(sums["counts"], 0, None)
-            r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+                sums = query_rows(ctx, "dp_assoc_counts", aln, rows, a1_ref, {**params, "sigma": sigma_a}, metas=metas)
+            r = _noisy_test(sums["counts"], metas, sigma_a)
             name = f"{ph}.assoc"
             atomic_write_text(stage / name, assoc_text(aln, rows, a1_ref, r))
             results["files"].append(name)
             releases.append({"release": f"{ph}: case/control allele counts of all QC-passing variants", "phenotype": ph,
                              "variants": len(rows), "sigma": sigma_a, "l2_sensitivity": 2 * math.sqrt(len(rows)), "rho": rho_a})
-            assoc_summary[ph]["assoc"] = {"test": "allelic chi-square on noisy counts", "tested": len(rows), "sigma": sigma_a}
+            assoc_summary[ph]["assoc"] = {"test": "allelic test on noisy counts, noise variance included in the SE",
+                                          "tested": len(rows), "sigma": sigma_a}
         if not want_topk:
             continue
         rho_sel = rho["select"] / len(tested)
@@ -177,10 +178,11 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         union = np.unique(np.concatenate(list(picked.values())))
         U = len(union)
         sigma_top = sigma_for_rho(2 * math.sqrt(U), rho_top)
+        metas = {}
         with ctx.timed(f"dp_assoc_counts.{ph}.topk"):
-            sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top})
-        c = np.clip(sums["counts"], 0, None)
-        r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+            sums = query_rows(ctx, "dp_assoc_counts", aln, rows[union], a1_ref[union], {**params, "sigma": sigma_top},
+                              metas=metas)
+        r = _noisy_test(sums["counts"], metas, sigma_top)
         order = np.argsort(-np.where(np.isfinite(r["chisq"]), r["chisq"], -1.0), kind="stable")[:kk]
         sel_rows = rows[union][order]
         rr = {key: np.asarray(v)[order] for key, v in r.items()}
@@ -209,6 +211,17 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
     privacy = {**priv, "rho_total": rho["total"], "releases": releases,
                "public": "variant lists and numbers of samples, cases and controls per site"}
     return results, {"privacy": privacy}
+
+
+def _noisy_test(counts: np.ndarray, metas: dict[str, dict[str, Any]], sigma: float) -> dict[str, np.ndarray]:
+    """The allelic test of pooled noisy counts with the noise of every site in its variance."""
+    from fedgen.stats import assoc as assocstats
+
+    cases = sum(int(m.get("n_cases", 0)) for m in metas.values())
+    controls = sum(int(m.get("n_controls", 0)) for m in metas.values())
+    c = np.asarray(counts, dtype=np.float64)
+    return assocstats.noisy_allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3], noise_var=len(metas) * sigma**2,
+                                          case_alleles=2 * cases, control_alleles=2 * controls)
 
 
 def _select(

@@ -42,10 +42,13 @@ def query_rows(
     a1_ref: np.ndarray,
     params: dict[str, Any],
     arrays: dict[str, np.ndarray] | None = None,
+    *,
+    metas: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One analysis over study variants ``rows`` (A1-oriented), in blocks, summed over sites.
 
     ``arrays`` holds per-variant inputs aligned with ``rows`` (e.g. β); they are sliced per block.
+    ``metas``, when given, receives each site's reply metadata (of the last block).
     """
     block = int(ctx.plan.get("glm_block_size") or ctx.plan.get("block_size") or 65536)
     out: dict[str, list[np.ndarray]] = {}
@@ -59,7 +62,10 @@ def query_rows(
             arrays=common,
             per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r] ^ flip_a1} for s in aln.idx},
         )
-        for k, v in sum_replies(ctx.query(req)).items():
+        replies = ctx.query(req)
+        if metas is not None:
+            metas.update({s: dict(r.meta) for s, r in replies.items()})
+        for k, v in sum_replies(replies).items():
             out.setdefault(k, []).append(v)
     from fedgen.analyses.assoc import unpack_symmetric
 
