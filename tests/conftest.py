@@ -36,7 +36,7 @@ PLINK_EXACT_POLICY: dict[str, Any] = {
     "allow_per_variant_sample_sets": True,
     "pca_rank_per_study": 1000.0,
     "pca_rank_lifetime": 1e6,
-    "extra_analyses": ["pca_product", "pca_scores"],
+    "extra_analyses": ["pca_product", "pca_scores", "glm_logistic", "glm_firth"],
 }
 
 

@@ -193,6 +193,8 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
     kind = str(params["kind"])
     if rules is not None:
         rules.check_columns([phenotype, *(cv["name"] for cv in params.get("covariates") or [])])
+    if rules is not None:
+        _check_site_levels(cohort, params, rules.min_count)
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
     y, C, keep = build_design(
         cohort.table.columns,
@@ -201,7 +203,7 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         kind=kind,
         covariates=list(params.get("covariates") or []),
         site_columns=site_cols,
-        where=str(cohort.table.path),
+        where=cohort.table.path.name,
     )
     spec = params.get("pcs")
     if spec:  # this site's own PC scores from the study's federated PCA (they never left it)
@@ -212,6 +214,29 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
     if rules is not None:
         _check_indicator_cells(params, C, keep, rules.min_count)
     return y, C, keep
+
+
+def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int) -> None:
+    """A column used as a categorical covariate must have no value held by 1..min_count-1 people here.
+
+    Checked before the study's level list is compared with the site's, so a refusal says nothing
+    the site's published levels (site_info) do not: otherwise "levels unknown to the study" is an
+    oracle for whether anyone has a given value (route: level-list probing).
+    """
+    from fedgen.cohort.phenotypes import _is_missing
+
+    for cv in params.get("covariates") or []:
+        if cv.get("kind") != "categorical":
+            continue
+        counts: dict[str, int] = {}
+        col = cohort.table.require(str(cv["name"]))
+        for i in cohort.table_rows.tolist():
+            v = col[i]
+            if not _is_missing(v):
+                counts[v] = counts.get(v, 0) + 1
+        if any(c < min_count for c in counts.values()):
+            raise FedgenError(f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count of the "
+                              "samples (merge or recode its categories)")
 
 
 def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
@@ -357,6 +382,9 @@ def case_control_allele_counts(
     return out
 
 
+IRLS_OPT_IN = ("sums at aggregator-chosen coefficients are weighted moments of the site's data: many smooth weightings "
+               "reconstruct people with a unique covariate value exactly (docs/THREAT_MODEL.md)")
+
 GLM_SPEC = dict(
     params=DESIGN_PARAMS,
     param_dims=None,
@@ -405,6 +433,7 @@ def glm_linear(cohort: Any, req: AnalysisRequest):
         outputs={"H_triu": arr("f8", "v", "t"), "grad": arr("f8", "v", "p"), "n": arr("i8", "v"), "loglik": arr("f8", "v", optional=True),
                  **ROW_OUTPUTS},
         suppress=cell_rule(kish=True),
+        opt_in_reason=IRLS_OPT_IN,
         doc="per variant at the aggregator's β: Hessian (upper triangle), gradient, n",
     ),
 )
@@ -425,6 +454,7 @@ def glm_logistic(cohort: Any, req: AnalysisRequest):
         outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True),
                  **ROW_OUTPUTS},
         suppress=cell_rule(kish=True),
+        opt_in_reason=IRLS_OPT_IN,
         doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
     ),
 )

@@ -121,6 +121,8 @@ def _block_args(cohort, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
     idx = np.asarray(arrays["idx"], dtype=np.int64)
     if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= cohort.dosage.shape[0])):
         raise FedgenError("variant indices out of range for this site's data")
+    if len(np.unique(idx)) != len(idx):  # honest requests never repeat a variant (route: one variant, many β)
+        raise FedgenError("a request names a variant more than once")
     flip = np.asarray(arrays.get("flip", np.zeros(len(idx), np.uint8)), dtype=bool)
     if flip.shape != idx.shape:
         raise FedgenError("'flip' must have one entry per requested variant")

@@ -115,7 +115,7 @@ def build_design(
             miss = np.array([_is_missing(v) for v in vals])
             unknown = {v for v in vals if not _is_missing(v)} - set(levels)
             if unknown:
-                raise InputError(f"{where}: covariate {cv['name']!r} has {len(unknown)} levels unknown to the study")
+                raise InputError(f"{where}: covariate {cv['name']!r} has levels unknown to the study")
             ind = np.zeros((len(vals), max(0, len(levels) - 1)))
             for j, lev in enumerate(levels[1:]):
                 ind[:, j] = [v == lev for v in vals]

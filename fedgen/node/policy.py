@@ -176,7 +176,11 @@ def default_policy_text(site: str, analyses: list[str] | None = None) -> str:
     )
     opt = opt_in_analyses()
     if opt:
-        sample_note += "\n# Not listed by default for the membership risk they carry (add them only if cohort membership\n# is not secret): " + ", ".join(sorted(opt)) + "."
+        sample_note += ("\n# Not listed by default for the disclosure risk they carry (docs/THREAT_MODEL.md); add them only\n"
+                        "# if the site accepts it (extra_analyses = [...] adds them to the default list):\n"
+                        "#   PCA (pca_product, pca_scores) reveals cohort membership;\n"
+                        "#   logistic/Firth rounds (glm_logistic, glm_firth) at aggregator-chosen coefficients can\n"
+                        "#   reconstruct people with a unique covariate value.")
     return f"""\
 # fedgen site policy for site "{site}": what this site agrees to compute and release.
 # Only this site edits this file; the aggregator cannot change it. Check it after editing with

@@ -11,6 +11,11 @@ A privacy event is a JSON-able dict, stored as-is in the site ledger and the run
     n ρ-zCDP mechanisms, e.g. an exponential-mechanism / Gumbel pick with ε₀ has ρ = ε₀²/8
     (bounded range); maps to ``ZCDpEvent(rho)``.
 
+``{"type": "dpsgd", "sample_rate": q, "noise_multiplier": z, "count": steps}``
+    ``steps`` DP-SGD steps (Opacus): Poisson sampling with rate q, per-sample gradients clipped
+    to C and Gaussian noise of standard deviation z·C on their sum; maps to
+    ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``.
+
 Other keys (e.g. ``"label"``) are kept as they are and ignored by the accounting.
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 from dp_accounting import rdp
 
 NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-MAX_COUNT = 10**6
+MAX_COUNT = 10**7
 
 #: RDP orders: steps of 0.01 on (1, 2), then geometric (ratio ≈ 1.014) from 2 to 512, plus
 #: dp_accounting's default orders (so the bound is never looser than the library default).
@@ -37,7 +42,7 @@ RDP_ORDERS: tuple[float, ...] = tuple(
     )
 )
 
-_REQUIRED = {"gaussian": ("sigma", "l2"), "zcdp": ("rho",)}
+_REQUIRED = {"gaussian": ("sigma", "l2"), "zcdp": ("rho",), "dpsgd": ("sample_rate", "noise_multiplier")}
 
 
 def _positive(e: dict[str, Any], key: str, *, allow_zero: bool = False) -> float:
@@ -69,6 +74,11 @@ def validate_event(e: dict[str, Any]) -> dict[str, Any]:
     if kind == "gaussian":
         out["sigma"] = _positive(e, "sigma")
         out["l2"] = _positive(e, "l2")
+    elif kind == "dpsgd":
+        out["sample_rate"] = _positive(e, "sample_rate")
+        if out["sample_rate"] > 1:
+            raise ValueError(f"privacy event {e!r}: sample_rate must be in (0, 1]")
+        out["noise_multiplier"] = _positive(e, "noise_multiplier")
     else:
         out["rho"] = _positive(e, "rho", allow_zero=True)
     count = e.get("count", 1)
@@ -109,12 +119,16 @@ def event_rho(e: dict[str, Any]) -> float:
     v = validate_event(e)
     if v["type"] == "gaussian":
         return v["count"] * v["l2"] ** 2 / (2.0 * v["sigma"] ** 2)
+    if v["type"] == "dpsgd":  # an upper bound: the same steps without subsampling
+        return v["count"] / (2.0 * v["noise_multiplier"] ** 2)
     return v["count"] * v["rho"]
 
 
 def _single_dp_event(v: dict[str, Any]) -> dp_accounting.DpEvent:
     if v["type"] == "gaussian":
         return dp_accounting.GaussianDpEvent(noise_multiplier=v["sigma"] / v["l2"])
+    if v["type"] == "dpsgd":
+        return dp_accounting.PoissonSampledDpEvent(v["sample_rate"], dp_accounting.GaussianDpEvent(v["noise_multiplier"]))
     return dp_accounting.ZCDpEvent(rho=v["rho"])
 
 

@@ -180,9 +180,23 @@ def run_association(
         params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
                   "missing": plan.get("missing", "impute")}
         res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
+        chisq_p = None
         if kind == "binary" and "assoc" in analyses:
             with ctx.timed(f"assoc:{pheno}"):
-                files.append(_chisq(ctx, aln, rows, a1_ref, params, out))
+                name, chisq_p = _chisq(ctx, aln, rows, a1_ref, params, out)
+                files.append(name)
+        if "glm" in analyses and kind == "binary" and ctx.sites_not_allowing("glm_logistic"):
+            note = (f"{pheno}: logistic regression skipped: the policy of site(s) "
+                    f"{', '.join(ctx.sites_not_allowing('glm_logistic'))} does not answer logistic/Firth rounds (their sums "
+                    "at aggregator-chosen coefficients can reconstruct individuals; a site opts in with extra_analyses); "
+                    f"the allelic test ({pheno}.assoc) is the binary-trait result")
+            log.warning(note)
+            ctx.notes.append(note)
+            if chisq_p is not None:  # λGC, top hits and plots from the allelic test
+                res["p"] = chisq_p
+                res["test"] = "allelic chi-square"
+            summary[pheno] = res
+            continue
         if "glm" in analyses:
             with ctx.timed(f"glm:{pheno}"):
                 if kind == "binary":
@@ -346,7 +360,7 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
     return name, np.where(show, np.exp(res["p_ln"]), np.nan)
 
 
-def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> str:
+def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]:
     sums = query_rows(ctx, "assoc_counts", aln, rows, a1_ref, {**params, "covariates": [], "site_columns": {}, "pcs": None})
     c = sums["counts"]
     r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
@@ -358,7 +372,7 @@ def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> str:
                 r[key] = np.where(held, np.nan, np.asarray(r[key], dtype=np.float64))
     name = f"{params['phenotype']}.assoc"
     atomic_write_text(out / name, assoc_text(aln, rows, a1_ref, r))
-    return name
+    return name, np.asarray(r["p"], dtype=np.float64)
 
 
 def assoc_text(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, r: dict[str, np.ndarray]) -> str:

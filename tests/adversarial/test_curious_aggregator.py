@@ -120,7 +120,50 @@ def test_small_carrier_cells_give_no_carrier_phenotypes(site):
     assert np.all(arrays["withheld"][common] == 0) and np.all(arrays["n"][common] == len(site.members))
 
 
-def test_a_beta_that_isolates_one_person_is_withheld(site):
+IRLS_OPT_IN = {"extra_analyses": ["glm_logistic", "glm_firth"]}
+
+
+def test_irls_kernel_moments_are_not_answered_by_default(site, tmp_path):
+    """Logistic rounds at many smooth β (η = (age − t)/s) give Σ w(age) · (1, g, Y, D) for any kernel
+    w; with enough (t, s) a least-squares deconvolution gives every person with a unique age: their
+    age, Y, D and genotypes (a red-team run recovered 187 of 320 people exactly). Default policy:
+    no logistic or Firth round is answered at all; an opted-in site still refuses a variant named
+    twice in one request (one variant, many β)."""
+    agg = HostileAggregator(site.node_config)
+    P = {"phenotype": "D", "kind": "binary",
+         "covariates": [{"name": c, "kind": "numeric", "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+                        for c, v in (("age", site.age), ("Y", site.y))]}
+    sd = float(np.std(site.age, ddof=1))
+    T = np.arange(20.0, 80.0, 0.5)
+    beta = np.zeros((len(T), 4))
+    beta[:, 0] = -(T - np.mean(site.age)) / 0.6  # kernel of width 0.6 years around t, on the standardised age
+    beta[:, 2] = sd / 0.6
+    with pytest.raises(Refusal, match="'glm_logistic' is not allowed by the site's policy .*opt-in"):
+        agg.ask("glm_logistic", P, {**idx(np.arange(len(T))), "beta": beta}, study_id="kernel")
+    with pytest.raises(Refusal, match="'glm_firth' is not allowed"):
+        agg.ask("glm_firth", P, {**idx(np.arange(len(T))), "beta": beta}, study_id="kernel")
+    opted = Site(tmp_path / "opted", policy=IRLS_OPT_IN)
+    agg = HostileAggregator(opted.node_config)
+    with pytest.raises(Refusal, match="names a variant more than once"):
+        agg.ask("glm_logistic", P, {**idx(np.zeros(len(T), np.int64)), "beta": beta}, study_id="kernel")
+
+
+def test_level_lists_are_no_oracle_for_values(site):
+    """'covariate has N levels unknown to the study' answered "does anyone here have age = x?"."""
+    agg = HostileAggregator(site.node_config)
+    reasons = set()
+    for levels in (["zz"], [f"{a:.1f}" for a in site.age[:50]], [f"{a:.1f}" for a in site.age[50:100]], [f"{a:.1f}" for a in range(50)]):
+        with pytest.raises(Refusal):
+            agg.ask("glm_linear", {"phenotype": "Y", "kind": "quantitative",
+                                   "covariates": [{"name": "age", "kind": "categorical", "levels": levels}]}, idx(2))
+        reasons.add(agg.refusals[-1])
+    assert len(reasons) == 1, reasons  # the same answer whatever the levels: nothing to learn
+    assert not re.search(r"\d", next(iter(reasons)).replace("min_count", "")), reasons
+    assert str(site.samples.parent) not in next(iter(reasons))
+
+
+def test_a_beta_that_isolates_one_person_is_withheld(tmp_path):
+    site = Site(tmp_path / "hk", policy=IRLS_OPT_IN)
     agg = HostileAggregator(site.node_config)
     target = float(site.age[3])
     beta = np.zeros((8, 3))
@@ -143,7 +186,7 @@ def test_ld_requests_take_only_site_ordered_windows(site):
     first = np.flatnonzero(chrom == chrom[0])
     other = np.flatnonzero(chrom != chrom[0])
     for bad in (first[::-1][:10], np.r_[first[:5], first[:5]], np.r_[first[-3:], other[:3]]):
-        with pytest.raises(Refusal, match="ld_pair_sums"):
+        with pytest.raises(Refusal, match="ld_pair_sums|names a variant more than once"):
             agg.ask("ld_pair_sums", {"n_first": 1, "window": len(bad)}, idx(bad))
 
 

@@ -1,0 +1,1 @@
+"""Federated risk models: PyTorch models, local (DP-SGD) training at a site, export and scoring."""
