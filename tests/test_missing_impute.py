@@ -1,7 +1,8 @@
 """The default ``study.glm.missing: impute`` equals a pooled regression with the same imputation.
 
-Each site imputes a missing call with its own mean dosage of that variant (over its analysed
-samples with a call), so every row of a phenotype rests on one sample set. The reference here
+Each site imputes a missing call with the mean dosage of that variant over its samples in the
+regression (phenotype and covariates present) that have a call, so every row of a phenotype rests
+on one sample set. The reference here
 is computed independently from the simulated truth: the pooled dosage matrix with each site's
 missing calls filled that way, then ordinary least squares per variant.
 """
@@ -36,18 +37,20 @@ def test_imputed_linear_regression_equals_pooled_reference(tmp_path):
     assert manifest["study_id"]
 
     col = {s: i for i, s in enumerate(data.samples)}
-    parts = []  # per site: its analysed samples' imputed dosages and their table values (as written)
+    parts = []  # per site: its regression samples' imputed dosages and their table values (as written)
     for nc in nodes.values():
         cohort = load_cohort(nc)
         cols = np.asarray([col[cohort.vcf_samples[j]] for j in cohort.sample_cols.tolist()])
-        g = data.dosage[:, cols].astype(float)
+        y_s, age_s = cohort.sample_values("QT2"), cohort.sample_values("age")
+        used = ~np.isnan(y_s) & ~np.isnan(age_s)
+        g = data.dosage[:, cols[used]].astype(float)
         called = g >= 0
         mean = np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1)
-        parts.append((np.where(called, g, mean[:, None]), cohort.sample_values("QT2"), cohort.sample_values("age")))
+        parts.append((np.where(called, g, mean[:, None]), y_s[used], age_s[used]))
     G = np.hstack([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     age = np.concatenate([p[2] for p in parts])
-    keep = ~np.isnan(y) & ~np.isnan(age)
+    keep = np.ones(len(y), bool)
 
     header, rows = _table(tmp_path / "out" / "QT2.glm.linear")
     h = {k: i for i, k in enumerate(header)}

@@ -51,3 +51,8 @@ def execute(
 
 def _load_builtin() -> None:
     from fedgen.analyses import assoc, dp, pca, ping, qc  # noqa: F401
+
+    try:  # training needs torch and opacus (a site without them answers everything else)
+        from fedgen.analyses import learn  # noqa: F401
+    except ImportError:
+        pass

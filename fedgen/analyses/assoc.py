@@ -213,7 +213,36 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
     if rules is not None:
         _check_indicator_cells(params, C, keep, rules.min_count)
+        _check_rare_values(params, y, C, keep, rules.min_count)
     return y, C, keep
+
+
+def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
+    """No phenotype or numeric covariate may single out 1..min_count-1 of the samples used.
+
+    A column equal to its most common value for all but a few people (a 0/1 flag set for one
+    person, whatever ``kind`` it is declared as) makes Σ g·x that person's genotypes; a column
+    with few distinct values must hold each of them for 0 or at least min_count people. (Route:
+    a rare indicator column as phenotype or covariate.)
+    """
+    n = int(keep.sum())
+    cols = [(str(params.get("phenotype")), y[keep])]
+    j = 0
+    for cv in params.get("covariates") or []:
+        if cv.get("kind") == "categorical":
+            j += max(0, len(cv["levels"]) - 1)
+            continue
+        cols.append((str(cv["name"]), C[keep, j]))
+        j += 1
+    for name, x in cols:
+        if n == 0:
+            return
+        values, counts = np.unique(x, return_counts=True)
+        others = n - int(counts.max())
+        small_value = len(values) <= MAX_LEVELS and bool(np.any(counts < min_count))
+        if 0 < others < min_count or small_value:
+            raise FedgenError(f"column {name!r}: some of its values are held by fewer than the site's min_count of the "
+                              "samples used; they would single those people out")
 
 
 def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int) -> None:
@@ -237,6 +266,31 @@ def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int
         if any(c < min_count for c in counts.values()):
             raise FedgenError(f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count of the "
                               "samples (merge or recode its categories)")
+
+
+def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, np.ndarray]]:
+    """Values a design's rows sum with genotypes, with the samples where they are non-zero.
+
+    The phenotype (for a binary trait, its cases), each numeric covariate, each indicator of a
+    categorical level, and stored PCs.
+    """
+    params = req.params
+    y, C, keep = _design(cohort, params, req.rules)
+    n = cohort.n_samples
+    attrs = [(f"y:{params['phenotype']}", (y == 1) if params.get("kind") == "binary" else np.ones(n, bool))]
+    col = 0
+    for cv in params.get("covariates") or []:
+        if cv.get("kind") == "categorical":
+            for j, lev in enumerate(cv["levels"][1:]):
+                attrs.append((f"x:{cv['name']}={lev}", np.nan_to_num(C[:, col + j]) != 0))
+            col += max(0, len(cv["levels"]) - 1)
+        else:
+            attrs.append((f"x:{cv['name']}", np.ones(n, bool)))
+            col += 1
+    pcs = params.get("pcs")
+    if pcs:
+        attrs += [(f"pc:{pcs['study_id']}:{k}", np.ones(n, bool)) for k in range(int(pcs["n"]))]
+    return attrs
 
 
 def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
@@ -288,28 +342,42 @@ def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
     return out
 
 
-def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarray, *, impute: bool):
-    """Per sub-block: (offset, A1 dosages of the kept samples, imputation values or None, cells).
+def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarray, *, impute: bool,
+               structures: tuple = ()):
+    """Per sub-block: (offset, A1 dosages of the kept samples, imputation values or None, cells, atom cells).
 
     ``cells`` (rows, 2): carriers of A1 (dosage > 0) and carriers of A2 (dosage < 2) among the
-    kept samples with a call.
-    The imputation value of a variant is the site's mean A1 dosage over all its analysed samples
-    with a call (0 when none): a fixed function of the site's data, never a request parameter
-    (an aggregator-chosen value would let two requests difference out the imputed people).
+    kept samples with a call. ``atom cells``: per cell structure of the request's rules, (rows,
+    atoms, 2) the same counts per atom over all the site's samples.
+    The imputation value of a variant is the mean A1 dosage of the kept samples with a call (0
+    when none): a fixed function of the site's data, never a request parameter (an
+    aggregator-chosen value would let two requests difference out the imputed people), and 0
+    wherever no kept sample carries A1 (so people missing that call add nothing).
     """
     idx, flip = _block_args(cohort, arrays)
+    onehots = []
+    for labels, M in structures:
+        oh = np.zeros((len(labels), M.shape[1]), dtype=np.float32)
+        inside = labels >= 0
+        oh[np.flatnonzero(inside), labels[inside]] = 1.0
+        onehots.append(oh)
     for s in range(0, len(idx), SUB_BLOCK):
         full = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
         g = full[:, keep]
         fill = None
         if impute:
-            called = full >= 0
+            called = g >= 0
             n_called = called.sum(1)
-            tot = np.where(called, full, 0).sum(1, dtype=np.int64)
+            tot = np.where(called, g, 0).sum(1, dtype=np.int64)
             fill = np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0)
         carriers = np.count_nonzero(g > 0, axis=1)
         other = np.count_nonzero((g >= 0) & (g < 2), axis=1)
-        yield s, g, fill, np.stack([carriers, other], axis=1)
+        atoms = []
+        for oh in onehots:
+            a1 = (full > 0).astype(np.float32) @ oh
+            a2 = ((full >= 0) & (full < 2)).astype(np.float32) @ oh
+            atoms.append(np.rint(np.stack([a1, a2], axis=2)).astype(np.int64))
+        yield s, g, fill, np.stack([carriers, other], axis=1), atoms
 
 
 ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
@@ -325,6 +393,7 @@ ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
         contributors=meta_count("n_cases", "n_controls"),
         suppress=cell_rule(),
         sample_sets=lambda cohort, req: design_sample_set(cohort, _no_covariates(req)),
+        attributes=lambda cohort, req: design_attributes(cohort, _no_covariates(req)),
         validate=check_design,
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
@@ -341,10 +410,14 @@ def assoc_counts(cohort: Any, req: AnalysisRequest):
     impute = missing_mode(req) == "impute"
     out = np.zeros((len(idx), 4), dtype=np.float64 if impute else np.int64)
     cells = np.zeros((len(idx), 2), dtype=np.int64)
-    for s, g, fill, c in _genotypes(cohort, req.arrays, keep, impute=impute):
+    atom_cells = [np.zeros((len(idx), M.shape[1], 2), dtype=np.int64) for _, M in req.rules.cell_structures]
+    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures):
         cells[s : s + len(g)] = c
+        for k, a in enumerate(atoms):
+            atom_cells[k][s : s + len(g)] = a
         out[s : s + len(g)] = _allele_counts(g, case, fill)
-    return {"counts": out, "_cells": cells}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
+    extra = {f"_atom_cells{k}": a for k, a in enumerate(atom_cells)}
+    return {"counts": out, "_cells": cells, **extra}, {"n_cases": int(case.sum()), "n_controls": int((~case).sum())}
 
 
 def _no_covariates(req: AnalysisRequest) -> AnalysisRequest:
@@ -377,7 +450,7 @@ def case_control_allele_counts(
     """
     idx = np.asarray(arrays.get("idx", []))
     out = np.zeros((len(idx), 4), dtype=np.int64)
-    for s, g, _, _ in _genotypes(cohort, arrays, keep, impute=False):
+    for s, g, _, _, _ in _genotypes(cohort, arrays, keep, impute=False):
         out[s : s + len(g)] = _allele_counts(g, case, None, missing_as_zero=missing_as_zero)
     return out
 
@@ -391,6 +464,7 @@ GLM_SPEC = dict(
     meta=frozenset({"n", "suppressed"}),
     contributors=meta_count("n"),
     sample_sets=design_sample_set,
+    attributes=design_attributes,
     validate=check_design,
 )
 
@@ -401,13 +475,18 @@ def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[di
     impute = missing_mode(req) == "impute"
     rows = {k: _per_row(req.arrays, k) for k in per_row}
     parts, cells = [], []
-    for s, g, fill, c in _genotypes(cohort, req.arrays, keep, impute=impute):
+    atom_cells: list[list[np.ndarray]] = [[] for _ in req.rules.cell_structures]
+    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures):
         extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
         parts.append(fn(g, y[keep], C[keep], *extra, fill=fill))
         cells.append(c)
+        for k, a in enumerate(atoms):
+            atom_cells[k].append(a)
     out = _stack(parts)
     if cells:
         out["_cells"] = np.concatenate(cells)
+        for k, a in enumerate(atom_cells):
+            out[f"_atom_cells{k}"] = np.concatenate(a)
     return out, {"n": int(keep.sum())}
 
 

@@ -61,6 +61,9 @@ class Spec:
     contributors: Callable[[Mapping[str, Any]], int | None] | None = None
     #: privacy events of one request: (params, bound dims, node_config) -> list of event dicts
     dp_cost: Callable[[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]], list[dict[str, Any]]] | None = None
+    #: privacy events of the whole planned sequence this request starts (e.g. the remaining
+    #: training rounds): the site refuses before computing if they would not fit its budget
+    dp_plan: Callable[[Mapping[str, Any], Mapping[str, int], Mapping[str, Any]], list[dict[str, Any]]] | None = None
     #: per-row disclosure rule: (reply arrays incl. site-only "_" companions, rules, n_samples)
     #: -> (arrays, boolean mask of the rows withheld, or None)
     suppress: Callable[[dict[str, np.ndarray], "Rules", int], tuple[dict[str, np.ndarray], np.ndarray | None]] | None = None
@@ -73,6 +76,10 @@ class Spec:
     #: the sample sets the aggregate rests on, for the site's released-sample-set register:
     #: (cohort, request) -> list of boolean masks over the cohort's analysed samples
     sample_sets: Callable[[Any, "AnalysisRequest"], list[np.ndarray]] | None = None
+    #: samples-table values summed with genotypes in each row (row-level design analyses):
+    #: (cohort, request) -> [(attribute name, support mask over the cohort's samples)]; the
+    #: pipeline checks each row's carriers against every set released with the same attribute
+    attributes: Callable[[Any, "AnalysisRequest"], list[tuple[str, np.ndarray]]] | None = None
     #: request checks that need the site's data (index order, frequencies, rank caps):
     #: (cohort, request) -> None, raising on a request the site refuses
     validate: Callable[[Any, "AnalysisRequest"], None] | None = None
@@ -105,6 +112,9 @@ class Rules:
     dp_only: bool = False
     #: under ``dp_only``: (cohort, name, exact count) -> the site's noisy, charged, cached count
     noisy_counts: Callable[[Any, str, int], int] | None = None
+    #: per attribute shared with earlier releases: (atom label of every cohort sample, -1 = none;
+    #: sets × atoms 0/1 matrix); analyses count each row's carriers per atom (``_atom_cells``)
+    cell_structures: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     pca_rank_per_study: float = 1.0
     pca_rank_lifetime: float = 1e9
     ld_max_window_bp: int = 10**12
@@ -294,6 +304,10 @@ def cell_rule(*, kish: bool = False):
         if cells is None:
             return out, None
         mask = small_cells(cells, rules.min_cell)
+        for k, (_, M) in enumerate(rules.cell_structures):
+            atom_cells = out.get(f"_atom_cells{k}")
+            if atom_cells is not None:
+                mask |= isolable_small_cells(np.asarray(atom_cells), M, rules.min_cell)
         if kish and "_neff" in out and "n" in out:
             neff = np.floor(np.asarray(out["_neff"], dtype=np.float64) + 1e-9)
             n = np.asarray(out["n"])
@@ -301,6 +315,49 @@ def cell_rule(*, kish: bool = False):
         return zero_rows(out, mask), mask
 
     return rule
+
+
+def isolable_small_cells(atom_cells: np.ndarray, M: np.ndarray, min_cell: int) -> np.ndarray:
+    """Rows whose carriers in some group of atoms the released sets can isolate number 1..min_cell-1.
+
+    ``atom_cells`` (rows, atoms, 2): carriers of A1 and of A2 per atom; ``M`` (sets × atoms): which
+    sets (with a genotype-weighted sum of the same attribute released) hold each atom. A
+    combination v of those sums is non-zero on a group T of the carrier-holding atoms P and zero
+    on the rest of P exactly when rank(M[:, P]) > rank(M[:, P \ T]); its value is then the sum
+    over T's carriers alone. Route closed: two released sets that each pass the cell rule but
+    whose difference holds one carrier (one person's phenotype and covariates by subtraction).
+    """
+    from itertools import combinations
+
+    c = np.asarray(atom_cells)
+    out = np.zeros(c.shape[0], dtype=bool)
+    memo: dict[tuple, bool] = {}
+    M = np.asarray(M, dtype=float)
+    for allele in range(c.shape[2]):
+        cells = c[:, :, allele]
+        suspect = np.flatnonzero(np.any((cells > 0) & (cells < min_cell), axis=1))
+        for r in suspect.tolist():
+            row = cells[r]
+            key = (allele, tuple(np.minimum(row, min_cell).tolist()))
+            hit = memo.get(key)
+            if hit is None:
+                P = np.flatnonzero(row > 0)
+                small = [a for a in P.tolist() if row[a] < min_cell]
+                full = np.linalg.matrix_rank(M[:, P])
+                hit = False
+                for size in range(1, min(len(small), min_cell - 1) + 1):
+                    for group in combinations(small, size):
+                        if row[list(group)].sum() >= min_cell:
+                            continue
+                        rest = [a for a in P.tolist() if a not in group]
+                        if (np.linalg.matrix_rank(M[:, rest]) if rest else 0) < full:
+                            hit = True
+                            break
+                    if hit:
+                        break
+                memo[key] = hit
+            out[r] |= hit
+    return out
 
 
 def called_count_rule(out: dict[str, np.ndarray], rules: "Rules", n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:

@@ -60,7 +60,7 @@ class TrainSettings:
 
 
 def steps_per_epoch(sample_rate: float) -> int:
-    return max(1, int(round(1.0 / float(sample_rate))))
+    return max(1, int(1.0 / float(sample_rate)))  # as Opacus' DPDataLoader: int(1/q) batches per epoch
 
 
 def dpsgd_event(settings: TrainSettings) -> dict[str, Any]:

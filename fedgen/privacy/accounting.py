@@ -30,7 +30,7 @@ import numpy as np
 from dp_accounting import rdp
 
 NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-MAX_COUNT = 10**7
+MAX_COUNT = 10**6
 
 #: RDP orders: steps of 0.01 on (1, 2), then geometric (ratio ≈ 1.014) from 2 to 512, plus
 #: dp_accounting's default orders (so the bound is never looser than the library default).

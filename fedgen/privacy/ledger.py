@@ -277,6 +277,13 @@ class Ledger:
         log.info("privacy ledger: reserved release %d (%s/%s), site ε now %.4g", rid, study_id, analysis, eps_after)
         return Reservation(id=rid, events=cand, epsilon_after=eps_after)
 
+    def would_fit(self, events: list[dict[str, Any]]) -> bool:
+        """Whether ``events`` would fit the budget on top of everything on record (nothing is written)."""
+        cand = [validate_event(e) for e in events]
+        with self._transaction(write=False) as conn:
+            prior, _, _ = self._active_events(conn)
+        return compose_epsilon(prior + cand, self.delta) <= self.epsilon_budget + BUDGET_SLACK
+
     def commit(self, reservation_id: int) -> None:
         """Mark a reserved release as made (idempotent); a voided one raises ValueError."""
         self._writable()

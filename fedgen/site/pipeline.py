@@ -232,12 +232,27 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     # a refused request leaves no set behind)
     if spec.rank is not None and cohort is not None:
         _charge_rank(cohort, areq, spec, policy, state)
+    attrs: list[tuple[str, np.ndarray]] = []
+    if spec.attributes is not None and cohort is not None:
+        attrs = spec.attributes(cohort, areq)
+        structures = _cell_structures(cohort, areq, spec, attrs, state)
+        if structures:
+            areq = AnalysisRequest(analysis=analysis, params=req.params, arrays=req.arrays, study_id=req.study_id,
+                                   rules=_replace(areq.rules, cell_structures=tuple(structures)))
     if spec.dp_cost is not None:
         try:
             events = spec.dp_cost(req.params, dims, node_config)
         except (FedgenError, ValueError, KeyError, TypeError) as exc:
             raise Refused(f"{analysis}: bad privacy parameters: {exc}") from None
         run.events = list(events)
+        if spec.dp_plan is not None:
+            try:
+                plan = spec.dp_plan(req.params, dims, node_config)
+            except (FedgenError, ValueError, KeyError, TypeError) as exc:
+                raise Refused(f"{analysis}: bad privacy parameters: {exc}") from None
+            if not _ledger(run, policy, state, analysis).would_fit(plan):
+                raise Refused(f"{analysis}: the site's remaining privacy budget is too small for the planned rounds; "
+                              "nothing was computed")
         _reserve(run, node_config, policy, state, req, events)
         areq = AnalysisRequest(
             analysis=analysis, params=req.params, arrays=req.arrays, study_id=req.study_id,
@@ -255,7 +270,7 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     except SpecError as exc:
         raise Refused(f"{analysis}: reply does not match the analysis' declaration: {exc}") from None
     if spec.suppress is not None and out:
-        full, mask = spec.suppress({**out, **private}, rules, int(n_samples or 0))
+        full, mask = spec.suppress({**out, **private}, areq.rules, int(n_samples or 0))
         out = {k: v for k, v in full.items() if not k.startswith("_")}
         if mask is not None:
             if "withheld" in spec.outputs:
@@ -270,7 +285,7 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     if len(json.dumps(meta, default=str)) > MAX_META_BYTES:
         raise Refused(f"{analysis}: reply metadata exceeds the site's limit")
     if spec.sample_sets is not None and cohort is not None:
-        _admit_sample_sets(cohort, areq, spec, policy, state)
+        _admit_sample_sets(cohort, areq, spec, policy, state, attrs=[a for a, _ in attrs])
     if cohort is not None:
         _reveal(cohort, areq, private, policy, state)
     return out, meta, policy, contributors
@@ -335,7 +350,41 @@ def cohort_member_hashes(cohort) -> np.ndarray:
     return hit
 
 
-def _admit_sample_sets(cohort, areq, spec, policy: Mapping[str, Any], state: Path | None) -> None:
+def _cell_structures(cohort, areq, spec, attrs, state: Path | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each attribute this request sums with genotypes that earlier released sets also summed:
+    the atoms those sets and this one cut its support into (see ``isolable_small_cells``)."""
+    from fedgen.site.register import REGISTER_FILE, SampleSetRegister
+
+    if state is None or not (Path(state) / REGISTER_FILE).exists():
+        return []
+    masks = spec.sample_sets(cohort, areq)
+    if not masks:
+        return []
+    own = np.asarray(masks[0], dtype=bool)
+    hashes = cohort_member_hashes(cohort)
+    with SampleSetRegister(state) as reg:
+        released = reg.sets_with_attrs()
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    seen: set[bytes] = set()
+    for name, support in attrs:
+        others = [np.isin(hashes, members) for members, names in released if name in names]
+        vectors = [m & support for m in others if not np.array_equal(m, own)]
+        if not vectors:
+            continue  # only this set carries it: the plain cell rule covers it
+        V = np.vstack([*vectors, own & support])
+        key = np.packbits(V).tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        inside = V.any(axis=0)
+        sig, labels = np.unique(V[:, inside].T, axis=0, return_inverse=True)
+        lab = np.full(V.shape[1], -1, dtype=np.int64)
+        lab[inside] = labels.ravel()
+        out.append((lab, sig.T.astype(np.uint8)))
+    return out
+
+
+def _admit_sample_sets(cohort, areq, spec, policy: Mapping[str, Any], state: Path | None, *, attrs: list[str] = ()) -> None:
     """Released-sample-set register (route: differencing aggregates over nearly equal sets)."""
     from fedgen.site.register import SampleSetRegister
 
@@ -346,13 +395,13 @@ def _admit_sample_sets(cohort, areq, spec, policy: Mapping[str, Any], state: Pat
         raise Refused(f"{areq.analysis}: the site has no state folder for its sample-set register")
     hashes = cohort_member_hashes(cohort)
     with SampleSetRegister(state) as reg:
-        for mask in masks:
+        for k, mask in enumerate(masks):
             mask = np.asarray(mask, dtype=bool)
             if not mask.any():
                 continue
             reg.admit(
                 hashes[mask], min_count=int(policy["min_count"]), study_id=areq.study_id or "-", analysis=areq.analysis,
-                max_per_study=int(policy["max_sample_sets_per_study"]),
+                max_per_study=int(policy["max_sample_sets_per_study"]), attrs=list(attrs) if k == 0 else [],
             )
 
 

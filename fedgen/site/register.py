@@ -111,6 +111,9 @@ class SampleSetRegister:
             "study_id TEXT, analysis TEXT, created REAL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS study_sets (study_id TEXT, digest TEXT, PRIMARY KEY (study_id, digest))")
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(sets)")}
+        if "attrs" not in cols:  # registers written before attributes were recorded
+            self._db.execute("ALTER TABLE sets ADD COLUMN attrs TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         self._db.close()
@@ -124,7 +127,15 @@ class SampleSetRegister:
     def sets(self) -> list[np.ndarray]:
         return [np.frombuffer(b, dtype=np.uint64) for (b,) in self._db.execute("SELECT members FROM sets")]
 
-    def admit(self, members: np.ndarray, *, min_count: int, study_id: str, analysis: str, max_per_study: int) -> bool:
+    def sets_with_attrs(self) -> list[tuple[np.ndarray, set[str]]]:
+        """Every released set with the samples-table columns whose values were summed over it."""
+        import json
+
+        return [(np.frombuffer(b, dtype=np.uint64), set(json.loads(a or "[]")))
+                for b, a in self._db.execute("SELECT members, attrs FROM sets")]
+
+    def admit(self, members: np.ndarray, *, min_count: int, study_id: str, analysis: str, max_per_study: int,
+              attrs: Sequence[str] = ()) -> bool:
         """Record ``members`` as released, or raise :class:`SetRefused`. True if the set is new."""
         members = np.sort(np.asarray(members, dtype=np.uint64))
         digest = _digest(members)
@@ -151,11 +162,17 @@ class SampleSetRegister:
                         "(differencing). Use the same phenotype/covariate missingness as earlier studies, or ask the site"
                     )
                 db.execute(
-                    "INSERT INTO sets VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO sets (digest, size, members, study_id, analysis, created) VALUES (?, ?, ?, ?, ?, ?)",
                     (digest, len(members), members.tobytes(), study_id, analysis, time.time()),
                 )
             if not in_study:
                 db.execute("INSERT INTO study_sets VALUES (?, ?)", (study_id, digest))
+            if attrs:
+                import json
+
+                (old,) = db.execute("SELECT attrs FROM sets WHERE digest = ?", (digest,)).fetchone()
+                merged = sorted(set(json.loads(old or "[]")) | {str(a) for a in attrs})
+                db.execute("UPDATE sets SET attrs = ? WHERE digest = ?", (json.dumps(merged), digest))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

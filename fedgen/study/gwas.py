@@ -213,6 +213,9 @@ def run_association(
                     _, q = (_logistic(ctx, aln, rows, a1_ref, p0, None, n_cov=n0) if kind == "binary"
                             else _linear(ctx, aln, rows, a1_ref, p0, None))
                 res["p_without_pcs"] = q
+        if "p" not in res and chisq_p is not None:  # no regression: λGC, top hits and plots from the allelic test
+            res["p"] = chisq_p
+            res["test"] = "allelic chi-square"
         summary[pheno] = res
     return {"files": files, "association": summary, "rows": rows, "a1_ref": a1_ref}
 

@@ -9,7 +9,7 @@ from typing import Any
 from fedgen.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-KNOWN_ANALYSES = ("freq", "missing", "hardy", "pca", "assoc", "glm", "topk")
+KNOWN_ANALYSES = ("freq", "missing", "hardy", "pca", "assoc", "glm", "topk", "model")
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -136,7 +136,19 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
     want_pca = "pca" in analyses or pcs > 0
     plan["pca"] = pca_settings(study.get("pca"), pcs=pcs) if want_pca else None
     plan["pcs"] = pcs
+    if "model" in analyses:
+        from fedgen.study.learn import model_settings
+
+        model = model_settings(study.get("model"))
+        v = model["variants"]
+        if not v.startswith("top:"):  # a variant-list file, relative to where fedgen runs
+            model["variants"] = str((base / v).expanduser().resolve())
+        plan["model"] = model
     mode = plan["privacy"].get("mode", "none")
+    if mode == "dp" and "model" in analyses:
+        raise ConfigError("study.analyses: under privacy=dp the risk model's feature scan would have to be the DP top-k, "
+                          "which is not wired to training yet; run study=risk_model with privacy=none (training is "
+                          "still DP-SGD per site, study.model.dp) and a variant-list file or exact top hits")
     if mode == "dp":
         from fedgen.study.dp import check_dp_plan
 

@@ -136,10 +136,10 @@ def _progress(label: str, total: int) -> Callable[[int], None]:
 
 def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
     plan = ctx.plan
-    req = Request(
-        "site_info",
-        params={"phenotypes": list(plan.get("phenotypes") or []), "covariates": list(plan.get("covariates") or [])},
-    )
+    model = plan.get("model") or {}
+    phenotypes = list(dict.fromkeys([*(plan.get("phenotypes") or []), *([model["phenotype"]] if model.get("phenotype") else [])]))
+    covariates = list(dict.fromkeys([*(plan.get("covariates") or []), *(model.get("covariates") or [])]))
+    req = Request("site_info", params={"phenotypes": phenotypes, "covariates": covariates})
     replies = ctx.query(req)
     ctx.site_info = replies
     expected = list(plan.get("sites") or [])
@@ -222,8 +222,17 @@ def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Al
         results["files"] += results["pca"]["files"]
     association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
     results["files"] += association.pop("files")
+    raw = association.pop("_raw", None)
     results["association"] = association
-    return results, {}
+    extra: dict[str, Any] = {}
+    if "model" in analyses:
+        from fedgen.study.learn import run_risk_model
+
+        with ctx.timed("model"):
+            trained = run_risk_model(ctx, stage, info, aln, counts, raw)
+        results["files"] += trained["files"]
+        extra["model"] = trained["summary"]
+    return results, extra
 
 
 def run_association_step(
@@ -268,7 +277,7 @@ def run_association_step(
                 ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={h['p']:.2e})" for h in top),
             )
         summary[pheno] = entry
-    return {"files": res["files"], **({"phenotypes": summary} if summary else {})}
+    return {"files": res["files"], **({"phenotypes": summary} if summary else {}), "_raw": res}
 
 
 def write_qc_outputs(

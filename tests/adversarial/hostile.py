@@ -83,6 +83,7 @@ class Site:
         self.d = (rng.random(m) < 0.3).astype(int)
         self.age = np.round(rng.uniform(20, 80, m), 1)
         self.one = 0  # the person whose Y_ONE is missing
+        self.rare = 7  # the only person whose RARE flag is 1
         self.a_set = np.r_[1:21]  # A_M missing for these 20 people
         self.b_set = np.r_[[1], 21:40]  # B_M missing for these 20: A ∩ B = {person 1}
         self.samples = root / "samples.tsv"
@@ -93,7 +94,7 @@ class Site:
             self.node_config["policy"] = json.dumps(policy)
 
     def write_samples(self, drop: int | None = None) -> None:
-        rows = ["IID\tY\tD\tage\tY_ONE\tA_M\tB_M"]
+        rows = ["IID\tY\tD\tage\tY_ONE\tA_M\tB_M\tRARE"]
         for k, c in enumerate(self.members.tolist()):
             if k == drop:
                 continue
@@ -102,6 +103,7 @@ class Site:
                 "NA" if k == self.one else f"{self.y[k]}",
                 "NA" if k in self.a_set else f"{self.age[k]}",
                 "NA" if k in self.b_set else f"{self.age[k]}",
+                "1" if k == self.rare else "0",
             ]))
         self.samples.write_text("\n".join(rows) + "\n")
 

@@ -358,3 +358,39 @@ def test_register_refuses_exactly_the_combinations_that_isolate_people():
     smallest3 = min(int(np.count_nonzero(np.abs(np.array(c) @ ind[:3]) > 1e-9))
                     for c in itertools.product((-1, 0, 1), repeat=3) if any(c) and np.any(np.array(c) @ ind[:3]))
     assert smallest3 >= 10
+
+
+def test_a_carrier_alone_in_the_difference_of_two_released_sets_is_not_revealed(site):
+    """U and U−A (|A| = 20) both pass the cell rule at a variant with one carrier inside A:
+    subtracting the rows gives that carrier's Y, age and D (a red-team run recovered 14 people)."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    P = lambda covs: glm_params("Y", covariates=covs)  # noqa: E731
+    full, _ = agg.ask("glm_linear", P(["age", "D"]), idx(V))
+    part, _ = agg.ask("glm_linear", P(["A_M", "D"]), idx(V))
+    g = site.data.dosage[:, site.members]
+    in_a = np.zeros(len(site.members), bool)
+    in_a[site.a_set] = True
+    lone = np.flatnonzero(((g[:, in_a] > 0).sum(1) == 1) & ((g[:, ~in_a] > 0).sum(1) >= 5))
+    assert len(lone) >= 3
+    p = full["Xty"].shape[1]
+    recovered = 0
+    for j in lone:
+        sg = full["XtX_triu"][j, triu_col(p, 0, 1)] - part["XtX_triu"][j, triu_col(p, 0, 1)]
+        if part["withheld"][j] or full["withheld"][j] or sg == 0:
+            continue
+        y_hat = (full["Xty"][j, 1] - part["Xty"][j, 1]) / sg
+        k = int(np.flatnonzero(in_a & (g[j] > 0))[0])
+        recovered += int(np.isclose(y_hat, site.y[k], atol=1e-6))
+    assert recovered == 0
+    assert np.all(part["withheld"][lone] == 1)  # the second release withholds exactly these rows
+
+
+def test_a_rare_flag_column_is_no_phenotype_or_covariate(site):
+    """RARE is 1 for one person: as a phenotype Σg·y, as a covariate Σg·c, is their genotype."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    for params in (glm_params("RARE", "binary"), glm_params("RARE"), glm_params("Y", covariates=["RARE"])):
+        params = {**params, "covariates": [{**c, "mean": 0.0, "sd": 0.06} for c in params["covariates"]]}
+        with pytest.raises(Refusal, match="fewer than the site's min_count"):
+            agg.ask("glm_linear", params, idx(V))

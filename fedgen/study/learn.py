@@ -1,0 +1,253 @@
+"""Federated risk models at the aggregator: feature choice, FedAvg rounds, model export and card.
+
+Every round sends the current weights to every site (``dp_model_update``, or ``model_update``
+without DP where the sites' policies allow it); each site trains locally and replies its new
+weights; the aggregator averages them weighted by the sites' numbers of people (FedAvg,
+McMahan et al. 2017). The model, its features and standardisation go to ``model/model.json``,
+a model card to ``model/card.md``; ``fedgen score`` applies the model at a site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgen.errors import ConfigError, FedgenError
+from fedgen.federation.transport import Request
+from fedgen.learn import models
+from fedgen.learn.train import steps_per_epoch
+from fedgen.stats.qc import variant_alt_freq
+from fedgen.study.writers import atomic_write_text
+
+log = logging.getLogger("fedgen.study")
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    "phenotype": None,
+    "covariates": [],
+    "variants": "top:50",
+    "clump_kb": 250,
+    "kind": "logistic",
+    "hidden": 16,
+    "rounds": 10,
+    "local_epochs": 1,
+    "batch": 256,
+    "lr": 0.5,
+    "clip": 1.0,
+    "dp": True,
+    "epsilon": 3.0,
+    "seed": 1,
+}
+
+
+def model_settings(m: Any) -> dict[str, Any]:
+    """``study.model`` validated, defaults filled; ConfigError naming the field."""
+    m = dict(m or {})
+    unknown = sorted(set(m) - set(MODEL_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"study.model: unknown key(s) {', '.join(unknown)} (known: {', '.join(MODEL_DEFAULTS)})")
+    cfg = {**MODEL_DEFAULTS, **m}
+    if not isinstance(cfg["phenotype"], str) or not cfg["phenotype"]:
+        raise ConfigError("study.model.phenotype is required: the samples-table column the model predicts")
+    if cfg["kind"] not in models.KINDS:
+        raise ConfigError(f"study.model.kind must be one of {', '.join(models.KINDS)}")
+    for key, lo, hi in (("rounds", 1, 1000), ("local_epochs", 1, 100), ("batch", 1, 10**7), ("hidden", 1, models.MAX_HIDDEN),
+                        ("clump_kb", 0, 10**5)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ConfigError(f"study.model.{key} must be a whole number in [{lo}, {hi}], got {v!r}")
+    for key in ("lr", "clip", "epsilon"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(float(v)) and float(v) > 0):
+            raise ConfigError(f"study.model.{key} must be a positive number, got {v!r}")
+    if not isinstance(cfg["variants"], str) or not cfg["variants"]:
+        raise ConfigError("study.model.variants must be 'top:N' or a variant-list file")
+    cfg["covariates"] = [str(c) for c in cfg["covariates"] or []]
+    cfg["dp"] = bool(cfg["dp"])
+    return cfg
+
+
+def _variant_keys(aln: Any) -> dict[str, int]:
+    keys: dict[str, int] = {}
+    for i, (c, p, vid, r, a) in enumerate(zip(aln.chrom.tolist(), aln.pos.tolist(), aln.ids.tolist(), aln.ref.tolist(), aln.alt.tolist())):
+        keys[f"{c}:{p}:{r}:{a}"] = i
+        keys[f"{c}:{p}:{a}:{r}"] = i
+        if vid and vid != ".":
+            keys.setdefault(str(vid), i)
+    return keys
+
+
+def select_features(cfg: dict[str, Any], aln: Any, assoc: dict[str, Any] | None, base: Path | None = None) -> tuple[np.ndarray, str]:
+    """Study variant rows used as features, and how they were chosen (for the card)."""
+    spec = cfg["variants"]
+    if spec.startswith("top:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise ConfigError(f"study.model.variants: 'top:N' needs a whole number, got {spec!r}") from None
+        res = (assoc or {}).get("association", {}).get(cfg["phenotype"])
+        if not res or "p" not in res or assoc.get("rows") is None:
+            raise ConfigError(f"study.model.variants = {spec}: the study has no association result for "
+                              f"{cfg['phenotype']!r} to take the top hits from (add it to study.phenotypes)")
+        rows, p = np.asarray(assoc["rows"]), np.asarray(res["p"], dtype=float)
+        order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
+        chosen: list[int] = []
+        window = int(cfg["clump_kb"]) * 1000
+        for j in order.tolist():
+            if not np.isfinite(p[j]) or len(chosen) >= n:
+                break
+            r = int(rows[j])
+            if any(aln.chrom[r] == aln.chrom[c] and abs(int(aln.pos[r]) - int(aln.pos[c])) < window for c in chosen):
+                continue
+            chosen.append(r)
+        if not chosen:
+            raise FedgenError(f"{cfg['phenotype']}: no tested variant to use as a model feature")
+        how = (f"top {len(chosen)} hits of this study's exact GWAS of {cfg['phenotype']} ({res.get('test', 'regression')}), "
+               f"clumped by position ({cfg['clump_kb']} kb)")
+        return np.asarray(chosen, dtype=np.int64), how
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        wanted = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as exc:
+        raise ConfigError(f"study.model.variants: cannot read {path} ({exc.strerror})") from None
+    keys = _variant_keys(aln)
+    found = [keys[w] for w in wanted if w in keys]
+    missing = [w for w in wanted if w not in keys]
+    if not found:
+        raise ConfigError(f"study.model.variants: none of the {len(wanted)} variants of {path} is shared by all sites")
+    if missing:
+        log.warning("model: %d of %d listed variants are not shared by all sites (e.g. %s)", len(missing), len(wanted),
+                    ", ".join(missing[:3]))
+    return np.asarray(sorted(set(found)), dtype=np.int64), f"{len(found)} of {len(wanted)} variants listed in {path.name}"
+
+
+def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts: np.ndarray, assoc: dict[str, Any] | None,
+                   covs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train the study's risk model (``ctx.plan["model"]``) with FedAvg; write ``model/``; return its summary."""
+    from fedgen.analyses.learn import noise_multiplier_for
+    from fedgen.study.gwas import phenotype_kind, prepare_covariates
+
+    cfg = model_settings(ctx.plan.get("model"))
+    kind = phenotype_kind(info, cfg["phenotype"])
+    rows, how = select_features(cfg, aln, assoc, Path(ctx.plan.get("config_dir") or "."))
+    # scored allele: the minor allele by pooled frequency; standardised with its pooled frequency
+    f_alt, _ = variant_alt_freq(np.asarray(counts)[rows])
+    flip = f_alt > 0.5
+    freq = np.where(flip, 1 - f_alt, f_alt)
+    ok = np.isfinite(freq) & (freq > 0) & (freq < 1)
+    rows, flip, freq = rows[ok], flip[ok], freq[ok]
+    if covs is None:
+        saved = ctx.plan.get("covariates")
+        ctx.plan["covariates"] = cfg["covariates"]
+        try:
+            covs, _, cov_columns = prepare_covariates(ctx, info)
+        finally:
+            ctx.plan["covariates"] = saved
+    else:
+        cov_columns = [c["name"] for c in covs]
+    n_cov = sum(1 if c["kind"] == "numeric" else len(c["levels"]) - 1 for c in covs)
+    n_features = len(rows) + n_cov
+    sizes = {s: int(r.meta["counts"]["samples"]) for s, r in info.items()}
+    q = {s: min(1.0, cfg["batch"] / max(n, 1)) for s, n in sizes.items()}
+    steps = {s: cfg["local_epochs"] * steps_per_epoch(q[s]) for s in sizes}
+    delta = {s: float((r.meta.get("policy") or {}).get("delta", 1e-6)) for s, r in info.items()}
+    train: dict[str, Any] = {"epochs": cfg["local_epochs"], "sample_rate": q, "lr": float(cfg["lr"])}
+    if cfg["dp"]:
+        z = {s: noise_multiplier_for(float(cfg["epsilon"]), delta[s], sample_rate=q[s], steps=steps[s] * cfg["rounds"])
+             for s in sizes}
+        train.update(clip=float(cfg["clip"]), noise_multiplier=z)
+        analysis = "dp_model_update"
+    else:
+        refusing = ctx.sites_not_allowing("model_update")
+        if refusing:
+            raise ConfigError(f"study.model.dp = false needs sites that allow non-private model updates; the policy of "
+                              f"site(s) {', '.join(refusing)} does not (extra_analyses = [\"model_update\"])")
+        analysis = "model_update"
+    params = {"phenotype": cfg["phenotype"], "kind": kind, "covariates": covs, "missing": "impute",
+              "model": {"kind": cfg["kind"], "hidden": int(cfg["hidden"])}}
+    weights = models.initial_weights(cfg["kind"], n_features, hidden=int(cfg["hidden"]), seed=int(cfg["seed"]))
+    per_site = {s: {"idx": aln.idx[s][rows], "flip": (aln.flip[s][rows] ^ flip).astype(np.uint8)} for s in aln.idx}
+    curve: list[dict[str, Any]] = []
+    spent: dict[str, float] = {}
+    n_site: dict[str, int] = {}
+    log.info("model: %s on %d features (%d variants, %d covariate columns), %d rounds, %s", cfg["kind"], n_features,
+             len(rows), n_cov, cfg["rounds"], "DP-SGD" if cfg["dp"] else "no DP")
+    for r in range(cfg["rounds"]):
+        req = Request(analysis, params={**params, "train": {**train, "remaining_rounds": cfg["rounds"] - r}},
+                      arrays={"freq": freq, "weights": weights}, per_site_arrays=per_site)
+        with ctx.timed(f"model_round_{r + 1}"):
+            replies = ctx.query(req)
+        n_site = {s: int(rep.meta["n"]) for s, rep in replies.items()}
+        total = sum(n_site.values())
+        if total <= 0:
+            raise FedgenError("model: no site has people to train on")
+        weights = sum(n_site[s] / total * np.asarray(rep.arrays["weights"], dtype=np.float64) for s, rep in replies.items())
+        for s, rep in replies.items():
+            pv = rep.meta.get("privacy") or {}
+            if "site_epsilon_spent" in pv:
+                spent[s] = float(pv["site_epsilon_spent"])
+        curve.append({"round": r + 1, "weight_norm": float(np.linalg.norm(weights)),
+                      "bytes": {s: int(rep.nbytes) for s, rep in replies.items()}})
+        log.info("model: round %d/%d", r + 1, cfg["rounds"])
+    features = [{"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]), "ref": str(aln.ref[i]),
+                 "alt": str(aln.alt[i]), "scored_allele": str(aln.ref[i] if fl else aln.alt[i]), "freq": float(fr)}
+                for i, fl, fr in zip(rows.tolist(), flip.tolist(), freq.tolist())]
+    model = {
+        "format": "fedgen-model", "version": 1, "kind": cfg["kind"], "hidden": int(cfg["hidden"]),
+        "phenotype": cfg["phenotype"], "trait": kind, "variants": features, "covariates": covs,
+        "covariate_columns": cov_columns, "standardisation": "(dosage of scored allele - 2 freq) / sqrt(2 freq (1 - freq)); "
+        "missing call = 0; numeric covariates (x - mean) / sd; categorical: indicators of levels[1:]",
+        "weights": weights.tolist(), "features_chosen": how,
+    }
+    training = {"rounds": cfg["rounds"], "local_epochs": cfg["local_epochs"], "lr": cfg["lr"], "batch": cfg["batch"],
+                "dp": cfg["dp"], "sites": n_site, "sample_rate": q, "steps_per_round": steps,
+                "clip": cfg["clip"] if cfg["dp"] else None, "noise_multiplier": train.get("noise_multiplier"),
+                "epsilon_target": cfg["epsilon"] if cfg["dp"] else None, "delta": delta if cfg["dp"] else None,
+                "site_epsilon_spent": spent, "curve": curve}
+    model["training"] = training
+    folder = stage / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "model.json", json.dumps(model, indent=1))
+    atomic_write_text(folder / "card.md", model_card(model))
+    return {"files": ["model/model.json", "model/card.md"], "summary": {k: v for k, v in training.items() if k != "curve"}
+            | {"features": len(features), "covariate_columns": cov_columns, "features_chosen": how}}
+
+
+def model_card(model: dict[str, Any]) -> str:
+    t = model["training"]
+    lines = [
+        f"# Risk model: {model['phenotype']} ({model['trait']})", "",
+        f"- Model: {model['kind']}" + (f" (hidden {model['hidden']})" if model["kind"] == "mlp" else "")
+        + f", {len(model['variants'])} variants + {len(model['covariate_columns'])} covariate columns "
+        f"({', '.join(model['covariate_columns']) or 'none'})",
+        f"- Features: {model['features_chosen']}",
+        f"- Training: FedAvg over {len(t['sites'])} sites, {t['rounds']} rounds of {t['local_epochs']} local epoch(s), "
+        f"learning rate {t['lr']}, expected batch {t['batch']}",
+        "- People per site: " + ", ".join(f"{s}: {n}" for s, n in t["sites"].items()),
+    ]
+    if t["dp"]:
+        lines += [
+            f"- Privacy: DP-SGD (Opacus) at each site, clipping norm {t['clip']}, noise multiplier "
+            + ", ".join(f"{s}: {z:.3g}" for s, z in (t["noise_multiplier"] or {}).items())
+            + ", sampling rate " + ", ".join(f"{s}: {q:.3g}" for s, q in t["sample_rate"].items()),
+            f"- Target ε per site {t['epsilon_target']} at δ " + ", ".join(f"{s}: {d:g}" for s, d in (t["delta"] or {}).items())
+            + "; site ε after training (all releases on its ledger): "
+            + ", ".join(f"{s}: {e:.3g}" for s, e in t["site_epsilon_spent"].items()),
+        ]
+    else:
+        lines.append("- Privacy: none (sites that allowed non-private updates)")
+    lines += [
+        "", "## Intended use",
+        "Risk stratification research at the contributing hospitals: a site scores its own patients with "
+        "`fedgen score`. Not validated for clinical decisions; check calibration on each population before use.",
+        "", "## Evaluation",
+        "Each site evaluates the model on its own patients (`fedgen score`, then AUC / R² locally); no "
+        "per-person prediction leaves a site.", "",
+    ]
+    return "\n".join(lines)
