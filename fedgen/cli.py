@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedgen.site.audit_cli import add_command as add_audit
 
     add_audit(sub)
+    from fedgen.learn.score import add_command as add_score
+
+    add_score(sub)
     from fedgen.privacy.cli import add_command as add_ledger
 
     add_ledger(sub)
