@@ -176,7 +176,8 @@ def test_healthy_node_passes_every_check(site, capsys):
     assert main(["node", "check", "--config", str(site["config"])]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [ln.split()[1] for ln in lines]
-    assert names == ["config", "state_dir", "vcf", "samples", "cache", "policy", "ca_cert", "node_key", "aggregator", "audit_log"]
+    assert names == ["config", "state_dir", "vcf", "samples", "cache", "policy", "training", "ca_cert", "node_key", "aggregator",
+                     "audit_log"]
     assert all(ln.startswith("OK ") for ln in lines), lines
     assert "built now" in lines[4]
     assert main(["node", "check", "--config", str(site["config"]), "--no-build"]) == 0  # now current
@@ -396,9 +397,9 @@ def test_check_exit_codes_and_one_line_per_check(site, capsys):
     (site["tmp"] / "state" / "policy.toml").write_text("version = 1\n")
     assert main(["node", "check", "--config", str(site["config"]), "--offline"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10
+    assert len(lines) == 11
     assert [ln.split()[0] for ln in lines].count("FAIL") == 1
-    assert lines[8].startswith("SKIP aggregator")
+    assert lines[9].startswith("SKIP aggregator") and lines[6].startswith("OK   training")
 
 
 # ---------------------------------------------------------------- node init, keys, rotation

@@ -85,6 +85,7 @@ def run_checks(
     run("samples", lambda: _check_samples(c, header), needs=("vcf",))
     run("cache", lambda: _check_cache(c, build_cache), needs=("vcf", "samples", "state_dir"))
     run("policy", lambda: _check_policy(c))
+    run("training", _check_training)
     run("ca_cert", lambda: _check_ca(c, min_days))
     run("node_key", lambda: _check_key(c))
     if network:
@@ -98,6 +99,22 @@ def run_checks(
 
 
 # ---------------------------------------------------------------- data
+
+
+def _check_training() -> str:
+    """Risk-model training needs torch and opacus (DP-SGD) in the node's environment."""
+    try:
+        import opacus
+        import torch
+
+        from fedgen.analyses import REGISTRY, _load_builtin
+
+        _load_builtin()
+    except ImportError as exc:
+        raise _Failed(f"risk-model training unavailable: {exc.name} is not installed (pip install opacus)", WARN) from None
+    if "dp_model_update" not in REGISTRY:
+        raise _Failed("risk-model training unavailable: fedgen.analyses.learn did not load", WARN)
+    return f"risk-model training available (torch {torch.__version__}, opacus {opacus.__version__}, DP-SGD rounds)"
 
 
 def _check_state_dir(c: SiteConfig) -> str:
