@@ -148,3 +148,31 @@ def test_risk_model_study_exports_a_model_that_fedgen_score_reproduces(data, tmp
                  "--out", str(out), "--phenotype", "CC"]) == 0
     rows = out.read_text().splitlines()
     assert rows[0] == "IID\tSCORE" and len(rows) == load_cohort(nc).n_samples + 1
+
+
+def test_risk_model_notebook_executes(data, tmp_path):
+    import os
+
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nodes = _nodes(data, tmp_path / "s", {"min_count": 1})
+    plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc", "model"], phenotypes=["CC"],
+                   covariates=[], qc={"maf": 0.05, "geno": None, "hwe": None}, pca=None, pcs=0, missing="impute")
+    plan["model"] = model_settings({"phenotype": "CC", "variants": "top:5", "rounds": 2, "epsilon": 2.0})
+    run_plan(plan, InProcessTransport(nodes))
+    from fedgen.results import load_results
+
+    res = load_results(tmp_path / "out")
+    assert len(res.model_curve()) == 2 and len(res.model_weights()) == len(res.model["variants"]) + 1
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "02_risk_model.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    env = {"FEDGEN_RESULTS": str(tmp_path / "out"), "FEDGEN_VCF": nodes["site1"]["vcf"], "FEDGEN_SAMPLES": nodes["site1"]["samples"]}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "2 rounds over 2 sites, DP-SGD: True" in text and "scored " in text

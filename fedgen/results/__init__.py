@@ -32,6 +32,26 @@ class Results:
     glm: dict[str, pd.DataFrame] = field(default_factory=dict)
     assoc: dict[str, pd.DataFrame] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    model_card: str | None = None
+
+    def model_curve(self) -> pd.DataFrame:
+        """Per FedAvg round of the risk model: the weights' norm and the bytes each site sent."""
+        if not self.model:
+            return pd.DataFrame()
+        rows = []
+        for r in self.model.get("training", {}).get("curve", []):
+            rows.append({"round": r["round"], "weight_norm": r["weight_norm"], **{f"bytes_{s}": b for s, b in r["bytes"].items()}})
+        return pd.DataFrame(rows).set_index("round") if rows else pd.DataFrame()
+
+    def model_weights(self) -> pd.DataFrame:
+        """The logistic/linear model's coefficients by feature (variants, then covariate columns)."""
+        if not self.model or self.model.get("kind") != "logistic":
+            return pd.DataFrame()
+        names = [f"{v['chrom']}:{v['pos']}:{v['scored_allele']}" for v in self.model["variants"]]
+        names += list(self.model.get("covariate_columns") or [])
+        w = self.model["weights"]
+        return pd.DataFrame({"feature": [*names, "(intercept)"], "weight": [*w[:-1], w[-1]]}).set_index("feature")
 
     def site_summary(self) -> pd.DataFrame:
         """One row per site: samples, variants, harmonisation counts, bytes sent, ε spent."""
@@ -96,4 +116,8 @@ def load_results(path: str | Path) -> Results:
     for f in sorted(p.glob("*.assoc")):
         res.assoc[f.name[: -len(".assoc")]] = _read(f)
     res.plots = sorted((p / "plots").glob("*.png")) if (p / "plots").exists() else []
+    if (p / "model" / "model.json").exists():
+        res.model = json.loads((p / "model" / "model.json").read_text())
+        card = p / "model" / "card.md"
+        res.model_card = card.read_text() if card.exists() else None
     return res
