@@ -120,20 +120,20 @@ def _update(cohort: Any, req: AnalysisRequest, *, dp: bool):
     return {"weights": new}, meta
 
 
-LEARN_PARAMS = DESIGN_PARAMS | {"model", "train"}
-LEARN_INPUTS = {**VARIANT_INPUTS, "freq": arr("*", "v"), "weights": arr("*", "w")}
-LEARN_META = frozenset({"n", "steps", "sample_rate", "kind", "noise_multiplier", "clip", "mechanism"})
+LEARN_SPEC: dict[str, Any] = dict(
+    params=DESIGN_PARAMS | {"model", "train"},
+    inputs={**VARIANT_INPUTS, "freq": arr("*", "v"), "weights": arr("*", "w")},
+    outputs={"weights": arr("f8", "w")},
+    limits={"v": MAX_FEATURES, "w": 10_000_000},
+    meta=frozenset({"n", "steps", "sample_rate", "kind", "noise_multiplier", "clip", "mechanism"}),
+    contributors=meta_count("n"),
+)
 
 
 @register(
     "dp_model_update",
     Spec(
-        params=LEARN_PARAMS,
-        inputs=LEARN_INPUTS,
-        outputs={"weights": arr("f8", "w")},
-        limits={"v": MAX_FEATURES, "w": 10_000_000},
-        meta=LEARN_META,
-        contributors=meta_count("n"),
+        **LEARN_SPEC,
         dp_cost=_dp_cost,
         dp_plan=_dp_plan,
         validate=_validate(True),
@@ -147,12 +147,7 @@ def dp_model_update(cohort: Any, req: AnalysisRequest):
 @register(
     "model_update",
     Spec(
-        params=LEARN_PARAMS,
-        inputs=LEARN_INPUTS,
-        outputs={"weights": arr("f8", "w")},
-        limits={"v": MAX_FEATURES, "w": 10_000_000},
-        meta=LEARN_META,
-        contributors=meta_count("n"),
+        **LEARN_SPEC,
         sample_sets=design_sample_set,
         validate=_validate(False),
         opt_in_reason="a non-private model update can reveal the people it was computed on (gradient inversion, "
