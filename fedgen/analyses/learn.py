@@ -80,9 +80,12 @@ def _validate(dp: bool):
         check_design(cohort, req)
         try:
             _model(req.params)
-            settings_of(req.params, req.rules.site, dp=dp)
+            settings = settings_of(req.params, req.rules.site, dp=dp)
         except ValueError as exc:
             raise FedgenError(f"{req.analysis}: {exc}") from None
+        _, _, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules)
+        if int(keep.sum()) * settings.sample_rate < 1:  # Opacus' expected batch would be empty
+            raise FedgenError(f"{req.analysis}: train.sample_rate is too small for this site (expected batch below one person)")
 
     return check
 

@@ -351,8 +351,9 @@ def cohort_member_hashes(cohort) -> np.ndarray:
 
 
 def _cell_structures(cohort, areq, spec, attrs, state: Path | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each attribute this request sums with genotypes that earlier released sets also summed:
-    the atoms those sets and this one cut its support into (see ``isolable_small_cells``)."""
+    """For each support of the values this request sums with genotypes (everyone; the cases; a
+    level's members): the atoms that every set earlier released with genotype-weighted values and
+    this one cut it into (see ``isolable_small_cells``)."""
     from fedgen.site.register import REGISTER_FILE, SampleSetRegister
 
     if state is None or not (Path(state) / REGISTER_FILE).exists():
@@ -366,11 +367,14 @@ def _cell_structures(cohort, areq, spec, attrs, state: Path | None) -> list[tupl
         released = reg.sets_with_attrs()
     out: list[tuple[np.ndarray, np.ndarray]] = []
     seen: set[bytes] = set()
-    for name, support in attrs:
-        others = [np.isin(hashes, members) for members, names in released if name in names]
+    # every set some genotype-weighted values were released over, whatever the column's name or
+    # role: the same values can be summed as a phenotype, a covariate, a level or an alias column
+    others = [np.isin(hashes, members) for members, names in released if names]
+    supports = {np.packbits(s).tobytes(): s for _, s in attrs}
+    for support in supports.values():
         vectors = [m & support for m in others if not np.array_equal(m, own)]
         if not vectors:
-            continue  # only this set carries it: the plain cell rule covers it
+            continue  # only this set carries genotype-weighted values: the plain cell rule covers it
         V = np.vstack([*vectors, own & support])
         key = np.packbits(V).tobytes()
         if key in seen:

@@ -394,3 +394,19 @@ def test_a_rare_flag_column_is_no_phenotype_or_covariate(site):
         params = {**params, "covariates": [{**c, "mean": 0.0, "sd": 0.06} for c in params["covariates"]]}
         with pytest.raises(Refusal, match="fewer than the site's min_count"):
             agg.ask("glm_linear", params, idx(V))
+
+
+@pytest.mark.parametrize("first", [{"phenotype": "age"}, {"phenotype": "D", "covariates": ["Y"]}])
+def test_the_cell_rule_holds_whatever_the_name_or_role_of_the_values(site, first):
+    """The same values summed as a phenotype in one set and as a covariate (or an alias column,
+    A_M = age where present) in another: the carrier check spans every set released with
+    genotype-weighted values, not only those with the same attribute name (red-team round 3)."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    agg.ask("glm_linear", glm_params(first["phenotype"], covariates=first.get("covariates", [])), idx(V))
+    part, _ = agg.ask("glm_linear", glm_params("Y", covariates=["A_M", "D"]), idx(V))
+    g = site.data.dosage[:, site.members]
+    in_a = np.zeros(len(site.members), bool)
+    in_a[site.a_set] = True
+    lone = np.flatnonzero(((g[:, in_a] > 0).sum(1) == 1) & ((g[:, ~in_a] > 0).sum(1) >= 5))
+    assert len(lone) >= 3 and np.all(part["withheld"][lone] == 1)
