@@ -96,6 +96,9 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
         raise ValueError(f"the model would have {p} predictors (at most {MAX_PREDICTORS})")
     if params.get("missing", "impute") not in MISSING_MODES:
         raise ValueError("'missing' must be 'impute' or 'drop'")
+    req = params.get("require") or []
+    if not isinstance(req, list) or len(req) > 256 or not all(isinstance(c, str) and c for c in req):
+        raise ValueError("'require' must be a list of at most 256 column names")
     return p
 
 
@@ -192,7 +195,7 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
     phenotype = str(params["phenotype"])
     kind = str(params["kind"])
     if rules is not None:
-        rules.check_columns([phenotype, *(cv["name"] for cv in params.get("covariates") or [])])
+        rules.check_columns([phenotype, *(cv["name"] for cv in params.get("covariates") or []), *(params.get("require") or [])])
     if rules is not None:
         _check_site_levels(cohort, params, rules.min_count)
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
@@ -205,6 +208,11 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         site_columns=site_cols,
         where=cohort.table.path.name,
     )
+    for name in params.get("require") or []:  # the study's common sample set: every listed column present
+        from fedgen.cohort.phenotypes import _is_missing
+
+        col = cohort.table.require(str(name))
+        keep &= np.array([not _is_missing(col[i]) for i in cohort.table_rows.tolist()], dtype=bool)
     spec = params.get("pcs")
     if spec:  # this site's own PC scores from the study's federated PCA (they never left it)
         from fedgen.cohort.pcs import load_site_pcs
@@ -298,7 +306,7 @@ def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
     return [_design(cohort, req.params, req.rules)[2]]
 
 
-DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing"})
+DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing", "require"})
 MAX_PREDICTORS = 128
 MAX_LEVELS = 50
 
@@ -313,6 +321,7 @@ MAX_LEVELS = 50
         meta=frozenset({"n_min"}),
         contributors=meta_count("n_min"),
         sample_sets=lambda cohort, req: [~np.isnan(x) for x in _covariate_values(cohort, req)],
+        families=("x",),
         doc="per numeric covariate: sum, sum of squares, count",
     ),
 )
@@ -394,6 +403,7 @@ ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
         suppress=cell_rule(),
         sample_sets=lambda cohort, req: design_sample_set(cohort, _no_covariates(req)),
         attributes=lambda cohort, req: design_attributes(cohort, _no_covariates(req)),
+        families=("g", "x"),
         validate=check_design,
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
@@ -465,6 +475,7 @@ GLM_SPEC = dict(
     contributors=meta_count("n"),
     sample_sets=design_sample_set,
     attributes=design_attributes,
+    families=("g", "x"),
     validate=check_design,
 )
 
@@ -609,6 +620,7 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         contributors=meta_count("n_cases", "n_controls"),
         sample_level=True,
         sample_sets=design_sample_set,
+        families=("x",),
         doc="per covariate: min and max among cases and among controls (single samples' values)",
     ),
 )

@@ -80,6 +80,10 @@ class Spec:
     #: (cohort, request) -> [(attribute name, support mask over the cohort's samples)]; the
     #: pipeline checks each row's carriers against every set released with the same attribute
     attributes: Callable[[Any, "AnalysisRequest"], list[tuple[str, np.ndarray]]] | None = None
+    #: what the aggregate sums over its sample set, for the register: "g" genotypes, "x" values
+    #: of samples-table columns. Sets are compared for differencing only with sets that summed
+    #: the same kind of values (a count of people who lack a covariate reveals nothing of them).
+    families: tuple[str, ...] = ("g",)
     #: request checks that need the site's data (index order, frequencies, rank caps):
     #: (cohort, request) -> None, raising on a request the site refuses
     validate: Callable[[Any, "AnalysisRequest"], None] | None = None

@@ -369,7 +369,7 @@ def _cell_structures(cohort, areq, spec, attrs, state: Path | None) -> list[tupl
     seen: set[bytes] = set()
     # every set some genotype-weighted values were released over, whatever the column's name or
     # role: the same values can be summed as a phenotype, a covariate, a level or an alias column
-    others = [np.isin(hashes, members) for members, names in released if names]
+    others = [np.isin(hashes, members) for members, names in released if {"#g", "#x"} <= names]
     supports = {np.packbits(s).tobytes(): s for _, s in attrs}
     for support in supports.values():
         vectors = [m & support for m in others if not np.array_equal(m, own)]
@@ -406,6 +406,7 @@ def _admit_sample_sets(cohort, areq, spec, policy: Mapping[str, Any], state: Pat
             reg.admit(
                 hashes[mask], min_count=int(policy["min_count"]), study_id=areq.study_id or "-", analysis=areq.analysis,
                 max_per_study=int(policy["max_sample_sets_per_study"]), attrs=list(attrs) if k == 0 else [],
+                families=spec.families,
             )
 
 

@@ -128,17 +128,22 @@ class SampleSetRegister:
         return [np.frombuffer(b, dtype=np.uint64) for (b,) in self._db.execute("SELECT members FROM sets")]
 
     def sets_with_attrs(self) -> list[tuple[np.ndarray, set[str]]]:
-        """Every released set with the samples-table columns whose values were summed over it."""
+        """Every released set with what was summed over it: ``#g``/``#x`` families and attribute names."""
         import json
 
-        return [(np.frombuffer(b, dtype=np.uint64), set(json.loads(a or "[]")))
-                for b, a in self._db.execute("SELECT members, attrs FROM sets")]
+        out = []
+        for b, a in self._db.execute("SELECT members, attrs FROM sets"):
+            names = set(json.loads(a or "[]"))
+            out.append((np.frombuffer(b, dtype=np.uint64), names or {"#g", "#x"}))  # unrecorded: both (safe side)
+        return out
 
     def admit(self, members: np.ndarray, *, min_count: int, study_id: str, analysis: str, max_per_study: int,
-              attrs: Sequence[str] = ()) -> bool:
+              attrs: Sequence[str] = (), families: Sequence[str] = ("g", "x")) -> bool:
         """Record ``members`` as released, or raise :class:`SetRefused`. True if the set is new."""
         members = np.sort(np.asarray(members, dtype=np.uint64))
         digest = _digest(members)
+        marks = {f"#{f}" for f in families}
+        attrs = [*attrs, *sorted(marks)]
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -151,16 +156,27 @@ class SampleSetRegister:
                         f"{analysis}: this study already used the most distinct sample sets the site's policy allows "
                         "(max_sample_sets_per_study); align the study's phenotypes and covariates"
                     )
-            if not known:
+            import json
+
+            fams: dict[str, set[str]] = {}
+            rows: dict[str, np.ndarray] = {}
+            for d, b, a in db.execute("SELECT digest, members, attrs FROM sets"):
+                fams[d] = {x for x in json.loads(a or "[]") if x.startswith("#")} or {"#g", "#x"}
+                rows[d] = np.frombuffer(b, dtype=np.uint64)
+            # a set must be checked against every set that summed the same kind of values: when
+            # it is new, and when a known set starts to carry a kind of values it did not before
+            new_marks = marks - fams.get(digest, set())
+            if new_marks:
                 if 0 < len(members) < min_count:
                     raise SetRefused(f"{analysis}: the aggregate would rest on fewer samples than the site's min_count")
-                others = [np.frombuffer(b, dtype=np.uint64) for (b,) in db.execute("SELECT members FROM sets")]
-                if not atoms_ok(others, members, min_count):
+                spans = [[m for d, m in rows.items() if d != digest and f in fams[d]] for f in sorted(new_marks)]
+                if not all(atoms_ok(others, members, min_count) for others in spans):
                     raise SetRefused(
                         f"{analysis}: its sample set differs from one this site already released aggregates over by "
                         "fewer people than the site's min_count; subtracting the two would reveal those people "
                         "(differencing). Use the same phenotype/covariate missingness as earlier studies, or ask the site"
                     )
+            if not known:
                 db.execute(
                     "INSERT INTO sets (digest, size, members, study_id, analysis, created) VALUES (?, ?, ?, ?, ?, ?)",
                     (digest, len(members), members.tobytes(), study_id, analysis, time.time()),
@@ -168,8 +184,6 @@ class SampleSetRegister:
             if not in_study:
                 db.execute("INSERT INTO study_sets VALUES (?, ?)", (study_id, digest))
             if attrs:
-                import json
-
                 (old,) = db.execute("SELECT attrs FROM sets WHERE digest = ?", (digest,)).fetchone()
                 merged = sorted(set(json.loads(old or "[]")) | {str(a) for a in attrs})
                 db.execute("UPDATE sets SET attrs = ? WHERE digest = ?", (json.dumps(merged), digest))

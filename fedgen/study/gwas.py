@@ -179,6 +179,10 @@ def run_association(
         kind = phenotype_kind(info, pheno)
         params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
                   "missing": plan.get("missing", "impute")}
+        if params["missing"] == "impute":
+            # one sample set for the whole study: people with every phenotype and covariate present (two
+            # sets that differ by a few dozen people make sites withhold every row with a carrier among them)
+            params["require"] = sorted(set(phenos) | set(plan.get("covariates") or []))
         res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
         chisq_p = None
         if kind == "binary" and "assoc" in analyses:
