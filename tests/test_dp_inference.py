@@ -62,7 +62,10 @@ def test_noise_aware_test_keeps_power_where_the_noise_is_small():
 def test_dp_study_assoc_is_calibrated_end_to_end(tmp_path, monkeypatch):
     import fedgen.analyses.dp as dpmod
 
-    monkeypatch.setattr(dpmod, "_noise_source", lambda: NoiseSource(seed=5))  # a fixed seed: the test is deterministic
+    import itertools
+
+    seeds = itertools.count(5)  # fixed seeds, a different one per draw (sites' noise is independent)
+    monkeypatch.setattr(dpmod, "_noise_source", lambda: NoiseSource(seed=next(seeds)))
     data = make_synth(600, 1500, seed=12, missing_rate=0.01, extremes=False)  # BIN is unrelated to genotypes
     nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5], seed=1, policy=None)
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc"], phenotypes=["BIN"],
