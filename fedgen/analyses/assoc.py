@@ -403,7 +403,7 @@ ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
         suppress=cell_rule(),
         sample_sets=lambda cohort, req: design_sample_set(cohort, _no_covariates(req)),
         attributes=lambda cohort, req: design_attributes(cohort, _no_covariates(req)),
-        families=("g", "x"),
+        families=("g", "x", "gx"),
         validate=check_design,
         doc="per variant: A1 and A2 allele counts in cases and in controls",
     ),
@@ -475,7 +475,7 @@ GLM_SPEC = dict(
     contributors=meta_count("n"),
     sample_sets=design_sample_set,
     attributes=design_attributes,
-    families=("g", "x"),
+    families=("g", "x", "gx"),
     validate=check_design,
 )
 

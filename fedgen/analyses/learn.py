@@ -152,7 +152,7 @@ def dp_model_update(cohort: Any, req: AnalysisRequest):
     Spec(
         **LEARN_SPEC,
         sample_sets=design_sample_set,
-        families=("g", "x"),
+        families=("g", "x", "gx"),
         validate=_validate(False),
         opt_in_reason="a non-private model update can reveal the people it was computed on (gradient inversion, "
         "membership inference)",

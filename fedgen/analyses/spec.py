@@ -81,8 +81,9 @@ class Spec:
     #: pipeline checks each row's carriers against every set released with the same attribute
     attributes: Callable[[Any, "AnalysisRequest"], list[tuple[str, np.ndarray]]] | None = None
     #: what the aggregate sums over its sample set, for the register: "g" genotypes, "x" values
-    #: of samples-table columns. Sets are compared for differencing only with sets that summed
-    #: the same kind of values (a count of people who lack a covariate reveals nothing of them).
+    #: of samples-table columns, "gx" their products (genotype-weighted values, per variant row).
+    #: Sets are compared for differencing only with sets that summed the same kind of values (a
+    #: count of people who lack a covariate reveals nothing of them).
     families: tuple[str, ...] = ("g",)
     #: request checks that need the site's data (index order, frequencies, rank caps):
     #: (cohort, request) -> None, raising on a request the site refuses

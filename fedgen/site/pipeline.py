@@ -369,7 +369,7 @@ def _cell_structures(cohort, areq, spec, attrs, state: Path | None) -> list[tupl
     seen: set[bytes] = set()
     # every set some genotype-weighted values were released over, whatever the column's name or
     # role: the same values can be summed as a phenotype, a covariate, a level or an alias column
-    others = [np.isin(hashes, members) for members, names in released if {"#g", "#x"} <= names]
+    others = [np.isin(hashes, members) for members, names in released if "#gx" in names]
     supports = {np.packbits(s).tobytes(): s for _, s in attrs}
     for support in supports.values():
         vectors = [m & support for m in others if not np.array_equal(m, own)]

@@ -134,11 +134,11 @@ class SampleSetRegister:
         out = []
         for b, a in self._db.execute("SELECT members, attrs FROM sets"):
             names = set(json.loads(a or "[]"))
-            out.append((np.frombuffer(b, dtype=np.uint64), names or {"#g", "#x"}))  # unrecorded: both (safe side)
+            out.append((np.frombuffer(b, dtype=np.uint64), names or {"#g", "#x", "#gx"}))  # unrecorded: all (safe side)
         return out
 
     def admit(self, members: np.ndarray, *, min_count: int, study_id: str, analysis: str, max_per_study: int,
-              attrs: Sequence[str] = (), families: Sequence[str] = ("g", "x")) -> bool:
+              attrs: Sequence[str] = (), families: Sequence[str] = ("g", "x", "gx")) -> bool:
         """Record ``members`` as released, or raise :class:`SetRefused`. True if the set is new."""
         members = np.sort(np.asarray(members, dtype=np.uint64))
         digest = _digest(members)
@@ -161,7 +161,7 @@ class SampleSetRegister:
             fams: dict[str, set[str]] = {}
             rows: dict[str, np.ndarray] = {}
             for d, b, a in db.execute("SELECT digest, members, attrs FROM sets"):
-                fams[d] = {x for x in json.loads(a or "[]") if x.startswith("#")} or {"#g", "#x"}
+                fams[d] = {x for x in json.loads(a or "[]") if x.startswith("#")} or {"#g", "#x", "#gx"}
                 rows[d] = np.frombuffer(b, dtype=np.uint64)
             # a set must be checked against every set that summed the same kind of values: when
             # it is new, and when a known set starts to carry a kind of values it did not before
