@@ -80,7 +80,7 @@ def test_phenotypes_of_a_study_share_one_sample_set_and_keep_their_rows(tmp_path
     data = make_synth(700, 150, seed=21, missing_rate=0.01, extremes=False)
     nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5], seed=2, policy=None)  # the default policy
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "glm"], phenotypes=["QT", "QT2"],
-                   covariates=["age"], qc={"maf": 0.05, "geno": None, "hwe": None}, missing="impute")
+                   covariates=["sex", "age"], qc={"maf": 0.05, "geno": None, "hwe": None}, missing="impute")
     run_plan(plan, InProcessTransport(nodes))
     tables = {p: _table(tmp_path / "out" / f"{p}.glm.linear") for p in ("QT", "QT2")}
     obs = {p: {r[h.index("OBS_CT")] for r in rows} for p, (h, rows) in tables.items()}

@@ -406,8 +406,22 @@ def _admit_sample_sets(cohort, areq, spec, policy: Mapping[str, Any], state: Pat
             reg.admit(
                 hashes[mask], min_count=int(policy["min_count"]), study_id=areq.study_id or "-", analysis=areq.analysis,
                 max_per_study=int(policy["max_sample_sets_per_study"]), attrs=list(attrs) if k == 0 else [],
-                families=spec.families,
+                families=_families(spec, areq, k, attrs),
             )
+
+
+def _families(spec, areq, k: int, attrs: list[str]) -> list[str]:
+    """The kinds of values the k-th set's aggregate sums: genotypes ("g"), genotype-weighted values
+    ("gx"), and each samples-table column's values ("x:<column>")."""
+    out = [f for f in spec.families if f != "x"]
+    if "x" in spec.families:
+        if spec.attributes is not None:  # design rows: the phenotype and every covariate column
+            out += sorted({"x:" + a.split(":", 1)[1].split("=", 1)[0] for a in attrs if a.startswith(("y:", "x:"))})
+            out += ["x:pcs"] if any(a.startswith("pc:") for a in attrs) else []
+        else:  # one set per requested column (covariate moments)
+            names = list(areq.params.get("names") or [])
+            out.append(f"x:{names[k]}" if k < len(names) else "x")
+    return out
 
 
 def _charge_rank(cohort, areq, spec, policy: Mapping[str, Any], state: Path | None) -> None:

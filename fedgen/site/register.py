@@ -169,7 +169,9 @@ class SampleSetRegister:
             if new_marks:
                 if 0 < len(members) < min_count:
                     raise SetRefused(f"{analysis}: the aggregate would rest on fewer samples than the site's min_count")
-                spans = [[m for d, m in rows.items() if d != digest and f in fams[d]] for f in sorted(new_marks)]
+                # "#x" marks a set recorded before per-column marks existed: it may hold any column's values
+                spans = [[m for d, m in rows.items() if d != digest and (f in fams[d] or (f.startswith("#x") and "#x" in fams[d]))]
+                         for f in sorted(new_marks)]
                 if not all(atoms_ok(others, members, min_count) for others in spans):
                     raise SetRefused(
                         f"{analysis}: its sample set differs from one this site already released aggregates over by "
