@@ -238,10 +238,13 @@ def start_site(config: str | Path) -> None:
     c = load_site_config(config)
     _preflight_site(c)
     argv, env = site_command(c)
+    from fedgen.site import audit
+
     print(
         f"fedgen node: starting site {c.site} -> {c.aggregator} (TLS, CA {c.ca_cert}; "
         f"node key {pki.fingerprint(pki.load_node_private_key(c.private_key).public_key())})\n"
-        f"fedgen node: {code_boundary_summary(c.policy)}",
+        f"fedgen node: {code_boundary_summary(c.policy)}\n"
+        f"fedgen node: audit chain head {audit.head(c.state_dir)} (write it down outside the site to anchor the log)",
         file=sys.stderr,
         flush=True,
     )
