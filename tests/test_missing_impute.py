@@ -45,7 +45,7 @@ def test_imputed_linear_regression_equals_pooled_reference(tmp_path):
         used = ~np.isnan(y_s) & ~np.isnan(age_s)
         g = data.dosage[:, cols[used]].astype(float)
         called = g >= 0
-        mean = np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1)
+        mean = np.rint(np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1))  # best-guess genotype
         parts.append((np.where(called, g, mean[:, None]), y_s[used], age_s[used]))
     G = np.hstack([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])

@@ -48,10 +48,14 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
     covs = params.get("covariates") or []
     if not isinstance(covs, list):
         raise ValueError("'covariates' must be a list")
+    if any(ch in params["phenotype"] for ch in "=:"):
+        raise ValueError("column names may not contain '=' or ':'")
     p = 2
     for cv in covs:
         if not isinstance(cv, Mapping) or not isinstance(cv.get("name"), str):
             raise ValueError("each covariate must be a mapping with a 'name'")
+        if any(ch in cv["name"] for ch in "=:"):
+            raise ValueError("column names may not contain '=' or ':'")
         if cv.get("kind") == "categorical":
             levels = cv.get("levels")
             if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
@@ -338,8 +342,8 @@ def covar_moments(cohort: Any, req: AnalysisRequest):
 
 def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
     names = req.params.get("names") or []
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise FedgenError("covar_moments: 'names' must be a list of column names")
+    if not isinstance(names, list) or not all(isinstance(n, str) and not any(ch in n for ch in "=:") for n in names):
+        raise FedgenError("covar_moments: 'names' must be a list of column names (without '=' or ':')")
     req.rules.check_columns(names)
     out = []
     for name in names:
@@ -358,10 +362,10 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     ``cells`` (rows, 2): carriers of A1 (dosage > 0) and carriers of A2 (dosage < 2) among the
     kept samples with a call. ``atom cells``: per cell structure of the request's rules, (rows,
     atoms, 2) the same counts per atom over all the site's samples.
-    The imputation value of a variant is the mean A1 dosage of the kept samples with a call (0
-    when none): a fixed function of the site's data, never a request parameter (an
-    aggregator-chosen value would let two requests difference out the imputed people), and 0
-    wherever no kept sample carries A1 (so people missing that call add nothing).
+    The imputation value of a variant is the mean A1 dosage of the kept samples with a call,
+    rounded to a whole genotype (0 when none): a fixed function of the site's data, never a
+    request parameter (an aggregator-chosen value would let two requests difference out the
+    imputed people). The cells count the imputed people with their imputed genotype.
     """
     idx, flip = _block_args(cohort, arrays)
     onehots = []
@@ -374,17 +378,24 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         full = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
         g = full[:, keep]
         fill = None
+        gc, fc = g, full
         if impute:
             called = g >= 0
             n_called = called.sum(1)
             tot = np.where(called, g, 0).sum(1, dtype=np.int64)
-            fill = np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0)
-        carriers = np.count_nonzero(g > 0, axis=1)
-        other = np.count_nonzero((g >= 0) & (g < 2), axis=1)
+            fill = np.rint(np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0))
+            # a missing call takes the best-guess genotype (the mean dosage rounded): an integer, so the
+            # people imputed add whole genotypes like everyone else and are counted in the cells as such
+            # (a fractional fill would add fill × their values outside every cell, and its exact value
+            # would let whole-number arithmetic pull those values apart)
+            gc = np.where(g >= 0, g, fill[:, None].astype(g.dtype))
+            fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
+        carriers = np.count_nonzero(gc > 0, axis=1)
+        other = np.count_nonzero((gc >= 0) & (gc < 2), axis=1)
         atoms = []
         for oh in onehots:
-            a1 = (full > 0).astype(np.float32) @ oh
-            a2 = ((full >= 0) & (full < 2)).astype(np.float32) @ oh
+            a1 = (fc > 0).astype(np.float32) @ oh
+            a2 = ((fc >= 0) & (fc < 2)).astype(np.float32) @ oh
             atoms.append(np.rint(np.stack([a1, a2], axis=2)).astype(np.int64))
         yield s, g, fill, np.stack([carriers, other], axis=1), atoms
 
