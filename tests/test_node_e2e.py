@@ -142,7 +142,7 @@ def test_deployment_tls_node_auth_remote_study(tmp_path):
 
         # -- the doctor passes for hk (data, cache, policy, certificates, key, aggregator over TLS)
         out = _ok(_run([*FEDGEN, "node", "check", "--config", "nodes/hk/node.toml"], w))
-        assert [ln.split()[0] for ln in out.splitlines()] == ["OK"] * 10, out
+        assert [ln.split()[0] for ln in out.splitlines()] == ["OK"] * 11, out
         assert "TLSv1.3" in out or "TLSv1.2" in out
 
         # -- start the nodes
