@@ -276,8 +276,8 @@ def pca_product(cohort: Any, req: AnalysisRequest):
         contributors=meta_count("n_samples"),
         sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
         validate=lambda cohort, req: _validate_ld(cohort, req),
-        doc="per variant pair in a window: n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i·g_j (missing calls imputed at the "
-        "site's mean, or pairwise complete under missing: drop)",
+        doc="per variant pair in a window: n, Σg_i, Σg_i², Σg_j, Σg_j², Σg_i·g_j (missing calls at the site's "
+        "best-guess genotype, or pairwise complete under missing: drop)",
     ),
 )
 def ld_pair_sums(cohort: Any, req: AnalysisRequest):
@@ -293,21 +293,27 @@ def ld_pair_sums(cohort: Any, req: AnalysisRequest):
     idx, flip = _block_args(cohort, arrays)
     n_first, window = int(params["n_first"]), int(params["window"])
     impute = str(params.get("missing", "impute")) == "impute"
-    out = np.zeros((n_first, window - 1, 6), dtype=np.float64 if impute else np.int64)
+    out = np.zeros((n_first, window - 1, 6), dtype=np.int64)
+    def best_guess(g: np.ndarray) -> np.ndarray:
+        """Missing calls at the variant's mean dosage rounded to a whole genotype (as in association)."""
+        called = g >= 0
+        fill = np.rint(np.where(called.any(1), np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1), 0.0))
+        return np.where(called, g, fill[:, None].astype(g.dtype))
+
     small = np.zeros(len(idx), dtype=bool)
     for s in range(0, len(idx), SUB_BLOCK):
         g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
-        small[s : s + len(g)] = small_cells(np.stack([(g > 0).sum(1), ((g >= 0) & (g < 2)).sum(1)], axis=1),
+        gi = best_guess(g) if impute else g
+        small[s : s + len(g)] = small_cells(np.stack([(gi > 0).sum(1), ((gi >= 0) & (gi < 2)).sum(1)], axis=1),
                                                    req.rules.min_cell)
     for s in range(0, n_first, SUB_BLOCK):
         first = min(SUB_BLOCK, n_first - s)
         rows = slice(s, min(s + first + window - 1, len(idx)))
         g = cohort.block(idx[rows], flip[rows])
-        fill = None
-        if impute:
-            called = g >= 0
-            fill = np.where(called.any(1), np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1), 0.0)
-        out[s : s + first] = pcastats.site_ld_pair_sums(g, first, window, fill=fill)
+        if impute:  # whole genotypes, every sample in every pair: the sums are integers
+            out[s : s + first] = pcastats.site_ld_pair_sums(best_guess(g), first, window)
+        else:
+            out[s : s + first] = pcastats.site_ld_pair_sums(g, first, window)
     # pairs withheld: a small cell at either end, different contigs, or too far apart
     pos, chrom = cohort.pos[idx], cohort.chrom[idx]
     i = np.arange(n_first)[:, None]
@@ -319,8 +325,6 @@ def ld_pair_sums(cohort: Any, req: AnalysisRequest):
     meta = {"n_samples": cohort.n_samples}
     if withheld.any():
         meta["suppressed"] = int(withheld.sum())
-    if impute:
-        return {"pairs": out}, meta
     dtype = np.uint16 if 4 * cohort.n_samples <= np.iinfo(np.uint16).max else np.uint32
     return {"pairs": out.astype(dtype)}, meta
 

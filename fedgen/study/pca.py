@@ -231,7 +231,7 @@ def federated_ld_prune(
     if n == 0:
         return rows
     W1 = window - 1
-    dtype = np.float64 if missing == "impute" else np.int64
+    dtype = np.int64
     pair_sums = np.zeros((n, W1, 6), dtype=dtype)
     step_rows = max(1, int(block) - W1)  # a request (rows + look-ahead) stays within block_size
     chrom = aln.chrom[rows]
