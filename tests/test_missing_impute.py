@@ -1,7 +1,7 @@
 """The default ``study.glm.missing: impute`` equals a pooled regression with the same imputation.
 
-Each site imputes a missing call with the mean dosage of that variant over its samples in the
-regression (phenotype and covariates present) that have a call, so every row of a phenotype rests
+Each site imputes a missing call with its best-guess genotype: the mean dosage of that variant over
+all its analysed samples with a call, rounded to 0, 1 or 2. Every row of a phenotype then rests
 on one sample set. The reference here
 is computed independently from the simulated truth: the pooled dosage matrix with each site's
 missing calls filled that way, then ordinary least squares per variant.
@@ -43,10 +43,11 @@ def test_imputed_linear_regression_equals_pooled_reference(tmp_path):
         cols = np.asarray([col[cohort.vcf_samples[j]] for j in cohort.sample_cols.tolist()])
         y_s, age_s = cohort.sample_values("QT2"), cohort.sample_values("age")
         used = ~np.isnan(y_s) & ~np.isnan(age_s)
-        g = data.dosage[:, cols[used]].astype(float)
-        called = g >= 0
-        mean = np.rint(np.where(called, g, 0).sum(1) / np.maximum(called.sum(1), 1))  # best-guess genotype
-        parts.append((np.where(called, g, mean[:, None]), y_s[used], age_s[used]))
+        g_all = data.dosage[:, cols].astype(float)
+        ok = g_all >= 0
+        mean = np.rint(np.where(ok, g_all, 0).sum(1) / np.maximum(ok.sum(1), 1))  # the site's best-guess genotype
+        g = g_all[:, used]
+        parts.append((np.where(g >= 0, g, mean[:, None]), y_s[used], age_s[used]))
     G = np.hstack([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     age = np.concatenate([p[2] for p in parts])

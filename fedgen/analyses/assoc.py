@@ -362,10 +362,11 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     ``cells`` (rows, 2): carriers of A1 (dosage > 0) and carriers of A2 (dosage < 2) among the
     kept samples with a call. ``atom cells``: per cell structure of the request's rules, (rows,
     atoms, 2) the same counts per atom over all the site's samples.
-    The imputation value of a variant is the mean A1 dosage of the kept samples with a call,
-    rounded to a whole genotype (0 when none): a fixed function of the site's data, never a
-    request parameter (an aggregator-chosen value would let two requests difference out the
-    imputed people). The cells count the imputed people with their imputed genotype.
+    The imputation value of a variant is the mean A1 dosage of all the site's analysed samples
+    with a call, rounded to a whole genotype (0 when none): a fixed function of the site's data,
+    the same for every request and never a request parameter (an aggregator-chosen or set-dependent
+    value would let requests difference out the imputed people). The cells count the imputed people
+    with their imputed genotype.
     """
     idx, flip = _block_args(cohort, arrays)
     onehots = []
@@ -379,15 +380,16 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         g = full[:, keep]
         fill = None
         gc, fc = g, full
-        if impute:
-            called = g >= 0
+        if impute:  # over all the site's analysed samples: the same for every request (red-team round 5)
+            called = full >= 0
             n_called = called.sum(1)
-            tot = np.where(called, g, 0).sum(1, dtype=np.int64)
+            tot = np.where(called, full, 0).sum(1, dtype=np.int64)
             fill = np.rint(np.where(n_called > 0, tot / np.maximum(n_called, 1), 0.0))
-            # a missing call takes the best-guess genotype (the mean dosage rounded): an integer, so the
-            # people imputed add whole genotypes like everyone else and are counted in the cells as such
-            # (a fractional fill would add fill × their values outside every cell, and its exact value
-            # would let whole-number arithmetic pull those values apart)
+            # a missing call takes the best-guess genotype (the site's mean dosage rounded): a whole
+            # genotype, the same in every set, so the people imputed add whole genotypes like everyone
+            # else and are counted in the cells as such (a fractional fill adds fill × their values
+            # outside every cell, and integer arithmetic pulls those apart; a fill that depends on the
+            # request's set lets differencing across sets keep only the imputed people)
             gc = np.where(g >= 0, g, fill[:, None].astype(g.dtype))
             fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
         carriers = np.count_nonzero(gc > 0, axis=1)

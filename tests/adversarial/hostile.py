@@ -94,7 +94,7 @@ class Site:
             self.node_config["policy"] = json.dumps(policy)
 
     def write_samples(self, drop: int | None = None) -> None:
-        rows = ["IID\tY\tD\tage\tY_ONE\tA_M\tB_M\tRARE"]
+        rows = ["IID\tY\tD\tage\tY_ONE\tA_M\tB_M\tRARE\tE_M\tF_M"]
         for k, c in enumerate(self.members.tolist()):
             if k == drop:
                 continue
@@ -104,6 +104,8 @@ class Site:
                 "NA" if k in self.a_set else f"{self.age[k]}",
                 "NA" if k in self.b_set else f"{self.age[k]}",
                 "1" if k == self.rare else "0",
+                "NA" if 40 <= k < 60 else f"{self.age[k]}",  # E_M: missing for people 40..59
+                "NA" if 60 <= k < 80 else f"{self.age[k]}",  # F_M: missing for people 60..79
             ]))
         self.samples.write_text("\n".join(rows) + "\n")
 

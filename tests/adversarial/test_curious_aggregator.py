@@ -118,7 +118,7 @@ def test_small_carrier_cells_give_no_carrier_phenotypes(site):
     # the common variants stay exact: a row with ≥ min_cell carriers of each allele (the imputed
     # people counted with their best-guess genotype) is answered
     called = np.where(g >= 0, g, 0)
-    fill = np.rint(called.sum(1) / np.maximum((g >= 0).sum(1), 1))
+    fill = np.rint(called.sum(1) / np.maximum((g >= 0).sum(1), 1))  # over the site: everyone has Y here
     gi = np.where(g >= 0, g, fill[:, None])
     common = np.flatnonzero(((gi > 0).sum(1) >= 5) & ((gi < 2).sum(1) >= 5))
     assert np.all(arrays["withheld"][common] == 0) and np.all(arrays["n"][common] == len(site.members))
@@ -433,3 +433,22 @@ def test_imputed_calls_add_whole_genotypes_and_column_names_cannot_alias_kinds(s
             agg.ask("glm_linear", bad, idx(V))
     with pytest.raises(Refusal, match="without '=' or ':'"):
         agg.ask("covar_moments", {"names": ["bmi=kg"]})
+
+
+def test_imputed_people_cancel_like_everyone_else_across_sets(site):
+    """U − (U−E) − (U−F) + (U−E−F) cancels everyone whose contribution is the same in every set.
+    A fill rounded per request set made an imputed person's genotype differ between sets, so the
+    combination kept exactly them: Y, age and D of one person (red-team round 5). With one fill per
+    site the combination is zero at every variant."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    reps = [agg.ask("glm_linear", {**glm_params("Y", covariates=["age", "D"]), "require": req}, idx(V))[0]
+            for req in ([], ["E_M"], ["F_M"], ["E_M", "F_M"])]
+    p = reps[0]["Xty"].shape[1]
+    ok = ~np.any([r["withheld"].astype(bool) for r in reps], axis=0)
+    assert ok.sum() > V // 2
+    sign = (1, -1, -1, 1)
+    sg = sum(s * r["XtX_triu"][:, triu_col(p, 0, 1)] for s, r in zip(sign, reps))
+    sgy = sum(s * r["Xty"][:, 1] for s, r in zip(sign, reps))
+    np.testing.assert_allclose(sg[ok], 0.0, atol=1e-9)
+    np.testing.assert_allclose(sgy[ok], 0.0, atol=1e-6)
