@@ -283,13 +283,16 @@ def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int
 def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, np.ndarray]]:
     """Values a design's rows sum with genotypes, with the samples where they are non-zero.
 
-    The phenotype (for a binary trait, its cases), each numeric covariate, each indicator of a
-    categorical level, and stored PCs.
+    Supports come from the raw values, whatever ``kind`` says (a 0/1 column summed as a
+    quantitative phenotype is a sum over its 1s, exactly as its cases are for a binary trait; a
+    standardised covariate's raw sums follow from it and Σg): the phenotype, each numeric
+    covariate, each indicator of a categorical level, and stored PCs.
     """
     params = req.params
     y, C, keep = _design(cohort, params, req.rules)
     n = cohort.n_samples
-    attrs = [(f"y:{params['phenotype']}", (y == 1) if params.get("kind") == "binary" else np.ones(n, bool))]
+    rows = cohort.table_rows.tolist()
+    attrs = [(f"y:{params['phenotype']}", np.nan_to_num(y) != 0)]
     col = 0
     for cv in params.get("covariates") or []:
         if cv.get("kind") == "categorical":
@@ -297,7 +300,8 @@ def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, n
                 attrs.append((f"x:{cv['name']}={lev}", np.nan_to_num(C[:, col + j]) != 0))
             col += max(0, len(cv["levels"]) - 1)
         else:
-            attrs.append((f"x:{cv['name']}", np.ones(n, bool)))
+            raw = _numeric([cohort.table.require(str(cv["name"]))[i] for i in rows])
+            attrs.append((f"x:{cv['name']}", np.ones(n, bool) if raw is None else np.nan_to_num(raw) != 0))
             col += 1
     pcs = params.get("pcs")
     if pcs:

@@ -442,7 +442,7 @@ def test_imputed_people_cancel_like_everyone_else_across_sets(site):
     site the combination is zero at every variant."""
     agg = HostileAggregator(site.node_config)
     V = site.n_variants
-    reps = [agg.ask("glm_linear", {**glm_params("Y", covariates=["age", "D"]), "require": req}, idx(V))[0]
+    reps = [agg.ask("glm_linear", {**glm_params("Y", covariates=["age"]), "require": req}, idx(V))[0]
             for req in ([], ["E_M"], ["F_M"], ["E_M", "F_M"])]
     p = reps[0]["Xty"].shape[1]
     ok = ~np.any([r["withheld"].astype(bool) for r in reps], axis=0)
@@ -452,3 +452,25 @@ def test_imputed_people_cancel_like_everyone_else_across_sets(site):
     sgy = sum(s * r["Xty"][:, 1] for s, r in zip(sign, reps))
     np.testing.assert_allclose(sg[ok], 0.0, atol=1e-9)
     np.testing.assert_allclose(sgy[ok], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [("binary", "quantitative"), ("quantitative", "binary")])
+def test_a_binary_column_summed_under_either_kind_is_checked_on_its_ones(site, order):
+    """D as a binary trait over everyone (sums over its cases), then D as a quantitative trait over
+    U−F (sums over the cases in U−F): their difference is a sum over the 4 cases among F's 20
+    people (red-team round 6). The supports come from the values, whatever the kind."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    first = agg.ask("glm_linear", glm_params("D", order[0], covariates=["age"]), idx(V))[0]
+    second = agg.ask("glm_linear", {**glm_params("D", order[1], covariates=["age"]), "require": ["F_M"]}, idx(V))[0]
+    g = site.data.dosage[:, site.members]
+    in_f = np.zeros(len(site.members), bool)
+    in_f[60:80] = True
+    cases_f = in_f & (site.d == 1)
+    assert 1 <= cases_f.sum() < 5
+    p = first["Xty"].shape[1]
+    # Xty[1] is Σ g·D: a sum over the cases. Where both releases answered, their difference is the
+    # sum over the cases in F; a row with 1..4 carriers among those cases must not leave both.
+    both = ~(first["withheld"].astype(bool) | second["withheld"].astype(bool))
+    carried = (g[:, cases_f] > 0).sum(1)
+    assert p >= 3 and not np.any(both & (carried > 0) & (carried < 5)), "a row over the few cases in F left both releases"
