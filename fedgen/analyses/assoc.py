@@ -292,17 +292,29 @@ def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, n
     y, C, keep = _design(cohort, params, req.rules)
     n = cohort.n_samples
     rows = cohort.table_rows.tolist()
-    attrs = [(f"y:{params['phenotype']}", np.nan_to_num(y) != 0)]
+    def with_complement(name: str, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """A 0/1 column is a sum over its 1s and, through the set's total, over its 0s."""
+        seen = x[~np.isnan(x)]
+        out = [(name, np.nan_to_num(x) != 0)]
+        if len(seen) and np.all((seen == 0) | (seen == 1)):
+            out.append((f"{name}~0", x == 0))
+        return out
+
+    attrs = with_complement(f"y:{params['phenotype']}", np.asarray(y, dtype=float))
     col = 0
     for cv in params.get("covariates") or []:
         if cv.get("kind") == "categorical":
+            ind = C[:, col : col + max(0, len(cv["levels"]) - 1)]
+            base = np.all(np.nan_to_num(ind, nan=1.0) == 0, axis=1)  # members of the first level
+            attrs.append((f"x:{cv['name']}={cv['levels'][0]}", base))
             for j, lev in enumerate(cv["levels"][1:]):
                 attrs.append((f"x:{cv['name']}={lev}", np.nan_to_num(C[:, col + j]) != 0))
             col += max(0, len(cv["levels"]) - 1)
         else:
             raw = _numeric([cohort.table.require(str(cv["name"]))[i] for i in rows])
-            attrs.append((f"x:{cv['name']}", np.ones(n, bool) if raw is None else np.nan_to_num(raw) != 0))
+            attrs += [(f"x:{cv['name']}", np.ones(n, bool))] if raw is None else with_complement(f"x:{cv['name']}", raw)
             col += 1
+    attrs.append(("g", np.ones(n, bool)))  # Σg over the set itself (every design releases it)
     pcs = params.get("pcs")
     if pcs:
         attrs += [(f"pc:{pcs['study_id']}:{k}", np.ones(n, bool)) for k in range(int(pcs["n"]))]
