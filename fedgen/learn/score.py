@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,13 +62,14 @@ def feature_matrix(model: dict[str, Any], cohort: Any) -> tuple[np.ndarray, np.n
         G[:, j] = z
     covs = model.get("covariates") or []
     if covs:
-        _, C, keep = _covariates(cohort, covs)
+        C, keep = _covariates(cohort, covs)
     else:
         C, keep = np.zeros((n, 0)), np.ones(n, bool)
     return np.hstack([G, C]), keep, missing
 
 
-def _covariates(cohort: Any, covs: list[dict[str, Any]]) -> tuple[None, np.ndarray, np.ndarray]:
+def _covariates(cohort: Any, covs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's covariate columns, standardised as in training, and who has all of them."""
     from fedgen.cohort.phenotypes import _is_missing, _numeric
 
     rows = cohort.table_rows.tolist()
@@ -89,7 +89,7 @@ def _covariates(cohort: Any, covs: list[dict[str, Any]]) -> tuple[None, np.ndarr
             blocks.append(((x - float(cv.get("mean", 0.0))) / float(cv.get("sd", 1.0)))[:, None])
     C = np.hstack(blocks)
     keep = ~np.isnan(C).any(axis=1)
-    return None, np.nan_to_num(C), keep
+    return np.nan_to_num(C), keep
 
 
 def score_cohort(model: dict[str, Any], cohort: Any) -> tuple[list[str], np.ndarray, list[str]]:
@@ -156,11 +156,3 @@ def evaluate(model: dict[str, Any], cohort: Any, scores: np.ndarray, phenotype: 
         return "AUC", float(roc_auc_score(y[ok], scores[ok])), int(ok.sum())
     resid = y[ok] - scores[ok]
     return "R²", float(1 - (resid ** 2).sum() / ((y[ok] - y[ok].mean()) ** 2).sum()), int(ok.sum())
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - the CLI entry is fedgen.cli
-    ap = argparse.ArgumentParser(prog="fedgen score")
-    sub = ap.add_subparsers()
-    add_command(sub)
-    args = ap.parse_args(["score", *(argv or sys.argv[1:])])
-    return args.func(args)

@@ -124,9 +124,6 @@ class SampleSetRegister:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def sets(self) -> list[np.ndarray]:
-        return [np.frombuffer(b, dtype=np.uint64) for (b,) in self._db.execute("SELECT members FROM sets")]
-
     def sets_with_attrs(self) -> list[tuple[np.ndarray, set[str]]]:
         """Every released set with what was summed over it: ``#g``/``#x`` families and attribute names."""
         import json
