@@ -42,7 +42,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedgen.simulate import simulate_cohorts
 
     sites = _parse_sites(args.sites)
-    summary = simulate_cohorts(Path(args.out), sites=sites, n_variants=args.variants, seed=args.seed)
+    summary = simulate_cohorts(Path(args.out), sites=sites, n_variants=args.variants, seed=args.seed,
+                               rare_fraction=args.rare_fraction)
     log.info("simulated cohorts written to %s: %s", Path(args.out).resolve(), summary)
     return 0
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--sites", default="hk=2000,sz=2000", help="NAME=N,... (default hk=2000,sz=2000)")
     s.add_argument("--variants", type=int, default=30000, help="variants with MAF >= 1%% (default 30000)")
+    s.add_argument("--rare-fraction", type=float, default=0.05,
+                   help="rarer variants (MAF < 1%%) added, as a fraction of --variants (default 0.05)")
     s.set_defaults(func=cmd_simulate)
     r = sub.add_parser("run", help="run a study: fedgen run [HYDRA OVERRIDES], e.g. study=qc output_dir=out")
     r.add_argument("overrides", nargs="*")

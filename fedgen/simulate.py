@@ -42,7 +42,7 @@ over all chromosomes. Default mixes: ``hk`` 20 % north / 80 % south, ``sz``
 Variants written (identical list at every site)
 -----------------------------------------------
 Every variant with pooled (all sites) MAF >= 1 % (thinned to exactly
-``n_variants``), plus 5 % x ``n_variants`` rarer variants (MAC >= 1). Multi-
+``n_variants``), plus ``rare_fraction`` (default 5 %) x ``n_variants`` rarer variants (MAC >= 1). Multi-
 allelic sites produced by recurrent mutation (about 0.5 %) are written as-is
 (cap 0.75 % of the common ones). Positions are sorted and unique per contig,
 IDs are unique random ``rsNNNNNNN`` strings, genotypes are phased ``a|b``.
@@ -421,7 +421,8 @@ def _harmonic_common(n_hap: int) -> float:
 
 
 # ---------------------------------------------------------------- selection
-def _select(chroms: list[_Chrom], n_variants: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _select(chroms: list[_Chrom], n_variants: int, rng: np.random.Generator, rare_fraction: float = RARE_EXTRA
+            ) -> list[np.ndarray]:
     """Per chromosome: sorted indices (into the chromosome's polymorphic sites) to write."""
     maf = np.concatenate([c.maf for c in chroms])
     n_alt = np.concatenate([c.n_alt for c in chroms])
@@ -436,7 +437,7 @@ def _select(chroms: list[_Chrom], n_variants: int, rng: np.random.Generator) -> 
         raise RuntimeError("not enough common variants")  # caller guarantees this
     chosen = np.sort(rng.choice(common, size=n_variants, replace=False))
     rare = np.flatnonzero((maf > 0) & (maf < MIN_MAF))
-    n_rare = min(rare.size, int(round(RARE_EXTRA * n_variants)))
+    n_rare = min(rare.size, int(round(rare_fraction * n_variants)))
     chosen = np.union1d(chosen, rng.choice(rare, size=n_rare, replace=False))
     return [chosen[(chosen >= offs[i]) & (chosen < offs[i + 1])] - offs[i]
             for i in range(len(chroms))]
@@ -473,6 +474,7 @@ def simulate_cohorts(
     n_variants: int = 30000,
     seed: int = 1,
     progress: bool = True,
+    rare_fraction: float = RARE_EXTRA,
 ) -> dict:
     """Simulate per-site genotypes (VCF), phenotype tables and the truth; see module doc.
 
@@ -484,6 +486,8 @@ def simulate_cohorts(
     sites = dict(DEFAULT_SITES if sites is None else sites)
     _check_args(sites, n_variants)
     n_variants = int(n_variants)
+    if not 0.0 <= float(rare_fraction) <= 2.0:
+        raise ConfigError(f"simulate_cohorts: rare_fraction must be between 0 and 2, got {rare_fraction}")
     site_list = _design_sites(sites, seed)
     dem = _demography(site_list)
     sets, site_of, source = _sample_sets(site_list)
@@ -506,7 +510,7 @@ def simulate_cohorts(
         while True:
             for length in lengths:
                 name = f"chr{len(chroms) + 1}"
-                n_rare = int(np.ceil(RARE_EXTRA * n_variants * length / total))
+                n_rare = int(np.ceil(rare_fraction * n_variants * length / total))
                 chroms.append(_simulate_chrom(name, length, dem, sets, seed, north_bp,
                                               admixed_nodes, n_rare))
                 n_common += int(np.sum(chroms[-1].maf >= MIN_MAF))
@@ -524,7 +528,7 @@ def simulate_cohorts(
 
         # ---- 2. choose variants, IDs, causal variants
         rng_sel = _rng(seed, "select")
-        selected = _select(chroms, n_variants, rng_sel)
+        selected = _select(chroms, n_variants, rng_sel, rare_fraction)
         n_written = int(sum(s.size for s in selected))
         rs = rng_sel.choice(98_999_999, size=n_written, replace=False) + 1_000_000
         rs_ids, k = [], 0

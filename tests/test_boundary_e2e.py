@@ -100,10 +100,18 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
+
+
+def packed_names(blob):
+    """Names of the arrays in fedgen's packed-array bytes (written out: fedgen is not installed here)."""
+    if not blob:
+        return []
+    n = int.from_bytes(blob[4:8], "little")
+    return [h["name"] for h in json.loads(blob[8:8 + n].decode())]
 
 
 @app.main()
@@ -119,8 +127,8 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(0.2)
     msgs = []
     for n in nodes:
-        ping = {"protocol": 1, "analysis": "ping", "params": "{}"}
-        msgs.append(Message(RecordDict({"fedgen": ConfigRecord(ping), "arrays": ArrayRecord()}), n, "query.fedgen"))
+        ping = {"protocol": 2, "analysis": "ping", "params": "{}", "study_id": "", "arrays": b""}
+        msgs.append(Message(RecordDict({"fedgen": ConfigRecord(ping)}), n, "query.fedgen"))
         msgs.append(Message(RecordDict({"ask": ConfigRecord({"give": "genotypes"})}), n, "query.evil"))
     replies = list(grid.send_and_receive(msgs, timeout=40))
     record = []
@@ -130,7 +138,13 @@ def main(grid: Grid, context: Context) -> None:
             item["error"] = r.error.reason
         else:
             item["arrays"] = {k: {n: list(a.shape) for n, a in rec.items()} for k, rec in r.content.array_records.items()}
-            item["configs"] = {k: {n: str(v) for n, v in rec.items()} for k, rec in r.content.config_records.items()}
+            item["configs"] = {k: {n: str(v) for n, v in rec.items() if n != "arrays"} for k, rec in r.content.config_records.items()}
+            cfg = r.content.config_records.get("fedgen")
+            if cfg is not None and "arrays" in cfg:
+                try:
+                    item["arrays"]["fedgen"] = {n: "packed" for n in packed_names(bytes(cfg["arrays"]))}
+                except Exception as exc:  # a reply that is not fedgen's wire format
+                    item["arrays"]["fedgen"] = {"undecodable": str(exc)}
         record.append(item)
     out.write_text(json.dumps({"nodes": nodes, "sent": len(msgs), "replies": record}, indent=1))
 '''
@@ -426,14 +440,14 @@ def test_sites_never_run_fab_code_deployment(tmp_path):
 
 
 def test_local_federation_refuses_unlisted_fab_and_runs_a_listed_one(tmp_path, monkeypatch):
-    """LocalFederation nodes (one task per fresh process here: FEDGEN_FORK_CLIENTAPP=0) check the
+    """LocalFederation nodes (one task per fresh process here: FEDGEN_SITE_WORKER=0) check the
     study FAB against each site's policy file: refused while neither its fedgen version nor its
     hash is accepted (and logged), accepted once its hash is listed."""
     from fedgen.errors import FedgenError
     from fedgen.federation.fab_gate import study_fab
     from fedgen.federation.local import LocalFederation
 
-    monkeypatch.setenv("FEDGEN_FORK_CLIENTAPP", "0")
+    monkeypatch.setenv("FEDGEN_SITE_WORKER", "0")
     t0 = time.monotonic()
     _, digest = study_fab()  # what LocalFederation.run submits (deterministic build)
     ncs = {}

@@ -83,7 +83,9 @@ def test_qc_study_on_real_flower_nodes_equals_plink(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["federation"] == "local"
     assert all(m["sites"][s]["bytes_sent"] > 0 for s in nodes)
-    assert m["rounds"] >= 3  # site_info + 2 blocks of genotype counts
+    # site_info, then the 2 blocks of genotype counts batched into one round (one message per site)
+    assert m["rounds"] == 2 and m["rounds_per_phase"] == {"genotype counts": 1}
+    assert all(m["sites"][s]["messages"] == 2 for s in nodes)
     assert np.isclose(sum(m["sites"][s]["samples"] for s in nodes), len(data.samples))
 
 

@@ -35,7 +35,7 @@ def test_request_roundtrip_keeps_arrays_and_params():
         "flip": np.array([True, False]),
         "x": np.linspace(0, 1, 6).reshape(2, 3).astype(np.float32),
         "empty": np.zeros((0, 4)),
-        "ids": np.array(["rs1", "rs22"]),
+        "scalar": np.array(7, dtype=np.uint16),
     }
     params = {"block": 3, "name": 'a "quoted" päram', "nested": {"k": [1, 2.5, None]}}
     analysis, p, a = decode_request(encode_request("genotype_counts", params, arrays))
@@ -44,6 +44,38 @@ def test_request_roundtrip_keeps_arrays_and_params():
     for k, v in arrays.items():
         assert a[k].dtype == v.dtype and a[k].shape == v.shape
         np.testing.assert_array_equal(a[k], v)
+
+
+def test_array_pack_refuses_what_is_not_plain_numbers():
+    import struct
+
+    from fedgen.errors import FedgenError
+    from fedgen.federation.flower import pack_arrays, unpack_arrays
+
+    for bad in (np.array(["rs1"]), np.array([object()]), np.zeros(2, dtype=[("a", "i4")]), np.array([1j])):
+        with pytest.raises(FedgenError, match="cannot be sent"):
+            pack_arrays({"x": bad})
+    good = pack_arrays({"a": np.arange(4, dtype=np.int64)})
+    n = struct.unpack("<I", good[4:8])[0]
+
+    def with_header(header: list) -> bytes:
+        h = json.dumps(header).encode()
+        return good[:4] + struct.pack("<I", len(h)) + h + good[8 + n:]
+
+    cases = {
+        "not a fedgen array pack": b"NOPE" + good[4:],
+        "runs past the end": good[:4] + struct.pack("<I", 10**6) + good[8:],
+        "does not fit": with_header([{"name": "a", "dtype": "<i8", "shape": [5], "offset": 0, "nbytes": 40}]),
+        "not accepted": with_header([{"name": "a", "dtype": "|O", "shape": [4], "offset": 0, "nbytes": 32}]),
+        "repeated": with_header([{"name": "a", "dtype": "<i8", "shape": [1], "offset": 0, "nbytes": 8}] * 2),
+        "bad shape": with_header([{"name": "a", "dtype": "<i8", "shape": [-1], "offset": 0, "nbytes": 8}]),
+    }
+    for why, blob in cases.items():
+        with pytest.raises(FedgenError, match=why):
+            unpack_arrays(blob)
+    out = unpack_arrays(good)["a"]
+    out[0] = 9  # decoded arrays are writable copies
+    np.testing.assert_array_equal(unpack_arrays(good)["a"], np.arange(4))
 
 
 def test_reply_roundtrip_and_nbytes():

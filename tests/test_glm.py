@@ -34,6 +34,7 @@ from fedgen.stats.glm import (
     glm_fit,
     glm_pooled,
     linear_from_suffstats,
+    firth_score,
     site_firth_partials,
     site_linear_suffstats,
     site_logistic_partials,
@@ -375,6 +376,31 @@ def test_federated_split_equals_pooled(name: str, family: str, trait: str) -> No
             assert np.abs(fed[key][ok] - pooled[key][ok]).max() <= 1e-12 * scale, key
 
 
+def test_firth_score_from_third_moments_equals_hat_value_form() -> None:
+    """U* = U + T·I⁻¹ (sites send T) equals Xᵀ[(y − p) + h(½ − p)] with explicit hat values,
+    for a missing-call mask, several covariates and any symmetric matrix in place of I⁻¹."""
+    rng = np.random.default_rng(5)
+    V, N, k = 7, 60, 3
+    g = rng.integers(-1, 3, size=(V, N))
+    y = (rng.random(N) < 0.3).astype(float)
+    C = rng.normal(size=(N, k))
+    p = 2 + k
+    beta = rng.normal(scale=0.3, size=(V, p))
+    s = site_firth_partials(g, y, C, beta)
+    A = rng.normal(size=(V, p, p))
+    A = A @ A.transpose(0, 2, 1)
+    ustar = firth_score(s["U"], s["T"], A)
+    for v in range(V):
+        m = g[v] >= 0
+        X = np.column_stack([np.ones(N), np.where(m, g[v], 0), C])[m]
+        pr = 1 / (1 + np.exp(-X @ beta[v]))
+        w = pr * (1 - pr)
+        h = w * np.einsum("ij,jk,ik->i", X, A[v], X)
+        direct = X.T @ ((y[m] - pr) + h * (0.5 - pr))
+        np.testing.assert_allclose(ustar[v], direct, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(s["I"][v], X.T @ (w[:, None] * X), rtol=1e-10, atol=1e-10)
+
+
 def test_driver_protocol_by_hand() -> None:
     """The aggregator loop spelled out, with two sites returning sums each round."""
     g, y, C = regression_inputs("edge", "bin")
@@ -388,16 +414,13 @@ def test_driver_protocol_by_hand() -> None:
     res = drv.results()
     fidx = np.flatnonzero(res["needs_firth"])
     fd = FirthDriver(fidx.size, p)
-    rounds = {"info": 0, "score": 0}
+    rounds = 0
     while not fd.done:
         rows = np.flatnonzero(fd.active)
-        need = fd.need
-        rounds[need] += 1
-        Iinv = fd.Iinv[rows] if need == "score" else None
-        parts = [site_firth_partials(gs[fidx[rows]], ys, Cs, fd.beta[rows], Iinv) for gs, ys, Cs in sites]
-        fd.step(sum(q["I"] for q in parts), sum(q["loglik"] for q in parts),
-                sum(q["ustar"] for q in parts) if Iinv is not None else None)
-    assert rounds["info"] > 0 and rounds["score"] > 0
+        parts = [site_firth_partials(gs[fidx[rows]], ys, Cs, fd.beta[rows]) for gs, ys, Cs in sites]
+        fd.step(*(sum(q[k] for q in parts) for k in ("I", "loglik", "U", "T")))
+        rounds += 1
+    assert rounds == fd.rounds > 0
     fr = fd.results()
     pooled = fitted("edge", "logistic", True)
     np.testing.assert_array_equal(res["needs_firth"], pooled["firth"])

@@ -26,17 +26,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
+from fedgen.federation.flower import decode_reply, encode_request
 
 app = ServerApp()
 
 
 def query(analysis, params, arrays):
-    return RecordDict({
-        "fedgen": ConfigRecord({"protocol": 1, "analysis": analysis, "params": json.dumps(params), "study_id": "curious"}),
-        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-    })
+    return encode_request(analysis, params, arrays, study_id="curious")
 
 
 @app.main()
@@ -63,10 +62,8 @@ def main(grid: Grid, context: Context) -> None:
             if r.has_error():
                 entry["error"] = r.error.reason
             else:
-                cfg = r.content.config_records.get("fedgen")
-                entry["meta"] = json.loads(str(cfg["meta"])) if cfg is not None else None
-                for rec_name, rec in r.content.array_records.items():
-                    entry["arrays"].update({f"{rec_name}/{k}": list(a.shape) for k, a in rec.items()})
+                arrays, entry["meta"], _ = decode_reply(r.content)
+                entry["arrays"].update({f"arrays/{k}": list(a.shape) for k, a in arrays.items()})
             record.append(entry)
     out.write_text(json.dumps(record))
 '''

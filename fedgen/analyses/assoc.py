@@ -4,7 +4,7 @@
 * ``assoc_counts``: A1/A2 allele counts in cases and controls (allelic chi-square);
 * ``glm_linear``: XᵀX, Xᵀy, yᵀy, n per variant (linear regression sufficient statistics);
 * ``glm_logistic``: Hessian, gradient, n and log-likelihood at the aggregator's β per variant;
-* ``glm_firth``: information, log-likelihood and (given the pooled I⁻¹) Firth's modified score.
+* ``glm_firth``: information, log-likelihood, score and the third moments Firth's correction needs.
 
 The design (phenotype, covariates) is rebuilt from the request parameters each time; samples
 with a missing phenotype or covariate are left out. A missing call is, by default
@@ -163,7 +163,7 @@ def check_design(cohort: Any, req: AnalysisRequest) -> None:
 
 def _glm_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
     p = design_predictors(params, str(node_config.get("site", "")))
-    return {"p": p, "t": p * (p + 1) // 2}
+    return {"p": p, "t": p * (p + 1) // 2, "t3": p * (p + 1) * (p + 2) // 6}
 
 
 def _covar_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
@@ -203,20 +203,8 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
     if rules is not None:
         _check_site_levels(cohort, params, rules.min_count)
     site_cols = (params.get("site_columns") or {}).get(cohort.site, [])
-    y, C, keep = build_design(
-        cohort.table.columns,
-        cohort.table_rows,
-        phenotype=phenotype,
-        kind=kind,
-        covariates=list(params.get("covariates") or []),
-        site_columns=site_cols,
-        where=cohort.table.path.name,
-    )
-    for name in params.get("require") or []:  # the study's common sample set: every listed column present
-        from fedgen.cohort.phenotypes import _is_missing
-
-        col = cohort.table.require(str(name))
-        keep &= np.array([not _is_missing(col[i]) for i in cohort.table_rows.tolist()], dtype=bool)
+    y, C, keep = _parsed_design(cohort, phenotype, kind, list(params.get("covariates") or []), site_cols,
+                                [str(n) for n in params.get("require") or []])
     spec = params.get("pcs")
     if spec:  # this site's own PC scores from the study's federated PCA (they never left it)
         from fedgen.cohort.pcs import load_site_pcs
@@ -227,6 +215,41 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         _check_indicator_cells(params, C, keep, rules.min_count)
         _check_rare_values(params, y, C, keep, rules.min_count)
     return y, C, keep
+
+
+#: parsed designs kept per cohort object (the site worker answers many requests with the same design)
+_DESIGN_CACHE_SIZE = 8
+
+
+def _parsed_design(cohort: Cohort, phenotype: str, kind: str, covariates: list[Any], site_cols: Any,
+                   require: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`build_design` plus the ``require`` mask, parsed from the samples table once per
+    design and cohort (the cohort object is rebuilt when its files change); copies out."""
+    import json
+
+    key = json.dumps([phenotype, kind, covariates, site_cols, require], sort_keys=True, default=str)
+    cache = cohort.__dict__.setdefault("_design_cache", {})
+    hit = cache.get(key)
+    if hit is None:
+        y, C, keep = build_design(
+            cohort.table.columns,
+            cohort.table_rows,
+            phenotype=phenotype,
+            kind=kind,
+            covariates=covariates,
+            site_columns=site_cols,
+            where=cohort.table.path.name,
+        )
+        for name in require:  # the study's common sample set: every listed column present
+            from fedgen.cohort.phenotypes import _is_missing
+
+            col = cohort.table.require(name)
+            keep &= np.array([not _is_missing(col[i]) for i in cohort.table_rows.tolist()], dtype=bool)
+        while len(cache) >= _DESIGN_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = (y, C, keep)
+    y, C, keep = hit
+    return y.copy(), C.copy(), keep.copy()
 
 
 def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
@@ -569,17 +592,18 @@ def glm_logistic(cohort: Any, req: AnalysisRequest):
     "glm_firth",
     Spec(
         **{**GLM_SPEC, "param_dims": _glm_dims},
-        inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p"), "Iinv": arr("*", "v", "p", "p", optional=True)},
-        outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "ustar": arr("f8", "v", "p", optional=True),
-                 **ROW_OUTPUTS},
+        inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p")},
+        outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "U": arr("f8", "v", "p"),
+                 "T": arr("f8", "v", "t3"), **ROW_OUTPUTS},
         suppress=cell_rule(kish=True),
         opt_in_reason=IRLS_OPT_IN,
-        doc="per variant: Fisher information (upper triangle), log-likelihood, n, Firth's score",
+        doc="per variant at the aggregator's β: Fisher information (upper triangle), log-likelihood, n, score "
+            "and the third moments Σ v(½−p)x_a x_b x_c of Firth's correction",
     ),
 )
 def glm_firth(cohort: Any, req: AnalysisRequest):
     _beta(req.arrays)
-    return _glm_parts(cohort, req, glm.site_firth_partials, "beta", "Iinv")
+    return _glm_parts(cohort, req, glm.site_firth_partials, "beta")
 
 
 def _per_row(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:

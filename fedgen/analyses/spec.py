@@ -234,7 +234,7 @@ def check_outputs(
     extra = sorted(set(out) - set(spec.outputs))
     if extra:
         raise SpecError(f"reply carries undeclared array(s) {', '.join(map(repr, extra))}")
-    bad_meta = sorted(set(meta) - set(spec.meta) - {"site_seconds"})
+    bad_meta = sorted(set(meta) - set(spec.meta) - {"site_seconds", "site_t0"})
     if bad_meta:
         raise SpecError(f"reply carries undeclared metadata {', '.join(map(repr, bad_meta))}")
     empty_ok = spec.may_be_empty or d.get("v", 1) == 0
@@ -323,7 +323,7 @@ def cell_rule(*, kish: bool = False):
 
 
 def isolable_small_cells(atom_cells: np.ndarray, M: np.ndarray, min_cell: int) -> np.ndarray:
-    """Rows whose carriers in some group of atoms the released sets can isolate number 1..min_cell-1.
+    r"""Rows whose carriers in some group of atoms the released sets can isolate number 1..min_cell-1.
 
     ``atom_cells`` (rows, atoms, 2): carriers of A1 and of A2 per atom; ``M`` (sets × atoms): which
     sets (with a genotype-weighted sum of the same attribute released) hold each atom. A

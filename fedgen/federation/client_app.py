@@ -18,7 +18,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgen.errors import FedgenError
-from fedgen.federation.flower import decode_request, encode_reply, error_reply, request_study_id
+from fedgen.federation.flower import (
+    decode_batch,
+    decode_request,
+    encode_batch_reply,
+    encode_reply,
+    error_reply,
+    is_batch,
+    request_study_id,
+)
 
 log = logging.getLogger("fedgen.site")
 
@@ -50,6 +58,35 @@ class SiteClientApp(ClientApp):
 app = SiteClientApp()
 
 
+def _handle_batch(msg: Message, context: Context, node_config: dict, t0: float, t_wall: float):
+    """Each request of a batch takes its own pass through the site pipeline, in order; a refused
+    one is answered with its error and does not stop the others."""
+    from fedgen.analyses import execute
+
+    try:
+        requests = decode_batch(msg.content)
+    except FedgenError as exc:
+        from fedgen.site.pipeline import refuse_message
+
+        return error_reply(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}"))
+    replies = []
+    for analysis, params, arrays, study_id in requests:
+        t1 = time.perf_counter()
+        try:
+            out_arrays, meta = execute(node_config, analysis, params, arrays,
+                                       context={**_context(msg, context), "study_id": study_id})
+            meta = {**meta, "site_seconds": round(time.perf_counter() - t1, 4), "site_t0": round(t_wall, 4)}
+            replies.append((out_arrays, meta))
+        except FedgenError as exc:
+            log.warning("refused request: %s", exc)
+            replies.append(({}, {"error": str(exc)}))
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the aggregator as a reply
+            log.exception("internal error while answering a request")
+            replies.append(({}, {"error": f"internal error at site: {type(exc).__name__}: {exc}"}))
+    log.info("answered %s in %.2f s", "+".join(a for a, *_ in requests), time.perf_counter() - t0)
+    return encode_batch_reply(replies)
+
+
 @app.query("fedgen")
 def handle(msg: Message, context: Context) -> Message:
     """Answer one fedgen request; refusals and failures become ``{"error": ...}`` replies."""
@@ -57,6 +94,9 @@ def handle(msg: Message, context: Context) -> Message:
 
     node_config = dict(context.node_config)
     t0 = time.perf_counter()
+    t_wall = time.time()
+    if is_batch(msg.content):
+        return Message(_handle_batch(msg, context, node_config, t0, t_wall), reply_to=msg)
     try:
         try:
             analysis, params, arrays = decode_request(msg.content)
@@ -66,7 +106,7 @@ def handle(msg: Message, context: Context) -> Message:
             raise FedgenError(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}")) from None
         ctx = {**_context(msg, context), "study_id": request_study_id(msg.content)}
         out_arrays, meta = execute(node_config, analysis, params, arrays, context=ctx)
-        meta = {**meta, "site_seconds": round(time.perf_counter() - t0, 3)}
+        meta = {**meta, "site_seconds": round(time.perf_counter() - t0, 4), "site_t0": round(t_wall, 4)}
         content = encode_reply(out_arrays, meta)
         log.info("answered %s in %.2f s", analysis, meta["site_seconds"])
     except FedgenError as exc:

@@ -3,22 +3,38 @@
 The aggregator side (:class:`FlowerTransport`, used by the ServerApp) and the
 wire format shared with the site side (``client_app.py``) live here.
 
-Wire format of one request (message type ``query.fedgen``)::
+Wire format (protocol 2) of one request (message type ``query.fedgen``)::
 
-    RecordDict{
-        "fedgen": ConfigRecord{"protocol": 1, "analysis": str, "params": JSON str},
-        "arrays": ArrayRecord{name: Array(ndarray), ...},
-    }
+    RecordDict{"fedgen": ConfigRecord{"protocol": 2, "analysis": str, "params": JSON str,
+                                      "study_id": str, "arrays": bytes}}
 
 and of its reply::
 
-    RecordDict{
-        "fedgen": ConfigRecord{"protocol": 1, "meta": JSON str},
-        "arrays": ArrayRecord{name: Array(ndarray), ...},
-    }
+    RecordDict{"fedgen": ConfigRecord{"protocol": 2, "meta": JSON str, "arrays": bytes}}
 
-A site that refuses or fails answers with ``meta == {"error": message}`` and
-no arrays. Arrays travel as ``.npy`` bytes (``allow_pickle=False`` both ways).
+``arrays`` packs every named array of the message into one byte string
+(:func:`pack_arrays`): ``b"FGA2"``, a 4-byte little-endian header length, a JSON header
+(name, dtype, shape, offset, nbytes of each array) and the raw buffers. Only plain numeric
+and boolean dtypes are accepted (no objects, no structured or pickled data), and every
+offset and size is checked before a buffer is read.
+
+Why one byte string: Flower moves a message as a tree of objects (each record, each array,
+each 5 MB chunk), and every object costs a request on each hop (aggregator → SuperLink →
+SuperNode → ClientApp and back). A fedgen reply with seven arrays was some thirty objects
+a round; packed, a message is three objects whatever it carries.
+
+A **batch** carries several requests in one message (one round for independent steps: two
+phenotypes, a logistic and a Firth step)::
+
+    RecordDict{"fedgen": ConfigRecord{"protocol": 2, "batch": JSON [{"analysis", "params",
+                                      "study_id"}, ...], "arrays": bytes}}
+
+with the arrays of request ``i`` named ``"i/<name>"``; the site answers each request through
+its own pass of the site pipeline, in order, and replies with ``"metas"`` (JSON list, one meta
+per request, ``{"error": ...}`` for a refused one) and the arrays of reply ``i`` as ``"i/<name>"``.
+At most :data:`MAX_BATCH` requests travel in one message.
+
+A site that refuses or fails answers with ``meta == {"error": message}`` and no arrays.
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedgen.errors import ConfigError, FedgenError, SiteError
 from fedgen.federation.transport import Reply, Request
@@ -38,9 +54,14 @@ log = logging.getLogger(__name__)
 
 #: Flower message type of every fedgen request (``@app.query("fedgen")``).
 MESSAGE_TYPE = "query.fedgen"
-PROTOCOL = 1
+PROTOCOL = 2
 _CONFIG_KEY = "fedgen"
 _ARRAYS_KEY = "arrays"
+_MAGIC = b"FGA2"
+#: most requests one batch message may carry
+MAX_BATCH = 64
+#: dtype kinds an array on the wire may have: bool, signed/unsigned int, float
+_KINDS = frozenset("biuf")
 
 
 #: how errors that are not an answer from the site begin (timeouts, undeliverable requests)
@@ -49,26 +70,76 @@ _NO_ANSWER = ("did not answer within", "the request could not be delivered")
 # ---------------------------------------------------------------- wire format
 
 
-def _encode_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    record = ArrayRecord()
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named numeric arrays → one byte string (see the module docstring)."""
+    header, parts, offset = [], [], 0
     for name, value in arrays.items():
-        arr = np.asarray(value)
-        if arr.dtype.hasobject:
-            raise FedgenError(f"array {name!r} has dtype object, which cannot be sent")
-        record[str(name)] = Array(arr)
-    return record
+        orig = np.asarray(value)
+        arr = np.ascontiguousarray(orig)  # (0-d arrays come back 1-d; the header keeps the shape)
+        if arr.dtype.hasobject or arr.dtype.kind not in _KINDS or arr.dtype.fields is not None:
+            raise FedgenError(f"array {name!r} has dtype {arr.dtype}, which cannot be sent")
+        header.append({"name": str(name), "dtype": arr.dtype.str, "shape": list(orig.shape), "offset": offset,
+                       "nbytes": int(arr.nbytes)})
+        parts.append(arr)
+        offset += int(arr.nbytes)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    out = bytearray(len(_MAGIC) + 4 + len(head) + offset)
+    out[: len(_MAGIC)] = _MAGIC
+    out[len(_MAGIC) : len(_MAGIC) + 4] = len(head).to_bytes(4, "little")
+    pos = len(_MAGIC) + 4
+    out[pos : pos + len(head)] = head
+    pos += len(head)
+    for arr in parts:
+        out[pos : pos + arr.nbytes] = arr.reshape(-1).view(np.uint8).tobytes() if arr.nbytes else b""
+        pos += arr.nbytes
+    return bytes(out)
 
 
-def _decode_arrays(record: ArrayRecord | None) -> tuple[dict[str, np.ndarray], int]:
-    """Return the arrays and the number of payload bytes they took on the wire."""
-    if record is None:
-        return {}, 0
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays`; raises FedgenError on anything malformed."""
+    blob = bytes(blob)
+    if not blob:
+        return {}
+    if len(blob) < len(_MAGIC) + 4 or blob[: len(_MAGIC)] != _MAGIC:
+        raise FedgenError("malformed arrays: not a fedgen array pack")
+    n = int.from_bytes(blob[len(_MAGIC) : len(_MAGIC) + 4], "little")
+    start = len(_MAGIC) + 4 + n
+    if start > len(blob):
+        raise FedgenError("malformed arrays: header runs past the end")
+    try:
+        header = json.loads(blob[len(_MAGIC) + 4 : start].decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FedgenError(f"malformed arrays: bad header ({exc})") from None
+    if not isinstance(header, list):
+        raise FedgenError("malformed arrays: header must be a list")
+    body = bytearray(blob[start:])  # one writable copy; the arrays are views into it
     out: dict[str, np.ndarray] = {}
-    nbytes = 0
-    for name, arr in record.items():
-        out[name] = arr.numpy()
-        nbytes += len(arr.data)
-    return out, nbytes
+    for entry in header:
+        try:
+            name = entry["name"]
+            dtype = np.dtype(str(entry["dtype"]))
+            shape = tuple(int(x) for x in entry["shape"])
+            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FedgenError(f"malformed arrays: bad header entry ({type(exc).__name__}: {exc})") from None
+        if not isinstance(name, str) or name in out:
+            raise FedgenError(f"malformed arrays: bad or repeated array name {name!r}")
+        if dtype.hasobject or dtype.kind not in _KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise FedgenError(f"malformed arrays: array {name!r} has dtype {dtype}, which is not accepted")
+        if any(x < 0 for x in shape) or len(shape) > 8:
+            raise FedgenError(f"malformed arrays: array {name!r} has a bad shape {shape}")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if nbytes != count * dtype.itemsize or offset < 0 or offset + nbytes > len(body):
+            raise FedgenError(f"malformed arrays: array {name!r} does not fit its declared size")
+        out[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return out
+
+
+def _arrays_of(rec: ConfigRecord) -> dict[str, np.ndarray]:
+    blob = rec.get(_ARRAYS_KEY, b"")
+    if not isinstance(blob, (bytes, bytearray)):
+        raise FedgenError(f"malformed message: {_ARRAYS_KEY!r} must be bytes")
+    return unpack_arrays(blob)
 
 
 def _config(content: RecordDict, what: str) -> ConfigRecord:
@@ -92,9 +163,9 @@ def encode_request(
                     "analysis": str(analysis),
                     "params": json.dumps(dict(params), allow_nan=False),
                     "study_id": str(study_id),
+                    _ARRAYS_KEY: pack_arrays(arrays),
                 }
             ),
-            _ARRAYS_KEY: _encode_arrays(arrays),
         }
     )
 
@@ -108,8 +179,7 @@ def decode_request(content: RecordDict) -> tuple[str, dict[str, Any], dict[str, 
         raise FedgenError(f"malformed request: bad params ({exc})") from None
     if not isinstance(params, dict):
         raise FedgenError("malformed request: params must be a JSON object")
-    arrays, _ = _decode_arrays(content.array_records.get(_ARRAYS_KEY))
-    return str(rec.get("analysis", "")), params, arrays
+    return str(rec.get("analysis", "")), params, _arrays_of(rec)
 
 
 def request_study_id(content: RecordDict) -> str:
@@ -122,8 +192,9 @@ def encode_reply(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> R
     """Reply (arrays, JSON-able meta) → RecordDict."""
     return RecordDict(
         {
-            _CONFIG_KEY: ConfigRecord({"protocol": PROTOCOL, "meta": json.dumps(dict(meta), allow_nan=False)}),
-            _ARRAYS_KEY: _encode_arrays(arrays),
+            _CONFIG_KEY: ConfigRecord(
+                {"protocol": PROTOCOL, "meta": json.dumps(dict(meta), allow_nan=False), _ARRAYS_KEY: pack_arrays(arrays)}
+            ),
         }
     )
 
@@ -143,8 +214,96 @@ def decode_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, 
         raise FedgenError(f"malformed reply: bad meta ({exc})") from None
     if not isinstance(meta, dict):
         raise FedgenError("malformed reply: meta must be a JSON object")
-    arrays, nbytes = _decode_arrays(content.array_records.get(_ARRAYS_KEY))
-    return arrays, meta, nbytes + len(meta_json.encode("utf-8"))
+    blob = rec.get(_ARRAYS_KEY, b"")
+    arrays = _arrays_of(rec)
+    return arrays, meta, len(blob) + len(meta_json.encode("utf-8"))
+
+
+def encode_batch(requests: list[tuple[str, Mapping[str, Any], Mapping[str, np.ndarray]]], *, study_id: str = "") -> RecordDict:
+    """Several (analysis, params, arrays) requests → one batch RecordDict."""
+    if not 0 < len(requests) <= MAX_BATCH:
+        raise FedgenError(f"a batch carries 1..{MAX_BATCH} requests, not {len(requests)}")
+    heads, arrays = [], {}
+    for i, (analysis, params, arrs) in enumerate(requests):
+        heads.append({"analysis": str(analysis), "params": dict(params), "study_id": str(study_id)})
+        arrays.update({f"{i}/{k}": v for k, v in arrs.items()})
+    return RecordDict(
+        {
+            _CONFIG_KEY: ConfigRecord(
+                {"protocol": PROTOCOL, "batch": json.dumps(heads, allow_nan=False), _ARRAYS_KEY: pack_arrays(arrays)}
+            )
+        }
+    )
+
+
+def is_batch(content: RecordDict) -> bool:
+    rec = content.config_records.get(_CONFIG_KEY)
+    return rec is not None and "batch" in rec
+
+
+def _split(arrays: Mapping[str, np.ndarray], n: int, what: str) -> list[dict[str, np.ndarray]]:
+    out: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+    for name, a in arrays.items():
+        head, sep, rest = name.partition("/")
+        if not sep or not head.isdigit() or int(head) >= n or not rest:
+            raise FedgenError(f"malformed {what}: array name {name!r} names no request of the batch")
+        out[int(head)][rest] = a
+    return out
+
+
+def decode_batch(content: RecordDict) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray], str]]:
+    """Batch RecordDict → [(analysis, params, arrays, study_id), ...]. Raises FedgenError if malformed."""
+    rec = _config(content, "request")
+    try:
+        heads = json.loads(str(rec["batch"]))
+    except (KeyError, ValueError) as exc:
+        raise FedgenError(f"malformed request: bad batch ({exc})") from None
+    if not isinstance(heads, list) or not 0 < len(heads) <= MAX_BATCH:
+        raise FedgenError(f"malformed request: a batch is a list of 1..{MAX_BATCH} requests")
+    parts = _split(_arrays_of(rec), len(heads), "request")
+    out = []
+    for h, arrs in zip(heads, parts):
+        if not isinstance(h, dict) or not isinstance(h.get("params"), dict):
+            raise FedgenError("malformed request: each batch entry needs 'analysis' and object 'params'")
+        out.append((str(h.get("analysis", "")), h["params"], arrs, str(h.get("study_id", ""))))
+    return out
+
+
+def encode_batch_reply(replies: list[tuple[Mapping[str, np.ndarray], Mapping[str, Any]]]) -> RecordDict:
+    """[(arrays, meta), ...] → one batch reply RecordDict."""
+    metas = [dict(m) for _, m in replies]
+    arrays = {f"{i}/{k}": v for i, (arrs, _) in enumerate(replies) for k, v in arrs.items()}
+    return RecordDict(
+        {
+            _CONFIG_KEY: ConfigRecord(
+                {"protocol": PROTOCOL, "metas": json.dumps(metas, allow_nan=False), _ARRAYS_KEY: pack_arrays(arrays)}
+            )
+        }
+    )
+
+
+def decode_batch_reply(content: RecordDict, n: int) -> list[tuple[dict[str, np.ndarray], dict[str, Any], int]]:
+    """Batch reply → [(arrays, meta, nbytes), ...] for ``n`` requests (a whole-message error
+    reply gives that error for each of them)."""
+    rec = _config(content, "reply")
+    if "metas" not in rec:
+        arrays, meta, nbytes = decode_reply(content)
+        return [(arrays, meta, nbytes if i == 0 else 0) for i in range(n)]
+    try:
+        metas = json.loads(str(rec["metas"]))
+    except ValueError as exc:
+        raise FedgenError(f"malformed reply: bad metas ({exc})") from None
+    if not isinstance(metas, list) or len(metas) != n or not all(isinstance(m, dict) for m in metas):
+        raise FedgenError(f"malformed reply: expected {n} metas")
+    blob = rec.get(_ARRAYS_KEY, b"")
+    parts = _split(_arrays_of(rec), n, "reply")
+    out = []
+    for i, (arrs, meta) in enumerate(zip(parts, metas)):
+        nb = sum(int(a.nbytes) for a in arrs.values()) + len(json.dumps(meta))
+        out.append((arrs, meta, nb))
+    if out and blob:  # header bytes: count them once
+        out[0] = (out[0][0], out[0][1], out[0][2] + max(0, len(blob) - sum(int(a.nbytes) for r in parts for a in r.values())))
+    return out
 
 
 # ---------------------------------------------------------------- transport
@@ -188,6 +347,8 @@ class FlowerTransport:
         self._timeout = float(timeout)
         self._poll = (float(poll_interval), float(max_poll_interval))
         self._round = 0
+        #: timings of the last query (seconds): encode, decode
+        self.last_round: dict[str, float] = {}
         self._node_of: dict[str, int] = self._discover()
 
     # -- Transport protocol
@@ -201,13 +362,39 @@ class FlowerTransport:
 
     def query(self, request: Request) -> dict[str, Reply]:
         sites = list(self._node_of)
+        t0 = time.perf_counter()
         contents = {
             s: encode_request(request.analysis, request.params, request.arrays_for(s), study_id=request.study_id) for s in sites
         }
+        self.last_round = {"encode": time.perf_counter() - t0, "decode": 0.0}
         got, errors = self._exchange(request.analysis, {s: self._node_of[s] for s in sites}, contents, self._timeout)
         if errors:
             _raise_first(errors, sites)
         return {s: got[s] for s in sites}
+
+    def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
+        """Several requests in one round: one batch message per site (see the module docstring)."""
+        if len(requests) == 1:
+            return [self.query(requests[0])]
+        out: list[dict[str, Reply]] = [{} for _ in requests]
+        for start in range(0, len(requests), MAX_BATCH):
+            chunk = requests[start : start + MAX_BATCH]
+            sites = list(self._node_of)
+            t0 = time.perf_counter()
+            contents = {
+                s: encode_batch([(r.analysis, r.params, r.arrays_for(s)) for r in chunk], study_id=chunk[0].study_id)
+                for s in sites
+            }
+            self.last_round = {"encode": time.perf_counter() - t0, "decode": 0.0}
+            label = "+".join(sorted({r.analysis for r in chunk}))
+            got, errors = self._exchange(label, {s: self._node_of[s] for s in sites}, contents, self._timeout,
+                                         batch=len(chunk))
+            if errors:
+                _raise_first(errors, sites)
+            for site in sites:
+                for i, rep in enumerate(got[site]):  # type: ignore[union-attr]
+                    out[start + i][site] = rep
+        return out
 
     # -- internals
 
@@ -217,7 +404,8 @@ class FlowerTransport:
         nodes: Mapping[str, int],
         contents: Mapping[str, RecordDict],
         timeout: float,
-    ) -> tuple[dict[str, Reply], dict[str, str]]:
+        batch: int = 0,
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         """Send one message per site; return (replies, errors) keyed by site."""
         self._round += 1
         group = f"fedgen-{self._round}-{analysis}"
@@ -237,23 +425,27 @@ class FlowerTransport:
                 pending[mid] = site
 
         deadline = time.monotonic() + float(timeout)
-        wait = self._poll[0]
+        from fedgen.federation.polling import Backoff
+
+        backoff = Backoff(self._poll[0], max(self._poll))
         while pending:
             for msg in self._grid.pull_messages(list(pending)):
                 site = pending.pop(msg.metadata.reply_to_message_id, None)
                 if site is None:
                     continue
+                t_dec = time.perf_counter()
                 try:
-                    replies[site] = self._to_reply(site, nodes[site], msg)
+                    replies[site] = (self._to_batch(site, nodes[site], msg, batch) if batch
+                                     else self._to_reply(site, nodes[site], msg))
                 except SiteError as exc:
                     errors[site] = exc.reason
+                self.last_round["decode"] = self.last_round.get("decode", 0.0) + time.perf_counter() - t_dec
             if not pending:
                 break
             now = time.monotonic()
             if now >= deadline:
                 break
-            time.sleep(min(wait, deadline - now))
-            wait = min(wait * 1.5, self._poll[1])
+            time.sleep(min(backoff.next(), deadline - now))
         for site in pending.values():
             errors[site] = f"{_NO_ANSWER[0]} {timeout:g} s"
         return replies, errors
@@ -274,6 +466,26 @@ class FlowerTransport:
                 raise SiteError(site, f"site {meta['site']} {meta['error']}")
             raise SiteError(site, str(meta["error"]))
         return Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes)
+
+    @staticmethod
+    def _to_batch(site: str, node_id: int, msg: Message, n: int) -> list[Reply]:
+        if msg.has_error():
+            err = msg.error
+            raise SiteError(site, f"Flower error {err.code}: {err.reason}")
+        if msg.metadata.src_node_id != node_id:
+            raise SiteError(site, f"reply came from node {msg.metadata.src_node_id}, expected {node_id}")
+        try:
+            parts = decode_batch_reply(msg.content, n)
+        except FedgenError as exc:
+            raise SiteError(site, str(exc)) from None
+        out = []
+        for arrays, meta, nbytes in parts:
+            if "error" in meta:
+                if meta.get("refused") and meta.get("site"):
+                    raise SiteError(site, f"site {meta['site']} {meta['error']}")
+                raise SiteError(site, str(meta["error"]))
+            out.append(Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes))
+        return out
 
     def _discover(self) -> dict[str, int]:
         """Wait for SuperNodes, ping each new one, map site name → node id."""

@@ -80,8 +80,10 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
             "PYTHONUNBUFFERED": "1",
             "NO_COLOR": "1",
             "PYTHONIOENCODING": "utf-8",
-            # Idle SuperExecs poll for new tasks every second by default; on loopback we can poll faster.
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+            # SuperExecs poll for new tasks adaptively (fedgen.federation.polling): from 2 ms after a
+            # task, backing off to this cap (Flower's default is a fixed 1 s).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+            "FEDGEN_SUPEREXEC_POLL": "0.002",
         }
     )
     # Make sure Flower's entry points from *this* environment are found first.
@@ -92,7 +94,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-LOCAL_SUPERNODE_POLL = 0.05  # seconds; see fedgen.federation.supernode
+LOCAL_SUPERNODE_POLL = 0.005  # seconds; see fedgen.federation.supernode
 
 
 def _site_blas_threads(n_sites: int) -> dict[str, str]:

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -102,6 +104,41 @@ def ping_study(plan: dict[str, Any], transport: Any) -> dict[str, Any]:
     return manifest
 
 
+def rounds_study(plan: dict[str, Any], transport: Any) -> dict[str, Any]:
+    """Round-latency benchmark (``plan["task"] == "rounds"``): ``n`` ping rounds, then ``n``
+    rounds that carry ``payload_mb`` MB to each site (the ``ping`` analysis accepts and ignores
+    a ``pad`` array). Per round: wall time, encode time, the slowest site's compute time and
+    the time from push to the site starting its work (queue). Touches no genotype data.
+    """
+    from fedgen.federation.transport import Request
+
+    n = int(plan.get("n", 20))
+    mb = float(plan.get("payload_mb", 10.0))
+    out: dict[str, Any] = {"task": "rounds", "n": n, "payload_mb": mb}
+    pad = np.zeros(int(mb * 1e6), dtype=np.uint8)
+    for label, arrays in (("ping", {}), ("payload", {"pad": pad})):
+        rows = []
+        for _ in range(n + 1):  # the first round warms up; not counted
+            t0 = time.time()
+            replies = transport.query(Request("ping", arrays=arrays))
+            t1 = time.time()
+            stats = getattr(transport, "last_round", {}) or {}
+            site_start = [float(r.meta.get("site_t0", t0)) for r in replies.values()]
+            site_cpu = [float(r.meta.get("site_seconds", 0.0)) for r in replies.values()]
+            rows.append({
+                "wall": t1 - t0,
+                "encode": float(stats.get("encode", 0.0)),
+                "queue": max(site_start) - t0 - float(stats.get("encode", 0.0)),
+                "compute": max(site_cpu),
+                "decode": float(stats.get("decode", 0.0)),
+            })
+        out[label] = rows[1:]
+    o = Path(plan["output_dir"])
+    o.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(o / "rounds.json", out)
+    return out
+
+
 def run_study(grid: Grid, plan: dict[str, Any]) -> dict[str, Any]:
     """Build the Flower transport for ``plan`` and run it; returns the manifest."""
     from fedgen.federation.flower import FlowerTransport
@@ -114,9 +151,13 @@ def run_study(grid: Grid, plan: dict[str, Any]) -> dict[str, Any]:
         expected_sites=sites,
         connect_timeout=float(plan.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
         timeout=float(plan.get("timeout", DEFAULT_TIMEOUT)),
+        poll_interval=float(plan.get("poll", 0.05)),
+        max_poll_interval=float(plan.get("max_poll", 0.5)),
     )
     if plan.get("task") == "ping":
         return ping_study(plan, transport)
+    if plan.get("task") == "rounds":
+        return rounds_study(plan, transport)
     from fedgen.study.runner import run_plan
 
     return run_plan(plan, transport)
@@ -125,6 +166,9 @@ def run_study(grid: Grid, plan: dict[str, Any]) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _setup_logging()
+    from fedgen.federation.flwr_compat import fast_object_pulls
+
+    fast_object_pulls()
     status_file: str | None = None
     try:
         plan = parse_plan(context.run_config)

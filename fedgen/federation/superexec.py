@@ -19,11 +19,14 @@ The FAB is never unpacked, installed or put on ``sys.path``; its ``components`` 
 Tasks other than ClientApp tasks (e.g. a run submitted as an agent app) are refused the same
 way. Runtime dependency installation is never done.
 
-Launching: a fork server, started before the SuperExec creates any thread or connection, has
-flwr, numpy and fedgen imported once and forks a child per task (a fresh interpreter would
-spend ~1.5 s importing). With ``FEDGEN_FORK_CLIENTAPP=0`` each task runs in a new
-``python -P -m fedgen.federation.superexec --fedgen-task ...`` process instead: the same
-runner, never Flower's ``flwr-clientapp``.
+Launching: a persistent **site worker** (``python -P -m fedgen.federation.superexec
+--fedgen-worker``, started with the SuperExec and restarted if it dies) has flwr, numpy and
+fedgen imported once and runs the tasks one after another in one process, keeping the opened
+cohort and its caches between requests (a fresh interpreter would spend ~1.5 s importing, and
+every request would reopen the cohort). Running one request at a time also means the site's
+disclosure registers and ε ledger see requests strictly in order. With
+``FEDGEN_SITE_WORKER=0`` each task runs in a new ``python -P -m fedgen.federation.superexec
+--fedgen-task ...`` process instead: the same runner, never Flower's ``flwr-clientapp``.
 
 :mod:`fedgen.federation.supernode` makes the SuperNode start this instead of
 ``flower-superexec``.
@@ -46,6 +49,7 @@ from typing import Any
 log = logging.getLogger("fedgen.site")
 
 TASK_FLAG = "--fedgen-task"
+WORKER_FLAG = "--fedgen-worker"
 CLIENTAPP_MODULE = "fedgen.federation.client_app"
 
 
@@ -105,8 +109,13 @@ def run_task(
     certificates: bytes | None,
     parent_pid: int | None,
     task_type: str,
+    persistent: bool = False,
 ) -> None:
-    """Run one task for the SuperNode at ``runtime_api_address`` (see the module doc). Exits."""
+    """Run one task for the SuperNode at ``runtime_api_address`` (see the module doc).
+
+    Exits the process at the end, unless ``persistent`` (the site worker, which runs task
+    after task in one process): then it returns, and installs no per-task signal handlers.
+    """
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
@@ -125,7 +134,7 @@ def run_task(
     from fedgen.federation.fab_gate import check_run
 
     _sanitise_sys_path()
-    if parent_pid is not None:
+    if parent_pid is not None and not persistent:
         start_parent_process_monitor(parent_pid)
 
     retry_invoker = make_simple_http_retry_invoker()
@@ -156,9 +165,10 @@ def run_task(
             heartbeat_sender.stop()
         client.close()
 
-    register_signal_handlers(
-        event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.", exit_handlers=[on_exit]
-    )
+    if not persistent:
+        register_signal_handlers(
+            event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.", exit_handlers=[on_exit]
+        )
 
     try:
         heartbeat_sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -228,6 +238,9 @@ def run_task(
                 log.error("failed to push the reply: %s", ex, exc_info=ex)
                 exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
 
+    if persistent:
+        on_exit()
+        return
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
 
 
@@ -240,7 +253,7 @@ def _task_parser() -> Any:
     return parser
 
 
-def task_main(argv: list[str]) -> None:
+def task_main(argv: list[str], *, persistent: bool = False) -> None:
     """Entry point of one task: ``flwr-clientapp``'s arguments (+ ``--fedgen-task-type``)."""
     from flwr.common.args import try_obtain_flwr_app_token
     from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -253,6 +266,7 @@ def task_main(argv: list[str]) -> None:
         certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
         parent_pid=args.parent_pid,
         task_type=args.fedgen_task_type,
+        persistent=persistent,
     )
 
 
@@ -264,6 +278,7 @@ def _prewarm() -> None:
 
     import fedgen.analyses
     import fedgen.federation.fab_gate  # noqa: F401
+    import fedgen.privacy.accounting  # noqa: F401 - dp_accounting takes ~0.5 s to import
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
     from fedgen.node.policy import known_analyses
@@ -273,30 +288,71 @@ def _prewarm() -> None:
     known_analyses()  # the policy check imports every analysis module: once, here
 
 
-def _serve(rfd: int) -> None:
-    """Fork server loop: one JSON argv per line; fork a child that runs :func:`task_main`."""
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with os.fdopen(rfd, "rb") as requests:
-        for line in requests:
+def _worker_main() -> None:
+    """The site worker: one task (a JSON argv per line on stdin) after another, in this process.
+
+    The worker keeps what a request opens (the cohort, its genotype cache, the samples table)
+    for the next one, and it runs one request at a time, so the site's disclosure registers
+    and ledger see requests strictly in order. Every request still goes through the same
+    task runner (FAB check, then the site pipeline). A task that fails is answered with an
+    error and the worker takes the next one.
+    """
+    from fedgen.federation.supernode import setup_plain_logging
+
+    _sanitise_sys_path()
+    setup_plain_logging()
+    flwr_compat.fast_object_pulls()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the SuperExec handles Ctrl-C; the worker ends when stdin closes
+    _prewarm()
+    for line in sys.stdin.buffer:
+        try:
             argv = json.loads(line)
-            if os.fork() == 0:
-                code = 0
-                try:
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    sys.argv = ["fedgen-clientapp", *argv]
-                    task_main(argv)
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else 1
-                except BaseException:  # noqa: BLE001 - a child must never return into the loop
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-    os._exit(0)  # the SuperExec closed the pipe: it has exited
+            task_main([str(a) for a in argv], persistent=True)
+        except SystemExit as exc:  # argparse, or a Flower helper that exits
+            log.error("site worker: task ended with exit code %s", exc.code)
+        except BaseException:  # noqa: BLE001 - one task's failure must not end the worker
+            log.error("site worker: task failed:\n%s", traceback.format_exc())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+class _Worker:
+    """The SuperExec's handle on the site worker (``--fedgen-worker``); restarted if it died."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._start()
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-P", "-m", "fedgen.federation.superexec", WORKER_FLAG]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)  # noqa: S603 - our own module
+
+    def submit(self, args: list[str]) -> None:
+        line = (json.dumps(args) + "\n").encode()
+        for attempt in range(2):
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                log.warning("site worker exited (code %s); starting a new one", None if proc is None else proc.returncode)
+                self._start()
+                proc = self._proc
+            try:
+                assert proc is not None and proc.stdin is not None
+                proc.stdin.write(line)
+                proc.stdin.flush()
+                return
+            except OSError:
+                if attempt:
+                    raise
+                self._proc = None
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
 
 
 def _task_args(spec: Any) -> list[str]:
@@ -312,11 +368,15 @@ def _task_args(spec: Any) -> list[str]:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == WORKER_FLAG:  # the persistent site worker
+        _worker_main()
+        return
     if len(sys.argv) > 1 and sys.argv[1] == TASK_FLAG:  # one task in a fresh process
         from fedgen.federation.supernode import setup_plain_logging
 
         _sanitise_sys_path()
         setup_plain_logging()
+        flwr_compat.fast_object_pulls()
         task_main(sys.argv[2:])
         return
 
@@ -325,16 +385,11 @@ def main() -> None:
         flwr_compat.require("superexec")
     except flwr_compat.FlowerIncompatible as exc:
         sys.exit(f"fedgen site node: {exc}")
-    fork = os.environ.get("FEDGEN_FORK_CLIENTAPP", "1") != "0"
-    pipe = None
-    if fork:
-        _prewarm()
-        rfd, wfd = os.pipe()
-        if os.fork() == 0:
-            os.close(wfd)
-            _serve(rfd)
-        os.close(rfd)
-        pipe = os.fdopen(wfd, "wb", buffering=0)
+    worker = _Worker() if os.environ.get("FEDGEN_SITE_WORKER", "1") != "0" else None
+    if worker is not None:
+        import atexit
+
+        atexit.register(worker.close)
 
     import flwr.supercore.superexec.run_superexec as rs
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -344,17 +399,25 @@ def main() -> None:
         """Every task, whatever its type, runs :func:`run_task` (forked, or a fresh process)."""
 
         def launch(self, spec: ExecutionSpec) -> LaunchResult:
+            poll_shim.reset_backoff()  # the next task is likely soon: poll fast again
             args = _task_args(spec)
-            if pipe is not None:
+            if worker is not None:
                 try:
-                    pipe.write((json.dumps(args) + "\n").encode())
+                    worker.submit(args)
                 except OSError as exc:
-                    return LaunchResult.failed(f"fork server gone: {exc}")
+                    return LaunchResult.failed(f"site worker unavailable: {exc}")
                 return LaunchResult.accepted()
             cmd = [sys.executable, "-P", "-m", "fedgen.federation.superexec", TASK_FLAG, *args]
             subprocess.Popen(cmd)  # noqa: S603 - reaped by Flower's SuperExec like its own launches
             return LaunchResult.accepted()
 
+    from fedgen.federation.polling import adaptive_sleep
+
+    # The task loop polls the SuperNode every FLWR_SUPEREXEC_TASK_POLL_INTERVAL s; adaptive
+    # instead: within FEDGEN_SUPEREXEC_POLL s (default 0.01) of the last task, backing off to it.
+    poll_shim = adaptive_sleep(lambda s: True, idle_floor=float(os.environ.get("FEDGEN_SUPEREXEC_POLL") or 0.01),
+                               busy_floor=0.001)
+    flwr_compat.rebind(rs, "time", poll_shim)
     flwr_compat.rebind(rs, "get_executor", lambda *a, **k: FedgenExecutor())
     from flwr.supercore.cli.flower_superexec import flower_superexec
 

@@ -7,13 +7,14 @@ off). ``--isolation process`` (an external SuperExec of the operator's choice) i
 is ``--allow-runtime-dependency-installation``. The SuperNode and its children run with
 ``PYTHONSAFEPATH=1`` (no current folder on ``sys.path``).
 
-flwr 1.41's SuperNode sleeps a hard-coded 3 s whenever it finds no message, and 0.5 s while
+flwr's SuperNode sleeps a hard-coded 3 s whenever it finds no message, and 0.5 s while
 waiting for a reply; a study of many short rounds then spends most of its time asleep. This
-entry point runs the same ``flower-supernode`` with those sleeps capped at
-``FEDGEN_SUPERNODE_POLL`` seconds (default: Flower's own behaviour). Local loopback
-federations use 0.05 s; deployed nodes keep a gentler interval towards a remote SuperLink.
-Tasks are launched by :mod:`fedgen.federation.superexec` (a pre-warmed fork server, or a fresh
-process per task with ``FEDGEN_FORK_CLIENTAPP=0``).
+entry point runs the same ``flower-supernode`` with those sleeps made adaptive
+(:mod:`fedgen.federation.polling`): right after a reply the SuperNode polls again within
+``FEDGEN_SUPERNODE_POLL`` seconds (default 0.05; local loopback federations 0.005), and the
+interval grows with the time it has been idle, back to Flower's 3 s.
+Tasks are run by :mod:`fedgen.federation.superexec` (a persistent site worker that keeps the
+opened cohort between requests, or a fresh process per task with ``FEDGEN_SITE_WORKER=0``).
 
 Logs (:func:`setup_plain_logging`): one handler for the whole process tree (SuperNode,
 SuperExec, ClientApps), plain ``time level logger: message`` lines without colour codes,
@@ -28,13 +29,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time as _time
+
 import types
 
 from fedgen.federation import flwr_compat
 from typing import Any
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 _SUPEREXEC_FLAG = "--fedgen-superexec"
 
@@ -187,8 +188,27 @@ def _use_fedgen_superexec() -> None:
     flwr_compat.rebind(sci, "subprocess", shim)
 
 
+#: idle-poll floor (s) towards the SuperLink when FEDGEN_SUPERNODE_POLL is not set
+DEFAULT_SUPERNODE_POLL = 0.05
+
+
+def _adaptive_polls() -> None:
+    """Flower's SuperNode loop sleeps 3 s after every empty poll of the SuperLink and 0.5 s per
+    check for the ClientApp's reply; both become :mod:`fedgen.federation.polling` backoffs:
+    the first polls after a reply come ``FEDGEN_SUPERNODE_POLL`` s apart (default 0.05 s; local
+    loopback federations 0.005 s), growing with the idle time back to Flower's 3 s, and the
+    in-memory reply checks start at 1 ms."""
+    import flwr.supernode.start_client_internal as sci
+
+    from fedgen.federation.polling import adaptive_sleep
+
+    floor = float(os.environ.get("FEDGEN_SUPERNODE_POLL") or DEFAULT_SUPERNODE_POLL)
+    shim = adaptive_sleep(lambda s: s >= 1.0, idle_floor=max(0.001, floor), busy_floor=0.001)
+    flwr_compat.rebind(sci, "time", shim)
+
+
 def _run_superexec() -> None:
-    """The SuperExec (fork server) with the node's logging, inherited by every ClientApp."""
+    """The SuperExec (and its site worker) with the node's logging, inherited by every ClientApp."""
     setup_plain_logging()
     from fedgen.federation.superexec import main as superexec_main
 
@@ -220,21 +240,13 @@ def main() -> None:
     try:
         flwr_compat.require("supernode")
         flwr_compat.require("superexec")
-    except flwr_compat.FlowerIncompatible as exc:
+        flwr_compat.fast_object_pulls()
+    except flwr_compat.FedgenError as exc:
         sys.exit(f"fedgen site node: {exc}")
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     os.environ["PYTHONSAFEPATH"] = "1"  # inherited by the SuperExec and every task
     setup_plain_logging()
-    poll = os.environ.get("FEDGEN_SUPERNODE_POLL")
-    if poll:
-        import flwr.supernode.start_client_internal as sci
-
-        cap = max(0.01, float(poll))
-        real_sleep = _time.sleep
-        shim = types.ModuleType("time")
-        shim.__dict__.update({k: v for k, v in vars(_time).items() if not k.startswith("__")})
-        shim.sleep = lambda s: real_sleep(min(float(s), cap))  # type: ignore[attr-defined]
-        flwr_compat.rebind(sci, "time", shim)
+    _adaptive_polls()
     _use_fedgen_superexec()
     from flwr.supernode.cli import flower_supernode
 

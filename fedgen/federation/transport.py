@@ -51,6 +51,10 @@ class Transport(Protocol):
 
     def query(self, request: Request) -> dict[str, Reply]: ...
 
+    def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
+        """Independent requests in one round (each site answers each through its own pipeline pass)."""
+        ...
+
 
 class InProcessTransport:
     """Runs each site's handler in this process. Same site code path as Flower; for tests."""
@@ -77,3 +81,6 @@ class InProcessTransport:
             nbytes = sum(int(a.nbytes) for a in arrays.values())
             replies[site] = Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes)
         return replies
+
+    def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
+        return [self.query(r) for r in requests]

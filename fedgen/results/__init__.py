@@ -14,8 +14,15 @@ def _read(path: Path) -> pd.DataFrame:
     if path.suffix == ".assoc":  # PLINK 1.9: space-aligned columns
         df = pd.read_csv(path, sep=r"\s+", na_values=["NA"])
     else:
-        df = pd.read_csv(path, sep="\t", na_values=["NA", "nan"], keep_default_na=False, dtype={"#CHROM": str, "ID": str})
+        df = pd.read_csv(path, sep="\t", na_values=["NA", "nan"], keep_default_na=False,
+                         dtype={"#CHROM": str, "ID": str, "P": str})
         df = df.rename(columns={"#CHROM": "CHROM"})
+    if "P" in df.columns:  # −log10 P from the printed text: P values below 1e-308 keep their size
+        from fedgen.results.plots import mlog10p_from_text
+
+        text = df["P"].astype(str).tolist()
+        df["MLOG10P"] = mlog10p_from_text(text)
+        df["P"] = pd.to_numeric(df["P"], errors="coerce")
     return df
 
 
@@ -98,7 +105,7 @@ class Results:
 
     def top_hits(self, phenotype: str, n: int = 10) -> pd.DataFrame:
         df = self.glm[phenotype]
-        return df.sort_values("P").head(n)
+        return df.sort_values("MLOG10P", ascending=False).head(n)
 
 
 def load_results(path: str | Path) -> Results:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 
 
@@ -14,6 +16,27 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def mlog10p_from_text(values: Any) -> np.ndarray:
+    """−log10 P from P values as printed (``"5.07596e-435"``): exact below 1e-308, where
+    ``float()`` gives 0; NA/nan/empty → NaN."""
+    from decimal import Decimal, InvalidOperation
+
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        t = str(v).strip()
+        if not t or t in ("NA", "nan", "NaN", "."):
+            continue
+        try:
+            d = Decimal(t)
+        except InvalidOperation:
+            continue
+        if d > 0:
+            out[i] = -float(d.log10())
+        elif d == 0:
+            out[i] = np.inf
+    return out
 
 
 def _read_column(path: Path, name: str) -> np.ndarray:
@@ -52,12 +75,15 @@ def qc_plots(results: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "variant_missingness.png"))
     if (results / "hardy.hardy").exists():
-        p = _read_column(results / "hardy.hardy", "P")
-        p = np.sort(p[np.isfinite(p) & (p > 0)])
-        if len(p):
-            exp = -np.log10((np.arange(1, len(p) + 1) - 0.5) / len(p))
+        with open(results / "hardy.hardy") as fh:
+            header = fh.readline().rstrip("\n").split("\t")
+            j = header.index("P")
+            m = mlog10p_from_text([line.rstrip("\n").split("\t")[j] for line in fh])
+        obs = np.sort(m[np.isfinite(m)])[::-1]
+        if len(obs):
+            exp = -np.log10((np.arange(1, len(obs) + 1) - 0.5) / len(obs))
             fig, ax = plt.subplots(figsize=(5, 5))
-            ax.scatter(exp, -np.log10(p), s=4, color="#333333")
+            ax.scatter(exp, obs, s=4, color="#333333")
             lim = max(exp.max(), 1.0)
             ax.plot([0, lim], [0, lim], color="red", lw=1)
             ax.set_xlabel("expected -log10(P)")
@@ -78,10 +104,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def lambda_gc(p: np.ndarray) -> float:
-    """Genomic inflation λGC: median χ²₁ of the P values over its null expectation (0.4549)."""
+def lambda_gc(p: np.ndarray | None = None, *, mlog10p: np.ndarray | None = None) -> float:
+    """Genomic inflation λGC: median χ²₁ of the P values over its null expectation (0.4549).
+
+    Give the P values, or ``mlog10p`` = −log10 P (which keeps P values below 1e-308).
+    """
     from scipy import stats
 
+    if mlog10p is not None:
+        m = np.asarray(mlog10p, dtype=float)
+        m = m[np.isfinite(m) & (m >= 0)]
+        if len(m) == 0:
+            return float("nan")
+        # χ² of each P (P below 1e-308 gives +inf, which the median does not mind)
+        return float(np.median(stats.chi2.isf(10.0 ** -m, 1)) / stats.chi2.ppf(0.5, 1))
     p = np.asarray(p, dtype=float)
     p = p[np.isfinite(p) & (p > 0) & (p <= 1)]
     if len(p) == 0:
@@ -90,9 +126,12 @@ def lambda_gc(p: np.ndarray) -> float:
 
 
 def manhattan_qq(
-    chrom: np.ndarray, pos: np.ndarray, p: np.ndarray, *, title: str, out_prefix: Path, highlight: set[int] | None = None
+    chrom: np.ndarray, pos: np.ndarray, p: np.ndarray | None = None, *, title: str, out_prefix: Path,
+    highlight: set[int] | None = None, mlog10p: np.ndarray | None = None,
 ) -> list[Path]:
-    """Manhattan and QQ plots (λGC annotated) for one set of association P values."""
+    """Manhattan and QQ plots (λGC annotated) for one set of association P values.
+
+    Give ``p`` or ``mlog10p`` (−log10 P, which keeps and plots P values below 1e-308)."""
     plt = _plt()
     from fedgen.cohort.contigs import contig_sort_key
 
@@ -100,11 +139,14 @@ def manhattan_qq(
 
     chrom = np.asarray(chrom).astype(str)
     pos = np.asarray(pos, dtype=np.int64)
-    p = np.asarray(p, dtype=float)
-    ok = np.isfinite(p) & (p > 0)
-    lp = np.full(len(p), np.nan)
-    lp[ok] = -np.log10(p[ok])
-    lam = lambda_gc(p)
+    if mlog10p is None:
+        p = np.asarray(p, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mlog10p = np.where(np.isfinite(p) & (p > 0), -np.log10(p), np.nan)
+    lp = np.asarray(mlog10p, dtype=float)
+    ok = np.isfinite(lp)
+    p = lp  # length only, below
+    lam = lambda_gc(mlog10p=lp)
     order = sorted(set(chrom.tolist()), key=contig_sort_key)
     x = np.zeros(len(p))
     ticks, offset = [], 0.0
@@ -124,11 +166,11 @@ def manhattan_qq(
     ax.set_title(f"{title}  (λGC = {lam:.3f})")
     fig.tight_layout()
     written = [_save(fig, Path(f"{out_prefix}_manhattan.png"))]
-    ps = np.sort(p[ok])
-    if len(ps):
-        exp = -np.log10((np.arange(1, len(ps) + 1) - 0.5) / len(ps))
+    obs = np.sort(lp[ok])[::-1]
+    if len(obs):
+        exp = -np.log10((np.arange(1, len(obs) + 1) - 0.5) / len(obs))
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(exp, -np.log10(ps), s=4, color="#333333")
+        ax.scatter(exp, obs, s=4, color="#333333")
         lim = float(exp.max())
         ax.plot([0, lim], [0, lim], color="red", lw=1)
         ax.set_xlabel("expected -log10(P)")

@@ -57,6 +57,7 @@ __all__ = [
     "linear_from_suffstats",
     "site_logistic_partials",
     "site_firth_partials",
+    "firth_score",
     "site_covar_ranges",
     "covariates_separated",
     "covar_variance_standardize",
@@ -696,9 +697,81 @@ def _wald_results(beta1: np.ndarray, var1: np.ndarray, fitted: np.ndarray, unfin
 
 
 # =============================================================================== Firth
-def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None, *, fill: Any = None
-                        ) -> dict[str, np.ndarray]:
-    """One site's Firth sums at ``beta``.
+def firth_triples(p: int) -> np.ndarray:
+    """The (T, 3) index triples a ≤ b ≤ c of a symmetric p×p×p tensor, in packing order."""
+    return np.array([(a, b, c) for a in range(p) for b in range(a, p) for c in range(b, p)], dtype=np.int64).reshape(-1, 3)
+
+
+class _TripleTerms:
+    """Sample-level products for the third moments Σᵢ wᵢ x_ia x_ib x_ic, grouped by how many of
+    a, b, c are the genotype (index 1): the rest are the fixed columns 1, c₁..c_k."""
+
+    def __init__(self, C: np.ndarray) -> None:
+        N, k = C.shape
+        p = 2 + k
+        F = np.hstack([np.ones((N, 1)), C])  # fixed columns, x indices 0, 2, 3, ...
+        fx = np.array([0] + list(range(2, p)))
+        pos = {tuple(t): i for i, t in enumerate(firth_triples(p).tolist())}
+        q = F.shape[1]
+        groups: list[tuple[np.ndarray, np.ndarray]] = []  # (N, m) products, their packed positions
+        for n_g in range(4):
+            cols, where = [], []
+            if n_g == 3:
+                cols.append(np.ones(N))
+                where.append(pos[(1, 1, 1)])
+            else:
+                r = 3 - n_g
+                for combo in _combos(q, r):
+                    cols.append(np.prod(F[:, list(combo)], axis=1) if combo else np.ones(N))
+                    where.append(pos[tuple(sorted([1] * n_g + [int(fx[c]) for c in combo]))])
+            groups.append((np.column_stack(cols), np.asarray(where, dtype=np.int64)))
+        self.groups = groups
+        self.n_triples = len(pos)
+
+    def moments(self, w: np.ndarray, G: np.ndarray) -> np.ndarray:
+        """(V, T) packed Σᵢ wᵢ x_ia x_ib x_ic for one block (w zero where a call is missing)."""
+        out = np.empty((w.shape[0], self.n_triples))
+        wg = w
+        for n_g, (prod, where) in enumerate(self.groups):
+            if n_g:
+                wg = wg * G
+            out[:, where] = wg @ prod
+        return out
+
+
+def _combos(q: int, r: int) -> list[tuple[int, ...]]:
+    from itertools import combinations_with_replacement
+
+    return list(combinations_with_replacement(range(q), r))
+
+
+def unpack_triples(T: np.ndarray, p: int) -> np.ndarray:
+    """(V, T) packed third moments → (V, p, p, p) symmetric tensors."""
+    from itertools import permutations
+
+    T = np.asarray(T, dtype=np.float64)
+    full = np.empty((T.shape[0], p, p, p))
+    for i, (a, b, c) in enumerate(firth_triples(p).tolist()):
+        for j, k, l in set(permutations((a, b, c))):
+            full[:, j, k, l] = T[:, i]
+    return full
+
+
+def firth_score(U: Any, T: Any, Iinv: Any) -> np.ndarray:
+    """Firth's modified score U* = Xᵀ[(y − p) + h(½ − p)] from site sums at one β.
+
+    With hᵢ = vᵢ xᵢᵀ I⁻¹ xᵢ, Σᵢ hᵢ(½ − pᵢ) x_ij = Σ_kl (I⁻¹)_kl T_jkl, where
+    T_jkl = Σᵢ vᵢ(½ − pᵢ) x_ij x_ik x_il: the hat values need the *pooled* I⁻¹, so the sites send
+    T beside I and U and the aggregator forms U* in the same round.
+    """
+    U = np.asarray(U, dtype=np.float64)
+    Iinv = np.asarray(Iinv, dtype=np.float64)
+    p = U.shape[1]
+    return U + np.einsum("vjkl,vkl->vj", unpack_triples(T, p), Iinv)
+
+
+def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None) -> dict[str, np.ndarray]:
+    """One site's Firth sums at ``beta``: everything one Firth evaluation needs, in one round.
 
     Parameters
     ----------
@@ -706,16 +779,14 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None, *, 
         As :func:`site_logistic_partials`.
     beta : (V, p) float
         Coefficients to evaluate.
-    Iinv : (V, p, p) float or None
-        The aggregator's inverse of the *pooled* Fisher information at ``beta``.  Rows that
-        are NaN (variants not asking for a score this round) are skipped.
 
     Returns
     -------
     dict
-        ``I`` (V, p, p) = XᵀVX, ``loglik`` (V,), ``n`` (V,), and when ``Iinv`` is given
-        ``ustar`` (V, p) = Xᵀ[(y - p) + h (1/2 - p)], h_i = v_i x_iᵀ I⁻¹ x_i (NaN rows where
-        ``Iinv`` is NaN).
+        ``I`` (V, p, p) = XᵀVX, ``loglik`` (V,), ``n`` (V,), ``U`` (V, p) = Xᵀ(y − p) and
+        ``T`` (V, p(p+1)(p+2)/6) = Σᵢ vᵢ(½ − pᵢ) x_ia x_ib x_ic packed as :func:`firth_triples`
+        (v = p(1 − p); missing calls excluded). :func:`firth_score` turns the pooled sums into
+        Firth's modified score.
     """
     g, y, C = _as_inputs(g, y, C)
     beta = np.asarray(beta, dtype=np.float64)
@@ -723,18 +794,13 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None, *, 
     k = C.shape[1]
     p = 2 + k
     terms = _SiteTerms(y, C)
-    iu, ju, CC = terms.iu, terms.ju, terms.CC
+    triples = _TripleTerms(C)
     info = np.zeros((V, p, p))
     loglik = np.zeros(V)
     n = np.zeros(V, dtype=np.int64)
     neff = np.zeros(V)
-    want = None
-    ustar = None
-    if Iinv is not None:
-        Iinv = np.asarray(Iinv, dtype=np.float64)
-        want = np.isfinite(Iinv).all((1, 2))
-        ustar = np.full((V, p), np.nan)
-        offdiag = np.where(iu == ju, 1.0, 2.0)
+    U = np.zeros((V, p))
+    T = np.zeros((V, triples.n_triples))
     for sl in _blocks(V, N):
         M, G = _geno_block(g[sl], _fill_of(fill, sl))
         n[sl] = np.rint(M.sum(1)).astype(np.int64)
@@ -744,37 +810,15 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, Iinv: Any = None, *, 
         w = v * M
         neff[sl] = _effective_n(w)
         terms.hessian(info, sl, w, G)
-        if want is None:
-            continue
-        rows = np.flatnonzero(want[sl])
-        if not rows.size:
-            continue
-        # x'Ax = a + g (b + g A11): a = A00 + 2 A0c·c + c'Acc c, b = 2 A01 + 2 A1c·c
-        A = Iinv[sl][rows]
-        qa = np.repeat(A[:, 0, 0][:, None], N, axis=1)
-        qb = np.repeat(2.0 * A[:, 0, 1][:, None], N, axis=1)
-        if k:
-            qa += 2.0 * (A[:, 0, 2:] @ C.T) + (A[:, 2 + iu, 2 + ju] * offdiag) @ CC.T
-            qb += 2.0 * (A[:, 1, 2:] @ C.T)
-        Gr = G[rows]
-        quad = qb + Gr * A[:, 1, 1][:, None]
-        quad *= Gr
-        quad += qa
-        prr = pr[rows]
-        quad *= v[rows]  # hat values h_i
-        quad *= 0.5 - prr
-        quad += y[None, :] - prr
-        quad *= M[rows]
-        block = ustar[sl]
-        block[rows] = terms.xt(quad, Gr)
-        ustar[sl] = block
-    out = {"I": info, "loglik": loglik, "n": n, "neff": neff}
-    if ustar is not None:
-        out["ustar"] = ustar
-    return out
+        w *= 0.5 - pr
+        T[sl] = triples.moments(w, G)
+        r = np.subtract(y[None, :], pr)
+        r *= M
+        U[sl] = terms.xt(r, G)
+    return {"I": info, "loglik": loglik, "n": n, "neff": neff, "U": U, "T": T}
 
 
-_F_INIT, _F_SCORE, _F_HALVING, _F_DONE = range(4)
+_F_INIT, _F_SCORE, _F_HALVING, _F_DONE = range(4)  # _F_SCORE: transient within a step
 
 
 class FirthDriver:
@@ -785,21 +829,16 @@ class FirthDriver:
         drv = FirthDriver(V, p)
         while not drv.done:
             rows = np.flatnonzero(drv.active)
-            Iinv = drv.Iinv[rows] if drv.need == "score" else None
-            parts = sum over sites of site_firth_partials(g[rows], y, C, drv.beta[rows], Iinv)
-            drv.step(parts["I"], parts["loglik"], parts.get("ustar"))
+            parts = sum over sites of site_firth_partials(g[rows], y, C, drv.beta[rows])
+            drv.step(parts["I"], parts["loglik"], parts["U"], parts["T"])
 
-    A Firth step needs U* = Xᵀ[(y - p) + h(1/2 - p)], whose hat values h_i = v_i x_iᵀI⁻¹x_i
-    need the inverse of the **pooled** information I, so a site cannot compute U* in the same
-    round as I.  Each variant therefore alternates between two requests:
-
-    * ``"info"``: I and Σ log-likelihood at ``beta`` (β = 0 first, then after every step and
-      every step-halving); the driver inverts I and forms ℓ* = ℓ + ½ ln det I;
-    * ``"score"``: U* at ``beta`` given ``Iinv`` (the inverse of I at that same β).
-
-    Variants progress independently, so a round can mix both: ``need == "score"`` means some
-    active variants want a score; ``Iinv`` rows are NaN for the others (sites return I and
-    ℓ for every active row and U* only where ``Iinv`` is finite).
+    One round per evaluation of β. A site returns, at the β it is given, the information I,
+    the log-likelihood, the score U = Xᵀ(y − p) and the third moments T that Firth's hat-value
+    correction needs (:func:`firth_score`); the driver inverts the pooled I, forms
+    ℓ* = ℓ + ½ ln det I, decides (start, accept or halve) and, where the fit takes a Newton
+    step, forms U* = U + T·I⁻¹ at that same β and steps at once. No request carries a matrix
+    chosen by the aggregator, and a Firth iteration costs one round (plus one per halving)
+    instead of two.
 
     Per variant (PLINK's rules): the step d = I⁻¹U* is scaled so max|d| <= 5; β += d; up to 5
     halvings β -= d 2^-h while ℓ* < ℓ*_old (threshold lowered by 0.999999e-4 once
@@ -852,35 +891,17 @@ class FirthDriver:
     def done(self) -> bool:
         return not self.active.any()
 
-    @property
-    def need(self) -> str:
-        """``"score"``, ``"info"`` or ``"done"`` (see the class docstring)."""
-        if not self.active.any():
-            return "done"
-        return "score" if (self._state[self.active] == _F_SCORE).any() else "info"
-
-    @property
-    def Iinv(self) -> np.ndarray:
-        """(V, p, p): I⁻¹ at ``beta`` for variants awaiting a score, NaN elsewhere."""
-        out = np.full_like(self._Iinv, np.nan)
-        m = self.active & (self._state == _F_SCORE)
-        out[m] = self._Iinv[m]
-        return out
-
-    def step(self, I: Any, loglik: Any, ustar: Any = None) -> None:
-        """Consume summed sums for the active rows (order of ``np.flatnonzero(active)``)."""
+    def step(self, I: Any, loglik: Any, U: Any, T: Any) -> None:
+        """Consume the summed sums for the active rows (order of ``np.flatnonzero(active)``)."""
         idx = np.flatnonzero(self.active)
         I = np.asarray(I, dtype=np.float64)
         loglik = np.asarray(loglik, dtype=np.float64)
-        st = self._state[idx]
-        sc = st == _F_SCORE
+        self._info(idx, I, loglik)
+        sc = self._state[idx] == _F_SCORE
         if sc.any():
-            if ustar is None:
-                raise ValueError("this round needs ustar for variants awaiting a score")
-            self._score(idx[sc], np.asarray(ustar, dtype=np.float64)[sc])
-        inf = (st == _F_INIT) | (st == _F_HALVING)
-        if inf.any():
-            self._info(idx[inf], I[inf], loglik[inf])
+            rows = idx[sc]
+            ustar = firth_score(np.asarray(U, dtype=np.float64)[sc], np.asarray(T, dtype=np.float64)[sc], self._Iinv[rows])
+            self._score(rows, ustar)
         self.rounds += 1
 
     def _score(self, rows: np.ndarray, u: np.ndarray) -> None:
@@ -1097,14 +1118,11 @@ def glm_fit(sites: Sequence[Site], *, family: str = "linear", firth_fallback: bo
         fd = FirthDriver(fidx.size, p, obs_ct=res["obs_ct"][fidx])
         while not fd.done:
             rows = np.flatnonzero(fd.active)
-            need = fd.need
             if on_round:
-                on_round("firth-" + need, rows.size)
-            Iinv = fd.Iinv[rows] if need == "score" else None
-            parts = [site_firth_partials(np.asarray(g)[fidx[rows]], y, C, fd.beta[rows], Iinv)
-                     for g, y, C in sites]
+                on_round("firth", rows.size)
+            parts = [site_firth_partials(np.asarray(g)[fidx[rows]], y, C, fd.beta[rows]) for g, y, C in sites]
             s = _sum_parts(parts)
-            fd.step(s["I"], s["loglik"], s.get("ustar"))
+            fd.step(s["I"], s["loglik"], s["U"], s["T"])
         fr = fd.results()
         for key in ("beta", "se", "z", "p_ln", "errcode"):
             res[key][fidx] = fr[key]

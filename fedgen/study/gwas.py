@@ -18,23 +18,15 @@ from fedgen.errors import ConfigError, FedgenError
 from fedgen.federation.transport import Reply, Request
 from fedgen.stats import assoc as assocstats
 from fedgen.stats import glm
-from fedgen.stats.plinkfmt import format_g4, format_g6, format_g6_from_ln
+from fedgen.stats.plinkfmt import format_g6, format_g6_from_ln
 from fedgen.study.align import Alignment
+from fedgen.study.engine import Replies, Task, combine_blocks, run_task, run_tasks, sum_replies
 from fedgen.study.writers import atomic_write_text, write_tsv
 
 log = logging.getLogger("fedgen.study")
 
 
-def sum_replies(replies: dict[str, Reply]) -> dict[str, np.ndarray]:
-    """Elementwise sum of every array across sites (the combine step)."""
-    total: dict[str, np.ndarray] = {}
-    for site, rep in replies.items():
-        for k, a in rep.arrays.items():
-            total[k] = np.array(a, copy=True) if k not in total else total[k] + a
-    return total
-
-
-def query_rows(
+def row_requests(
     ctx: Any,
     analysis: str,
     aln: Alignment,
@@ -42,34 +34,52 @@ def query_rows(
     a1_ref: np.ndarray,
     params: dict[str, Any],
     arrays: dict[str, np.ndarray] | None = None,
-    *,
-    metas: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, np.ndarray]:
-    """One analysis over study variants ``rows`` (A1-oriented), in blocks, summed over sites.
+) -> list[Request]:
+    """Requests for ``analysis`` over study variants ``rows`` (A1-oriented), one per block.
 
     ``arrays`` holds per-variant inputs aligned with ``rows`` (e.g. β); they are sliced per block.
-    ``metas``, when given, receives each site's reply metadata (of the last block).
     """
     block = int(ctx.plan.get("glm_block_size") or ctx.plan.get("block_size") or 65536)
-    out: dict[str, list[np.ndarray]] = {}
+    out = []
     for b in range(0, len(rows), block):
         r = rows[b : b + block]
         flip_a1 = a1_ref[b : b + block].astype(np.uint8)
         common = {k: v[b : b + block] for k, v in (arrays or {}).items()}
-        req = Request(
+        out.append(Request(
             analysis,
             params=params,
             arrays=common,
             per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r] ^ flip_a1} for s in aln.idx},
-        )
-        replies = ctx.query(req)
-        if metas is not None:
-            metas.update({s: dict(r.meta) for s, r in replies.items()})
-        for k, v in sum_replies(replies).items():
-            out.setdefault(k, []).append(v)
+        ))
+    return out
+
+
+#: blocks of one step sent in one round (bounds the size of a message)
+BLOCKS_PER_ROUND = 4
+
+
+def rows_task(ctx: Any, analysis: str, aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, params: dict[str, Any],
+              arrays: dict[str, np.ndarray] | None = None, *, metas: dict[str, dict[str, Any]] | None = None) -> Task:
+    """Engine task: ``analysis`` over ``rows`` in blocks, summed over sites (see :func:`row_requests`).
+
+    ``metas``, when given, receives each site's reply metadata (of the last block).
+    """
     from fedgen.analyses.assoc import unpack_symmetric
 
-    return unpack_symmetric({k: np.concatenate(v, axis=0) for k, v in out.items()})
+    reqs = row_requests(ctx, analysis, aln, rows, a1_ref, params, arrays)
+    replies: Replies = []
+    for g in range(0, len(reqs), BLOCKS_PER_ROUND):
+        replies += yield reqs[g : g + BLOCKS_PER_ROUND]
+    if metas is not None and replies:
+        metas.update({s: dict(r.meta) for s, r in replies[-1].items()})
+    return combine_blocks(replies, unpack_symmetric)
+
+
+def query_rows(ctx: Any, analysis: str, aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, params: dict[str, Any],
+               arrays: dict[str, np.ndarray] | None = None, *, metas: dict[str, dict[str, Any]] | None = None
+               ) -> dict[str, np.ndarray]:
+    """:func:`rows_task` on its own: one analysis over ``rows``, summed over sites."""
+    return run_task(ctx, analysis, rows_task(ctx, analysis, aln, rows, a1_ref, params, arrays, metas=metas))
 
 
 # --------------------------------------------------------------------------- study set-up
@@ -173,8 +183,8 @@ def run_association(
         mom = pca["pc_moments"]
         pc_spec = {"study_id": pca["study_id"], "n": n_pcs, "mean": list(mom["mean"][:n_pcs]), "sd": list(mom["sd"][:n_pcs])}
         cov_columns = cov_columns + [f"PC{i + 1}" for i in range(n_pcs)]
-    files: list[str] = []
     summary: dict[str, Any] = {}
+    tasks: dict[str, Task] = {}
     for pheno in phenos:
         kind = phenotype_kind(info, pheno)
         params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
@@ -183,45 +193,52 @@ def run_association(
             # one sample set for the whole study: people with every phenotype and covariate present (two
             # sets that differ by a few dozen people make sites withhold every row with a carrier among them)
             params["require"] = sorted(set(phenos) | set(plan.get("covariates") or []))
-        res: dict[str, Any] = {"kind": kind, "covariates": cov_columns}
-        chisq_p = None
+        summary[pheno] = {"kind": kind, "covariates": cov_columns}
         if kind == "binary" and "assoc" in analyses:
-            with ctx.timed(f"assoc:{pheno}"):
-                name, chisq_p = _chisq(ctx, aln, rows, a1_ref, params, out)
-                files.append(name)
-        if "glm" in analyses and kind == "binary" and ctx.sites_not_allowing("glm_logistic"):
+            tasks[f"assoc:{pheno}"] = _chisq(ctx, aln, rows, a1_ref, params, out)
+        if "glm" not in analyses:
+            continue
+        if kind == "binary" and ctx.sites_not_allowing("glm_logistic"):
             note = (f"{pheno}: logistic regression skipped: the policy of site(s) "
                     f"{', '.join(ctx.sites_not_allowing('glm_logistic'))} does not answer logistic/Firth rounds (their sums "
                     "at aggregator-chosen coefficients can reconstruct individuals; a site opts in with extra_analyses); "
                     f"the allelic test ({pheno}.assoc) is the binary-trait result")
             log.warning(note)
             ctx.notes.append(note)
-            if chisq_p is not None:  # λGC, top hits and plots from the allelic test
-                res["p"] = chisq_p
-                res["test"] = "allelic chi-square"
-            summary[pheno] = res
             continue
-        if "glm" in analyses:
-            with ctx.timed(f"glm:{pheno}"):
-                if kind == "binary":
-                    name, p = _logistic(ctx, aln, rows, a1_ref, params, out, n_cov=len(cov_columns))
-                else:
-                    name, p = _linear(ctx, aln, rows, a1_ref, params, out)
-            files.append(name)
-            res["file"] = name
-            res["p"] = p
-            if pc_spec is not None and plan.get("lambda_without_pcs", True):
-                with ctx.timed(f"glm_without_pcs:{pheno}"):
-                    p0 = dict(params, pcs=None)
-                    n0 = len(cov_columns) - n_pcs
-                    _, q = (_logistic(ctx, aln, rows, a1_ref, p0, None, n_cov=n0) if kind == "binary"
-                            else _linear(ctx, aln, rows, a1_ref, p0, None))
-                res["p_without_pcs"] = q
-        if "p" not in res and chisq_p is not None:  # no regression: λGC, top hits and plots from the allelic test
-            res["p"] = chisq_p
+        if kind == "binary":
+            tasks[f"glm:{pheno}"] = _logistic(ctx, aln, rows, a1_ref, params, out, n_cov=len(cov_columns))
+        else:
+            tasks[f"glm:{pheno}"] = _linear(ctx, aln, rows, a1_ref, params, out)
+        if pc_spec is not None and plan.get("lambda_without_pcs", True):
+            p0 = dict(params, pcs=None)
+            n0 = len(cov_columns) - n_pcs
+            tasks[f"glm_without_pcs:{pheno}"] = (_logistic(ctx, aln, rows, a1_ref, p0, None, n_cov=n0) if kind == "binary"
+                                                 else _linear(ctx, aln, rows, a1_ref, p0, None))
+    with ctx.timed("association"):
+        done = run_tasks(ctx, tasks)
+    files: list[str] = []
+    for pheno in phenos:
+        res = summary[pheno]
+        chisq = done.get(f"assoc:{pheno}")
+        if chisq is not None:
+            files.append(chisq[0])
+        glm_res = done.get(f"glm:{pheno}")
+        if glm_res is not None:
+            files.append(glm_res[0])
+            res["file"] = glm_res[0]
+            res["mlog10p"] = glm_res[1]
+        if f"glm_without_pcs:{pheno}" in done:
+            res["mlog10p_without_pcs"] = done[f"glm_without_pcs:{pheno}"][1]
+        if "mlog10p" not in res and chisq is not None:  # no regression: λGC, top hits and plots from the allelic test
+            res["mlog10p"] = chisq[1]
             res["test"] = "allelic chi-square"
-        summary[pheno] = res
     return {"files": files, "association": summary, "rows": rows, "a1_ref": a1_ref}
+
+
+def mlog10p_from_ln(p_ln: np.ndarray) -> np.ndarray:
+    """−log10 P from ln P: P values below 1e-308 keep their size (exp(ln P) would underflow to 0)."""
+    return -np.asarray(p_ln, dtype=np.float64) / np.log(10.0)
 
 
 def _variant_cols(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray) -> list[list[str]]:
@@ -254,8 +271,8 @@ def _note_withheld(ctx: Any, what: str, mask: np.ndarray) -> None:
         ctx.notes.append(note)
 
 
-def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> tuple[str, np.ndarray]:
-    sums = query_rows(ctx, "glm_linear", aln, rows, a1_ref, params)
+def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> Task:
+    sums = yield from rows_task(ctx, "glm_linear", aln, rows, a1_ref, params)
     r = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
     held = _withheld(sums, len(rows))
     r["errcode"] = np.where(held, WITHHELD, r["errcode"])
@@ -263,7 +280,7 @@ def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> tuple[str, np.n
         _note_withheld(ctx, f"{params['phenotype']} linear", held)
     bad = r["errcode"] != "."
     name = f"{params['phenotype']}.glm.linear"
-    p = np.where(bad, np.nan, np.exp(r["p_ln"]))
+    p = np.where(bad, np.nan, mlog10p_from_ln(r["p_ln"]))
     if out is None:
         return name, p
     cols = _variant_cols(aln, rows, a1_ref)
@@ -284,7 +301,7 @@ def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> tuple[str, np.n
     return name, p
 
 
-def _covariates_separated(ctx, params) -> bool:
+def _covariates_separated(ctx, params) -> Task:
     """PLINK's check that some covariate separates cases from controls (→ Firth for all).
 
     Sites report each covariate's min/max among their cases and controls; the aggregator
@@ -302,44 +319,62 @@ def _covariates_separated(ctx, params) -> bool:
         log.info(note)
         ctx.notes.append(note)
         return False
-    replies = ctx.query(Request("covar_ranges", params=params))
+    replies = (yield [Request("covar_ranges", params=params)])[0]
     parts = [r.arrays for r in replies.values()]
     ranges = {k: (np.min if k.endswith("min") else np.max)(np.stack([p[k] for p in parts]), axis=0) for k in parts[0]}
     return glm.covariates_separated(ranges)
 
 
-def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -> tuple[str, np.ndarray]:
+def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -> Task:
+    """Logistic IRLS with Firth fallback. Firth starts for rows as soon as they are flagged
+    (zero-count cells in the first round, non-convergence later), in the same rounds as the
+    IRLS rows still iterating: one batch carries both steps."""
     n_pred = 2 + n_cov
-    separated = _covariates_separated(ctx, params)
+    separated = yield from _covariates_separated(ctx, params)
     if separated:
         log.warning("%s: a covariate separates cases from controls; every variant uses Firth regression", params["phenotype"])
     drv = glm.LogisticDriver(len(rows), n_pred, covar_separated=separated, a1_is_ref=a1_ref)
     rounds = 0
     held = np.zeros(len(rows), bool)
-    while not drv.done:
-        act = np.flatnonzero(drv.active)
-        sums = query_rows(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params, {"beta": drv.beta[act]})
-        held[act] |= _withheld(sums, len(act))
-        drv.step(sums["H"], sums["grad"])
+    firths: list[tuple[np.ndarray, glm.FirthDriver]] = []
+    started = np.zeros(len(rows), bool)
+    while True:
+        new = np.flatnonzero(drv.needs_firth & ~started)
+        if new.size:
+            firths.append((new, glm.FirthDriver(new.size, n_pred, obs_ct=drv.obs_ct[new])))
+            started[new] = True
+        steps: list[tuple[Any, np.ndarray, list[Request]]] = []
+        if not drv.done:
+            act = np.flatnonzero(drv.active)
+            steps.append((drv, act, row_requests(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params,
+                                                 {"beta": drv.beta[act]})))
+        for fidx, fd in firths:
+            if not fd.done:
+                act = np.flatnonzero(fd.active)
+                steps.append((fd, fidx[act], row_requests(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params,
+                                                          {"beta": fd.beta[act]})))
+        if not steps:
+            break
+        replies = yield [r for _, _, reqs in steps for r in reqs]
         rounds += 1
+        pos = 0
+        from fedgen.analyses.assoc import unpack_symmetric
+
+        for driver, target, reqs in steps:
+            sums = combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric)
+            pos += len(reqs)
+            held[target] |= _withheld(sums, len(target))
+            if isinstance(driver, glm.FirthDriver):
+                driver.step(sums["I"], sums["loglik"], sums["U"], sums["T"])
+            else:
+                driver.step(sums["H"], sums["grad"])
     res = drv.results()
     firth = res["needs_firth"].copy()
-    fidx = np.flatnonzero(firth)
-    if len(fidx):
-        log.info("%s: Firth regression for %d variants", params["phenotype"], len(fidx))
-        fd = glm.FirthDriver(len(fidx), n_pred, obs_ct=res["obs_ct"][fidx])
-        while not fd.done:
-            act = np.flatnonzero(fd.active)
-            arrays = {"beta": fd.beta[act]}
-            if fd.need == "score":
-                arrays["Iinv"] = fd.Iinv[act]
-            sums = query_rows(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params, arrays)
-            held[fidx[act]] |= _withheld(sums, len(act))
-            fd.step(sums["I"], sums["loglik"], sums.get("ustar"))
-            rounds += 1
+    for fidx, fd in firths:
         fr = fd.results()
         for key in ("beta", "se", "z", "p_ln", "errcode"):
             res[key][fidx] = fr[key]
+    fidx = np.flatnonzero(firth)
     log.info("%s: logistic regression in %d rounds (%d variants with Firth)", params["phenotype"], rounds, len(fidx))
     err = np.where(held, WITHHELD, np.asarray(res["errcode"]).astype(str)).astype(str)
     if out is not None:
@@ -347,7 +382,7 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
     show = (err == ".") | (err == "UNFINISHED")
     name = f"{params['phenotype']}.glm.logistic.hybrid"
     if out is None:
-        return name, np.where(show, np.exp(res["p_ln"]), np.nan)
+        return name, np.where(show, mlog10p_from_ln(res["p_ln"]), np.nan)
     cols = _variant_cols(aln, rows, a1_ref)
     write_tsv(
         out / name,
@@ -364,11 +399,11 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
             err.tolist(),
         ],
     )
-    return name, np.where(show, np.exp(res["p_ln"]), np.nan)
+    return name, np.where(show, mlog10p_from_ln(res["p_ln"]), np.nan)
 
 
-def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]:
-    sums = query_rows(ctx, "assoc_counts", aln, rows, a1_ref, {**params, "covariates": [], "site_columns": {}, "pcs": None})
+def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> Task:
+    sums = yield from rows_task(ctx, "assoc_counts", aln, rows, a1_ref, {**params, "covariates": [], "site_columns": {}, "pcs": None})
     c = sums["counts"]
     r = assocstats.allelic_assoc(c[:, 0], c[:, 1], c[:, 2], c[:, 3])
     held = _withheld(sums, len(rows))
@@ -379,7 +414,11 @@ def _chisq(ctx, aln, rows, a1_ref, params, out: Path) -> tuple[str, np.ndarray]:
                 r[key] = np.where(held, np.nan, np.asarray(r[key], dtype=np.float64))
     name = f"{params['phenotype']}.assoc"
     atomic_write_text(out / name, assoc_text(aln, rows, a1_ref, r))
-    return name, np.asarray(r["p"], dtype=np.float64)
+    from scipy import stats
+
+    with np.errstate(invalid="ignore"):
+        mlog10p = -stats.chi2.logsf(np.asarray(r["chisq"], dtype=np.float64), 1) / np.log(10.0)
+    return name, np.where(np.isfinite(np.asarray(r["p"], dtype=np.float64)), mlog10p, np.nan)
 
 
 def assoc_text(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, r: dict[str, np.ndarray]) -> str:

@@ -90,15 +90,15 @@ def select_features(cfg: dict[str, Any], aln: Any, assoc: dict[str, Any] | None,
         except ValueError:
             raise ConfigError(f"study.model.variants: 'top:N' needs a whole number, got {spec!r}") from None
         res = (assoc or {}).get("association", {}).get(cfg["phenotype"])
-        if not res or "p" not in res or assoc.get("rows") is None:
+        if not res or "mlog10p" not in res or assoc.get("rows") is None:
             raise ConfigError(f"study.model.variants = {spec}: the study has no association result for "
                               f"{cfg['phenotype']!r} to take the top hits from (add it to study.phenotypes)")
-        rows, p = np.asarray(assoc["rows"]), np.asarray(res["p"], dtype=float)
-        order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
+        rows, m = np.asarray(assoc["rows"]), np.asarray(res["mlog10p"], dtype=float)
+        order = np.argsort(np.where(np.isfinite(m), -m, np.inf), kind="stable")
         chosen: list[int] = []
         window = int(cfg["clump_kb"]) * 1000
         for j in order.tolist():
-            if not np.isfinite(p[j]) or len(chosen) >= n:
+            if not np.isfinite(m[j]) or len(chosen) >= n:
                 break
             r = int(rows[j])
             if any(aln.chrom[r] == aln.chrom[c] and abs(int(aln.pos[r]) - int(aln.pos[c])) < window for c in chosen):

@@ -130,12 +130,21 @@ class _Traffic:
         self.received: dict[str, int] = {}
 
     def query(self, phase: str, request: Request) -> dict[str, Reply]:
-        replies = self.ctx.query(request)
+        return self.query_many(phase, [request])[0]
+
+    def query_many(self, phase: str, requests: list[Request]) -> list[dict[str, Reply]]:
+        """Independent requests in one round (one batch message per site)."""
+        out = self.ctx.query_many(requests) if hasattr(self.ctx, "query_many") else [self.ctx.query(r) for r in requests]
         self.rounds[phase] = self.rounds.get(phase, 0) + 1
-        for site, rep in replies.items():
-            self.sent[site] = self.sent.get(site, 0) + int(rep.nbytes)
-            self.received[site] = self.received.get(site, 0) + sum(int(np.asarray(a).nbytes) for a in request.arrays_for(site).values())
-        return replies
+        if hasattr(self.ctx, "phase_rounds"):  # the manifest's rounds per phase
+            key = f"pca:{phase}"
+            self.ctx.phase_rounds[key] = self.ctx.phase_rounds.get(key, 0) + 1
+        for request, replies in zip(requests, out):
+            for site, rep in replies.items():
+                self.sent[site] = self.sent.get(site, 0) + int(rep.nbytes)
+                self.received[site] = self.received.get(site, 0) + sum(
+                    int(np.asarray(a).nbytes) for a in request.arrays_for(site).values())
+        return out
 
 
 def _total(replies: Mapping[str, Reply], key: str, *, dtype: Any = np.float64) -> np.ndarray:
@@ -236,16 +245,26 @@ def federated_ld_prune(
     step_rows = max(1, int(block) - W1)  # a request (rows + look-ahead) stays within block_size
     chrom = aln.chrom[rows]
     bounds = np.flatnonzero(np.r_[True, chrom[1:] != chrom[:-1], True])
+    # one request per contig piece (sites refuse windows across contigs); the pieces travel
+    # together, up to block_size variants per round
+    pending: list[tuple[int, int, Request]] = []
     for c0, c1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         for b0 in range(c0, c1, step_rows):
             first = int(min(step_rows, c1 - b0))
             sub = rows[b0 : min(b0 + first + W1, c1)]
-            req = Request(
+            pending.append((b0, first, Request(
                 "ld_pair_sums",
                 params={"n_first": first, "window": window, "missing": missing},
                 per_site_arrays=_site_arrays(aln, sub),
-            )
-            pair_sums[b0 : b0 + first] = _total(traffic.query("ld_prune", req), "pairs", dtype=dtype)
+            )))
+    while pending:
+        group, size = [], 0
+        while pending and (not group or size + pending[0][1] <= block):
+            group.append(pending.pop(0))
+            size += group[-1][1]
+        replies = traffic.query_many("ld_prune", [req for _, _, req in group])
+        for (b0, first, _), rep in zip(group, replies):
+            pair_sums[b0 : b0 + first] = _total(rep, "pairs", dtype=dtype)
     exceeds = pcastats.ld_pair_r2_exceeds(pair_sums, r2)
     # pairs across contigs never share a window; mask them anyway
     same = np.zeros_like(exceeds)

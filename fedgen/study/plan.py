@@ -124,6 +124,10 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
         "run_timeout": float(fed.get("run_timeout") or 7200),
+        # how often the aggregator asks the SuperLink for replies: `poll` s at first, then a tenth
+        # of the time waited so far, at most `max_poll` s (fedgen.federation.polling)
+        "poll": float(fed.get("poll") or (0.005 if fed.get("mode", "local") == "local" else 0.05)),
+        "max_poll": float(fed.get("max_poll") or 0.5),
         "federation": fed.get("mode", "local"),
         "privacy": resolved.get("privacy") or {"mode": "none"},
         "config": resolved,

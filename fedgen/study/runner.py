@@ -40,6 +40,8 @@ class StudyContext:
         self.bytes_sent: dict[str, int] = {}
         self.messages: dict[str, int] = {}
         self.rounds = 0
+        #: message rounds per phase (task label of fedgen.study.engine, or the analysis name)
+        self.phase_rounds: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.privacy_releases: list[dict[str, Any]] = []
@@ -47,20 +49,33 @@ class StudyContext:
         self.suppressed: dict[str, int] = {}  # "analysis@site" -> variant rows withheld (min_count)
 
     def query(self, request: Request) -> dict[str, Reply]:
-        if not request.study_id:
-            request.study_id = str(self.plan.get("study_id") or "")
-        replies = self.transport.query(request)
+        return self.query_many([request])[0]
+
+    def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
+        """Independent requests in one message round (a batch per site when there are several)."""
+        for request in requests:
+            if not request.study_id:
+                request.study_id = str(self.plan.get("study_id") or "")
+        if len(requests) == 1:
+            out = [self.transport.query(requests[0])]
+        else:
+            out = self.transport.query_many(requests)
         self.rounds += 1
+        for site in out[0]:
+            self.messages[site] = self.messages.get(site, 0) + 1
+        for request, replies in zip(requests, out):
+            self._account(request, replies)
+        return out
+
+    def _account(self, request: Request, replies: dict[str, Reply]) -> None:
         for site, r in replies.items():
             self.bytes_sent[site] = self.bytes_sent.get(site, 0) + int(r.nbytes)
-            self.messages[site] = self.messages.get(site, 0) + 1
             if r.meta.get("suppressed"):
                 key = f"{request.analysis}@{site}"
                 self.suppressed[key] = self.suppressed.get(key, 0) + int(r.meta["suppressed"])
             priv = r.meta.get("privacy")
             if priv:  # a differentially private release: record what it cost this site
                 self.privacy_releases.append({"site": site, "analysis": request.analysis, **priv})
-        return replies
 
     def sites_not_allowing(self, analysis: str) -> list[str]:
         """Sites whose policy (as their ``site_info`` reported it) does not allow ``analysis``."""
@@ -94,31 +109,45 @@ def blockwise_sum(
     rows: np.ndarray | None = None,
     label: str = "",
 ) -> np.ndarray:
-    """Request ``analysis`` for all study variants (or ``rows`` of them) in blocks; sum sites."""
+    """Request ``analysis`` for all study variants (or ``rows`` of them) in blocks; sum sites.
+
+    Runs on the round engine: up to ``BLOCKS_PER_ROUND`` blocks travel in one round."""
+    from fedgen.study.engine import run_task
+
+    return run_task(ctx, label or analysis, blockwise_task(ctx, analysis, aln, key=key, params=params, rows=rows,
+                                                           label=label))
+
+
+def blockwise_task(ctx: StudyContext, analysis: str, aln: Alignment, *, key: str, params: dict[str, Any] | None = None,
+                   rows: np.ndarray | None = None, label: str = ""):
+    """Engine task of :func:`blockwise_sum` (checks every site's reply has ``key`` with one row per variant)."""
+    from fedgen.study.gwas import BLOCKS_PER_ROUND
+
     sel = np.arange(len(aln)) if rows is None else np.asarray(rows)
     block = int(ctx.plan.get("block_size") or DEFAULT_BLOCK)
-    parts: list[np.ndarray] = []
     n_blocks = max(1, -(-len(sel) // block))
     report = _progress(label or analysis, n_blocks)
-    for b in range(n_blocks):
-        r = sel[b * block : (b + 1) * block]
-        req = Request(
-            analysis,
-            params=dict(params or {}),
-            per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r]} for s in aln.idx},
-        )
-        replies = ctx.query(req)
-        total = None
-        for site, rep in replies.items():
-            if key not in rep.arrays:
-                raise FedgenError(f"site {site}: reply to {analysis} has no {key!r} array")
-            a = rep.arrays[key]
-            if a.shape[0] != len(r):
-                raise FedgenError(f"site {site}: reply to {analysis} has {a.shape[0]} rows, expected {len(r)}")
-            total = a.copy() if total is None else total + a
-        assert total is not None
-        parts.append(total)
-        report(b + 1)
+    parts: list[np.ndarray] = []
+    for g0 in range(0, n_blocks, BLOCKS_PER_ROUND):
+        chunk = [sel[b * block : (b + 1) * block] for b in range(g0, min(n_blocks, g0 + BLOCKS_PER_ROUND))]
+        reqs = [
+            Request(analysis, params=dict(params or {}),
+                    per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r]} for s in aln.idx})
+            for r in chunk
+        ]
+        replies = yield reqs
+        for r, rep_by_site in zip(chunk, replies):
+            total = None
+            for site, rep in rep_by_site.items():
+                if key not in rep.arrays:
+                    raise FedgenError(f"site {site}: reply to {analysis} has no {key!r} array")
+                a = rep.arrays[key]
+                if a.shape[0] != len(r):
+                    raise FedgenError(f"site {site}: reply to {analysis} has {a.shape[0]} rows, expected {len(r)}")
+                total = a.copy() if total is None else total + a
+            assert total is not None
+            parts.append(total)
+        report(len(parts))
     return np.concatenate(parts, axis=0)
 
 
@@ -253,20 +282,21 @@ def run_association_step(
     summary: dict[str, Any] = {}
     rows = res.get("rows")
     for pheno, r in res["association"].items():
-        entry = {k: v for k, v in r.items() if k not in ("p", "p_without_pcs")}
-        if "p_without_pcs" in r:
-            entry["lambda_gc_without_pcs"] = round(lambda_gc(r["p_without_pcs"]), 4)
-        if "p" in r:
-            p = r["p"]
-            entry["lambda_gc"] = round(lambda_gc(p), 4)
-            entry["tested"] = int(np.isfinite(p).sum())
-            order = np.argsort(np.where(np.isfinite(p), p, np.inf))[:10]
+        entry = {k: v for k, v in r.items() if k not in ("mlog10p", "mlog10p_without_pcs")}
+        if "mlog10p_without_pcs" in r:
+            entry["lambda_gc_without_pcs"] = round(lambda_gc(mlog10p=r["mlog10p_without_pcs"]), 4)
+        if "mlog10p" in r:
+            m = np.asarray(r["mlog10p"], dtype=float)
+            entry["lambda_gc"] = round(lambda_gc(mlog10p=m), 4)
+            entry["tested"] = int(np.isfinite(m).sum())
+            order = np.argsort(np.where(np.isfinite(m), -m, np.inf), kind="stable")[:10]
             entry["top_hits"] = [
-                {"chrom": str(aln.chrom[rows[i]]), "pos": int(aln.pos[rows[i]]), "id": str(aln.ids[rows[i]]), "p": float(p[i])}
-                for i in order if np.isfinite(p[i])
+                {"chrom": str(aln.chrom[rows[i]]), "pos": int(aln.pos[rows[i]]), "id": str(aln.ids[rows[i]]),
+                 "p": float(10.0 ** -m[i]), "log10p": round(float(-m[i]), 4)}
+                for i in order if np.isfinite(m[i])
             ]
             with ctx.timed("plots"):
-                plots = manhattan_qq(aln.chrom[rows], aln.pos[rows], p, title=pheno, out_prefix=stage / "plots" / pheno)
+                plots = manhattan_qq(aln.chrom[rows], aln.pos[rows], mlog10p=m, title=pheno, out_prefix=stage / "plots" / pheno)
             res["files"] += [f"plots/{q.name}" for q in plots]
             top = entry["top_hits"][:5]
             if "lambda_gc_without_pcs" in entry:
@@ -274,10 +304,19 @@ def run_association_step(
                          entry["lambda_gc"], int(ctx.plan.get("pcs") or 0))
             log.info(
                 "%s (%s): λGC = %.3f; top hits: %s", pheno, r["kind"], entry["lambda_gc"],
-                ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={h['p']:.2e})" for h in top),
+                ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={_p_text(h['log10p'])})" for h in top),
             )
         summary[pheno] = entry
     return {"files": res["files"], **({"phenotypes": summary} if summary else {}), "_raw": res}
+
+
+def _p_text(log10p: float) -> str:
+    """A P value from its log10, also below 1e-308: 3.1e-400."""
+    e = int(np.floor(log10p))
+    mant = 10.0 ** (log10p - e)
+    if mant >= 9.995:
+        mant, e = 1.0, e + 1
+    return f"{mant:.2f}e{e:+03d}"
 
 
 def write_qc_outputs(
@@ -394,6 +433,7 @@ def build_manifest(
         "pca": {k: v for k, v in (results.get("pca") or {}).items() if k != "files"} or None,
         "files": results["files"],
         "rounds": ctx.rounds,
+        "rounds_per_phase": dict(ctx.phase_rounds),
         "timings": ctx.timings,
         "suppressed_by_sites": dict(ctx.suppressed),
         "notes": ctx.notes + [
