@@ -183,7 +183,8 @@ def main() -> None:
 def bench_pca(args, mode, tmp: Path, data: Path, sites: list[str], fedgen: list[str], out: Path) -> None:
     t0 = time.perf_counter()
     run = subprocess.run([*fedgen, "run", "sites=bench", f"hydra.searchpath=[file://{tmp / 'cfg'}]", "study=qc",
-                          "study.analyses=[freq,missing,hardy,pca]", f"output_dir={out}"], capture_output=True, text=True)
+                          "study.analyses=[freq,missing,hardy,pca]", "+study.pca={ld_prune:{window:50,step:5,r2:0.2}}",
+                          f"output_dir={out}"], capture_output=True, text=True)
     t_fed = time.perf_counter() - t0
     if run.returncode:
         sys.exit(f"fedgen run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")

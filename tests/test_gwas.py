@@ -199,3 +199,118 @@ def test_pcs_as_covariates_equal_pooled_ols_on_site_scores(tmp_path):
         checked += 1
     assert checked >= 10
     assert idx  # samples indexable
+
+
+def test_gwas_ssf_sumstats_match_the_glm_tables(tmp_path):
+    """Every regression table is also written as GWAS-SSF: bgzipped, tabix-indexed, sorted, one row
+    per variant with a statistic, values equal to the glm table's, A1 frequency from the pooled counts."""
+    import gzip
+
+    import pysam
+    import yaml
+
+    data = make_synth(**GWAS)
+    nodes = split_sites(data, tmp_path / "sites", [0.6, 0.4], seed=5)
+    out = tmp_path / "out"
+    m = run_plan(gwas_plan(out, list(nodes)), InProcessTransport(nodes))
+    for pheno, table, eff in (("QT2", "QT2.glm.linear", "BETA"), ("CC", "CC.glm.logistic.hybrid", "OR")):
+        gz = out / "sumstats" / f"{pheno}.tsv.gz"
+        assert m["association"][pheno]["sumstats"] == f"sumstats/{gz.name}"
+        assert gz.read_bytes()[:4] == b"\x1f\x8b\x08\x04"  # BGZF, not plain gzip
+        with gzip.open(gz, "rt") as fh:
+            head = fh.readline().rstrip("\n").split("\t")
+            body = [dict(zip(head, line.rstrip("\n").split("\t"))) for line in fh]
+        assert head[:8] == ["chromosome", "base_pair_location", "effect_allele", "other_allele",
+                            "beta" if eff == "BETA" else "odds_ratio", "standard_error", "effect_allele_frequency", "p_value"]
+        keys = [(int(r["chromosome"]), int(r["base_pair_location"])) for r in body]
+        assert keys == sorted(keys)
+        glm = {}
+        with open(out / table) as fh:
+            h = fh.readline().rstrip("\n").split("\t")
+            for line in fh:
+                row = dict(zip(h, line.rstrip("\n").split("\t")))
+                glm[(int(row["#CHROM"]), row["POS"], row["REF"], row["ALT"])] = row
+        ok = [r for r in glm.values() if r["ERRCODE"] in (".", "UNFINISHED") and r["P"] != "NA"]
+        assert len(body) == len(ok) > 0
+        for r in body:
+            ea, oa = r["effect_allele"], r["other_allele"]
+            key = (int(r["chromosome"]), r["base_pair_location"])
+            g = glm.get((*key, oa, ea)) or glm[(*key, ea, oa)]
+            assert (r["effect_allele"], r["p_value"], r["n"]) == (g["A1"], g["P"], g["OBS_CT"])
+            assert r["beta" if eff == "BETA" else "odds_ratio"] == g[eff]
+            assert {r["effect_allele"], r["other_allele"]} == {g["REF"], g["ALT"]}
+            assert abs(float(r["neg_log_10_p_value"]) + np.log10(float(g["P"]))) < 1e-4
+            assert 0.0 <= float(r["effect_allele_frequency"]) <= 1.0
+        # the index answers region queries
+        first = body[0]
+        with pysam.TabixFile(str(gz)) as tbx:
+            hits = list(tbx.fetch(first["chromosome"], int(first["base_pair_location"]) - 1, int(first["base_pair_location"])))
+        assert hits and hits[0].split("\t")[9] == first["variant_id"]
+        meta = yaml.safe_load((out / "sumstats" / f"{gz.name}-meta.yaml").read_text())
+        assert meta["file_type"] == "GWAS-SSF v1.0" and meta["data_file_name"] == gz.name and meta["is_sorted"] is True
+        import hashlib
+
+        assert meta["data_file_md5sum"] == hashlib.md5(gz.read_bytes()).hexdigest()
+    # A1 frequency equals the pooled frequency of A1 (PLINK's afreq ALT_FREQS, oriented to A1)
+    afreq = {}
+    with open(out / "freq.afreq") as fh:
+        h = fh.readline().rstrip("\n").split("\t")
+        for line in fh:
+            row = dict(zip(h, line.rstrip("\n").split("\t")))
+            if row["ID"] != ".":
+                afreq[row["ID"]] = row
+    with gzip.open(out / "sumstats" / "QT2.tsv.gz", "rt") as fh:
+        head = fh.readline().rstrip("\n").split("\t")
+        checked = 0
+        for line in fh:
+            r = dict(zip(head, line.rstrip("\n").split("\t")))
+            f = afreq.get(r["variant_id"])
+            if f is None:
+                continue
+            checked += 1
+            alt = float(f["ALT_FREQS"])
+            want = alt if r["effect_allele"] == f["ALT"] else 1 - alt
+            assert abs(float(r["effect_allele_frequency"]) - want) < 1e-5
+    assert checked > 100
+
+
+@pytest.mark.slow
+def test_sumstats_pass_the_gwas_catalog_validator(tmp_path):
+    """gwas-ssf's own Validator (gwas-sumstats-tools 1.0.25, in its own venv: it needs numpy < 2)
+    accepts both files; only the all-autosomes and 100,000-row rules are relaxed (simulated data)."""
+    import os
+    import sys
+
+    venv = Path(os.environ.get("FEDGEN_SSF_VENV", Path.home() / ".cache" / "fedgen" / "ssf-venv"))
+    py = venv / "bin" / "python"
+    if not py.exists():
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True)
+        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "gwas-sumstats-tools==1.0.25", "numpy<2", "six",
+                              "click<8.2"], capture_output=True, text=True) if made.returncode == 0 else None
+        if pip is None or pip.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            pytest.skip(f"could not install gwas-sumstats-tools from the package index: {(pip.stderr if pip else '')[-300:]}")
+    data = make_synth(**GWAS)
+    nodes = split_sites(data, tmp_path / "sites", [0.6, 0.4], seed=5)
+    out = tmp_path / "out"
+    run_plan(gwas_plan(out, list(nodes)), InProcessTransport(nodes))
+    files = [str(out / "sumstats" / f"{p}.tsv.gz") for p in ("QT2", "CC")]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "validate_sumstats.py"
+    res = subprocess.run([str(py), str(script), *files, "--relax-simulated"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("VALID Data table is valid") == 2
+    # the same validator does fail a broken file (a test that cannot fail is no test)
+    import gzip
+
+    with gzip.open(files[0], "rt") as fh:
+        lines = fh.read().splitlines()
+    bad = out / "sumstats" / "BAD.tsv.gz"
+    import pysam
+
+    plain = out / "sumstats" / "BAD.tsv"
+    rows = [line.split("\t") for line in lines[1:]]
+    rows[3][5] = "not_a_number"  # standard_error
+    plain.write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n")
+    pysam.tabix_compress(str(plain), str(bad), force=True)
+    res = subprocess.run([str(py), str(script), str(bad), "--relax-simulated"], capture_output=True, text=True)
+    assert res.returncode == 1 and "INVALID" in res.stdout

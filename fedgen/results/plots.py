@@ -23,19 +23,23 @@ def mlog10p_from_text(values: Any) -> np.ndarray:
     ``float()`` gives 0; NA/nan/empty → NaN."""
     from decimal import Decimal, InvalidOperation
 
-    out = np.full(len(values), np.nan)
-    for i, v in enumerate(values):
-        t = str(v).strip()
-        if not t or t in ("NA", "nan", "NaN", "."):
-            continue
+    text = [str(v).strip() for v in values]
+    num = np.full(len(text), np.nan)
+    for i, t in enumerate(text):
         try:
-            d = Decimal(t)
+            num[i] = float(t)
+        except ValueError:
+            pass
+    out = np.full(len(text), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fine = np.isfinite(num) & (num > 1e-300)
+        out[fine] = -np.log10(num[fine])
+    for i in np.flatnonzero(np.isfinite(num) & ~fine):  # tiny (or printed as 0): from the digits
+        try:
+            d = Decimal(text[i])
         except InvalidOperation:
             continue
-        if d > 0:
-            out[i] = -float(d.log10())
-        elif d == 0:
-            out[i] = np.inf
+        out[i] = -float(d.log10()) if d > 0 else (np.inf if d == 0 else np.nan)
     return out
 
 

@@ -121,6 +121,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "site_covariate": bool(study.get("site_covariate") or False),
         "missing": missing,
         "lambda_without_pcs": bool(study.get("lambda_without_pcs", True)),
+        "sumstats": bool(study.get("sumstats", True)),
         "timeout": float(fed.get("timeout") or 600),
         "connect_timeout": float(fed.get("connect_timeout") or 120),
         "run_timeout": float(fed.get("run_timeout") or 7200),

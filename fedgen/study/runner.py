@@ -307,7 +307,53 @@ def run_association_step(
                 ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={_p_text(h['log10p'])})" for h in top),
             )
         summary[pheno] = entry
+    if res.get("rows") is not None and ctx.plan.get("sumstats", True):
+        with ctx.timed("sumstats"):
+            res["files"] += _write_sumstats(ctx, aln, counts, info, stage, res, summary)
     return {"files": res["files"], **({"phenotypes": summary} if summary else {}), "_raw": res}
+
+
+def genome_build(info: dict[str, Reply]) -> str | None:
+    """The sites' genome build, recognised from their VCF headers' contig lengths (None if not
+    recognised or if sites differ)."""
+    from fedgen.stats import pca as pcastats
+
+    builds = {pcastats.detect_genome_build(rep.meta.get("contigs") or {}) for rep in info.values()}
+    return builds.pop() if len(builds) == 1 and None not in builds else None
+
+
+def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info: dict[str, Reply], stage: Path,
+                    res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """GWAS-SSF files (fedgen.results.sumstats) for every regression table of the study."""
+    from fedgen.results.sumstats import write_gwas_ssf
+
+    rows, a1_ref = np.asarray(res["rows"]), np.asarray(res["a1_ref"], dtype=bool)
+    c = np.asarray(counts, dtype=np.float64)[rows]
+    n_alleles = 2.0 * c[:, :3].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        alt = (c[:, 1] + 2.0 * c[:, 2]) / n_alleles
+    a1_freq = np.where(a1_ref, 1.0 - alt, alt)
+    build = genome_build(info)
+    files: list[str] = []
+    for pheno, r in res["association"].items():
+        name = r.get("file")
+        if not name:
+            continue
+        table = stage / name
+        obs = [int(x) for x in _column(table, "OBS_CT") if x.isdigit()]
+        written = write_gwas_ssf(table, stage / "sumstats", phenotype=pheno, a1_freq=a1_freq, build=build,
+                                 sample_size=max(obs, default=0), trait_kind=r.get("kind", ""),
+                                 fedgen_version=fedgen.__version__, covariates=r.get("covariates"))
+        files += [f"sumstats/{p.name}" for p in written]
+        summary.setdefault(pheno, {})["sumstats"] = f"sumstats/{written[0].name}"
+    return files
+
+
+def _column(path: Path, name: str) -> list[str]:
+    with open(path) as fh:
+        head = fh.readline().rstrip("\n").split("\t")
+        j = head.index(name)
+        return [line.rstrip("\n").split("\t")[j] for line in fh]
 
 
 def _p_text(log10p: float) -> str:
@@ -432,6 +478,7 @@ def build_manifest(
         "association": results.get("association", {}).get("phenotypes", {}),
         "pca": {k: v for k, v in (results.get("pca") or {}).items() if k != "files"} or None,
         "files": results["files"],
+        "genome_build": genome_build(info),
         "rounds": ctx.rounds,
         "rounds_per_phase": dict(ctx.phase_rounds),
         "timings": ctx.timings,
