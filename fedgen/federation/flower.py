@@ -493,7 +493,7 @@ class FlowerTransport:
         deadline = time.monotonic() + self._connect_timeout
         site_of: dict[int, str] = {}  # node id → site, for nodes that answered the ping
         silent: dict[int, str] = {}  # node id → why it gave no usable answer
-        wait = 0.2
+        wait = 0.05
         while True:
             node_ids = [int(n) for n in self._grid.get_node_ids()]
             new = [n for n in node_ids if n not in site_of and n not in silent]
@@ -524,7 +524,7 @@ class FlowerTransport:
             if time.monotonic() >= deadline:
                 break
             time.sleep(wait)
-            wait = min(wait * 1.5, 1.0)
+            wait = min(wait * 1.5, 0.5)
 
         found = set(site_of.values())
         if expected is not None:

@@ -19,13 +19,11 @@ line (used when the status file is on another machine).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -37,7 +35,7 @@ import urllib.request
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Mapping
+from typing import IO, Any, Mapping
 
 from fedgen.errors import ConfigError, FedgenError
 
@@ -184,228 +182,9 @@ def _http_ok(port: int, path: str = "/health", timeout: float = 0.5) -> bool:
         return False
 
 
-# ------------------------------------------------------------------ process tracking (Linux /proc)
-
-
-def _proc_stat(pid: int) -> tuple[int, int, int, str] | None:
-    """(ppid, pgid, starttime, state) of ``pid`` from /proc, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    rest = data[data.rfind(")") + 2 :].split()
-    # fields after "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-    # utime stime cutime cstime priority nice num_threads itrealvalue starttime ...
-    try:
-        return int(rest[1]), int(rest[2]), int(rest[19]), rest[0]
-    except (IndexError, ValueError):
-        return None
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return children
-    for name in entries:
-        if not name.isdigit():
-            continue
-        st = _proc_stat(int(name))
-        if st is not None:
-            children.setdefault(st[0], []).append(int(name))
-    return children
-
-
-_Ident = tuple[int, int]  # (pid, starttime): survives PID reuse checks
-
-
-def _descendants(roots: Iterable[int]) -> set[_Ident]:
-    kids = _children_map()
-    out: set[_Ident] = set()
-    stack = list(roots)
-    seen: set[int] = set()
-    while stack:
-        pid = stack.pop()
-        for c in kids.get(pid, []):
-            if c in seen:
-                continue
-            seen.add(c)
-            st = _proc_stat(c)
-            if st is not None:
-                out.add((c, st[2]))
-                stack.append(c)
-    return out
-
-
-def _alive(ident: _Ident) -> bool:
-    st = _proc_stat(ident[0])
-    return st is not None and st[2] == ident[1] and st[3] != "Z"
-
-
-def _signal_ident(ident: _Ident, sig: int) -> None:
-    if _alive(ident):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(ident[0], sig)
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """preexec_fn making a child receive SIGTERM if its parent dies (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    sigterm = int(signal.SIGTERM)
-
-    def _set() -> None:
-        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
-
-    return _set
-
-
-class ProcessSet:
-    """Processes started by fedgen, each in its own session (process group).
-
-    :meth:`stop` signals only what this object started: the process groups of
-    its own children (``os.killpg`` on their pgids) and, by PID, every
-    descendant found under them (e.g. ``flower-superexec``, ``flwr-serverapp``,
-    ``flwr-clientapp``, which Flower may start in new sessions). Terminate,
-    wait, then kill. Nothing is ever looked up by name.
-    """
-
-    def __init__(self) -> None:
-        self._procs: list[tuple[str, subprocess.Popen[Any]]] = []
-        self._seen: set[_Ident] = set()  # every process seen at or below ours
-        self._lock = threading.Lock()
-        self._pdeath = _parent_death_signal()
-
-    def spawn(self, name: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, stdout: Any, text: bool = False) -> subprocess.Popen[Any]:
-        kwargs: dict[str, Any] = {}
-        if self._pdeath is not None and threading.current_thread() is threading.main_thread():
-            # The death signal is tied to the spawning thread; only use it from the main thread.
-            kwargs["preexec_fn"] = self._pdeath
-        proc = subprocess.Popen(
-            argv,
-            env=dict(env),
-            cwd=str(cwd),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            text=text,
-            encoding="utf-8" if text else None,
-            errors="replace" if text else None,
-            **kwargs,
-        )
-        with self._lock:
-            self._procs.append((name, proc))
-        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
-        return proc
-
-    def pids(self) -> list[int]:
-        """PIDs of the processes started directly (not their descendants)."""
-        return [p.pid for _, p in self._procs]
-
-    def all_idents(self) -> set[_Ident]:
-        """(pid, starttime) of every live process started here or below (snapshot)."""
-        self._remember()
-        return {i for i in self._seen if _alive(i)}
-
-    def _remember(self, roots: Iterable[int] | None = None) -> set[_Ident]:
-        """Record and return the live descendants of ``roots`` (default: all started processes)."""
-        if roots is None:
-            roots = [p.pid for _, p in self._procs]
-        roots = list(roots)
-        found = _descendants(roots)
-        for pid in roots:
-            st = _proc_stat(pid)
-            if st is not None and st[3] != "Z":
-                found.add((pid, st[2]))
-        self._seen |= found
-        return found
-
-    def stop_one(self, proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-        """Stop one started process, its group and its descendants."""
-        self._stop([proc], grace)
-
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop everything, most recently started first (SuperNodes before the SuperLink)."""
-        self._stop([p for _, p in reversed(self._procs)], grace)
-
-    def _stop(self, procs: list[subprocess.Popen[Any]], grace: float) -> None:
-        if not procs:
-            return
-        with _signals_deferred():
-            self._stop_now(procs, grace)
-
-    def _stop_now(self, procs: list[subprocess.Popen[Any]], grace: float) -> None:
-        own_groups = [p.pid for p in procs]  # start_new_session=True: pgid == pid
-        # Snapshot the whole tree while the parents still live (orphans lose their ppid link).
-        targets: set[_Ident] = set()
-        for pid in own_groups:
-            targets |= self._remember([pid])
-        targets -= {(pid, st[2]) for pid in own_groups if (st := _proc_stat(pid)) is not None}
-
-        def signal_all(sig: int) -> None:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(p.pid, sig)
-            for ident in targets:
-                _signal_ident(ident, sig)
-
-        signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            # Catch processes spawned during shutdown by parents that are still running.
-            targets |= _descendants([p.pid for p in procs if p.poll() is None] + [i[0] for i in targets if _alive(i)])
-            if all(p.poll() is not None for p in procs) and not any(_alive(i) for i in targets):
-                break
-            time.sleep(0.05)
-        else:
-            signal_all(signal.SIGKILL)
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=5.0)
-        for ident in targets:
-            _signal_ident(ident, signal.SIGKILL)
-        with self._lock:
-            self._procs = [(n, q) for n, q in self._procs if q not in procs]
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Any:
-    """Hold SIGINT/SIGTERM until the block ends, so a second Ctrl+C cannot abort a teardown."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Any:
-    """Within the block, SIGTERM raises SystemExit (so cleanup runs). Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+# Process supervision lives in fedgen.federation.supervise (psutil); re-exported here.
+from fedgen.federation.supervise import ProcessSet  # noqa: E402
+from fedgen.federation.supervise import sigterm_raises as _sigterm_raises  # noqa: E402
 
 
 # ------------------------------------------------------------------ local federation
@@ -430,6 +209,7 @@ class LocalFederation:
         workdir: Path,
         startup_timeout: float = 60.0,
         port_attempts: int = 5,
+        wait_for_nodes: bool = True,
     ) -> None:
         if not node_configs:
             raise ConfigError("a local federation needs at least one site")
@@ -445,6 +225,9 @@ class LocalFederation:
         self.workdir = Path(workdir).expanduser().resolve()
         self.startup_timeout = float(startup_timeout)
         self.port_attempts = int(port_attempts)
+        #: False: the context manager returns once the SuperLink is up and the SuperNodes are
+        #: spawned; :meth:`run` then submits the study while they start (see :meth:`wait_nodes`)
+        self.wait_for_nodes = bool(wait_for_nodes)
         self.logdir = self.workdir / "logs"
         self.flwr_root = self.workdir / "flwr"
         self.cli_home = self.flwr_root / "cli"
@@ -490,12 +273,19 @@ class LocalFederation:
         self.procs.stop()
 
     def _start(self) -> None:
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         for d in (self.logdir, self.flwr_root, self.workdir / "nodes"):
             d.mkdir(parents=True, exist_ok=True)
         self._start_superlink()
         # SuperNodes start in parallel; each is retried on its own if its port clashes.
-        pending = {site: self._spawn_supernode(site) for site in self.node_configs}
+        self._pending = {site: self._spawn_supernode(site) for site in self.node_configs}
+        write_connection(self.cli_home, LOCAL_CONNECTION, address=self.control_address, insecure=True)
+        if self.wait_for_nodes:
+            self.wait_nodes()
+
+    def wait_nodes(self) -> None:
+        """Wait until every SuperNode answers its health check (restarting one whose port clashed)."""
+        pending = getattr(self, "_pending", {})
         attempts = dict.fromkeys(self.node_configs, 1)
         healthy: set[str] = set()  # answered /health once; done when it answers again while alive
         deadline = time.monotonic() + self.startup_timeout
@@ -526,10 +316,9 @@ class LocalFederation:
                 )
             if pending:
                 time.sleep(0.1)
-        write_connection(self.cli_home, LOCAL_CONNECTION, address=self.control_address, insecure=True)
         log.info(
             "local federation up in %.1f s: SuperLink %s, SuperNodes %s",
-            time.monotonic() - t0,
+            time.monotonic() - getattr(self, "_t0", time.monotonic()),
             self.control_address,
             ", ".join(f"{s}:{p}" for s, p in self.supernode_ports.items()),
         )
@@ -606,7 +395,11 @@ class LocalFederation:
     # -- running a study
 
     def run(self, plan: Mapping[str, Any], *, timeout: float = DEFAULT_RUN_TIMEOUT) -> None:
-        """Submit ``plan`` to this federation with ``flwr run`` and wait for the outcome."""
+        """Submit ``plan`` to this federation with ``flwr run`` and wait for the outcome.
+
+        SuperNodes still starting (``wait_for_nodes=False``) are waited for after the submission,
+        so the submission and the ServerApp's start overlap the SuperNodes' start; a SuperNode
+        that fails to start stops the run with its log."""
         if self.superlink_port is None:
             raise FedgenError("the local federation is not running (use it as a context manager)")
         plan = dict(plan)
@@ -623,6 +416,7 @@ class LocalFederation:
             procs=self.procs,
             timeout=timeout,
             extra_logs=[self.logs["superlink"]],
+            after_submit=self.wait_nodes if getattr(self, "_pending", None) else None,
         )
 
 
@@ -645,7 +439,7 @@ def run_study_local(
         raise ConfigError(f"no node config for site(s) {', '.join(missing)} in a local run")
     plan = dict(plan)
     plan["sites"] = sites
-    with LocalFederation({s: node_configs[s] for s in sites}, workdir=workdir) as fed:
+    with LocalFederation({s: node_configs[s] for s in sites}, workdir=workdir, wait_for_nodes=False) as fed:
         fed.run(plan, timeout=timeout)
 
 
@@ -845,6 +639,7 @@ def _submit_and_wait(
     procs: ProcessSet,
     timeout: float,
     extra_logs: list[Path],
+    after_submit: Any = None,
 ) -> None:
     try:
         plan_json = json.dumps(plan, allow_nan=False)
@@ -874,6 +669,8 @@ def _submit_and_wait(
     deadline = time.monotonic() + float(timeout)
     status: dict[str, Any] | None = None
     try:
+        if after_submit is not None:  # e.g. SuperNodes still starting: the run waits for them meanwhile
+            after_submit()
         while True:
             status = follower.status or _read_status(status_file)
             if status is not None or proc.poll() is not None:
@@ -887,9 +684,9 @@ def _submit_and_wait(
                 )
             time.sleep(0.1)
         if status is not None and proc.poll() is None:
-            # Let the log stream drain (it ends when the run finishes), briefly.
+            # Let the log stream drain (it ends when the run finishes), briefly: the status is in.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5.0)
+                proc.wait(timeout=1.0)
         else:
             follower.thread.join(timeout=5.0)
             status = follower.status or _read_status(status_file)
