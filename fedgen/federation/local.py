@@ -209,7 +209,6 @@ class LocalFederation:
         workdir: Path,
         startup_timeout: float = 60.0,
         port_attempts: int = 5,
-        wait_for_nodes: bool = True,
     ) -> None:
         if not node_configs:
             raise ConfigError("a local federation needs at least one site")
@@ -225,9 +224,6 @@ class LocalFederation:
         self.workdir = Path(workdir).expanduser().resolve()
         self.startup_timeout = float(startup_timeout)
         self.port_attempts = int(port_attempts)
-        #: False: the context manager returns once the SuperLink is up and the SuperNodes are
-        #: spawned; :meth:`run` then submits the study while they start (see :meth:`wait_nodes`)
-        self.wait_for_nodes = bool(wait_for_nodes)
         self.logdir = self.workdir / "logs"
         self.flwr_root = self.workdir / "flwr"
         self.cli_home = self.flwr_root / "cli"
@@ -237,6 +233,7 @@ class LocalFederation:
         self.procs = ProcessSet()
         self._ports: set[int] = set()
         self._stack: contextlib.ExitStack | None = None
+        self._pending: dict[str, subprocess.Popen[Any]] = {}  # SuperNodes not yet answering their health check
 
     @property
     def control_address(self) -> str:
@@ -280,12 +277,11 @@ class LocalFederation:
         # SuperNodes start in parallel; each is retried on its own if its port clashes.
         self._pending = {site: self._spawn_supernode(site) for site in self.node_configs}
         write_connection(self.cli_home, LOCAL_CONNECTION, address=self.control_address, insecure=True)
-        if self.wait_for_nodes:
-            self.wait_nodes()
+        self.wait_nodes()
 
     def wait_nodes(self) -> None:
         """Wait until every SuperNode answers its health check (restarting one whose port clashed)."""
-        pending = getattr(self, "_pending", {})
+        pending = self._pending
         attempts = dict.fromkeys(self.node_configs, 1)
         healthy: set[str] = set()  # answered /health once; done when it answers again while alive
         deadline = time.monotonic() + self.startup_timeout
@@ -395,11 +391,7 @@ class LocalFederation:
     # -- running a study
 
     def run(self, plan: Mapping[str, Any], *, timeout: float = DEFAULT_RUN_TIMEOUT) -> None:
-        """Submit ``plan`` to this federation with ``flwr run`` and wait for the outcome.
-
-        SuperNodes still starting (``wait_for_nodes=False``) are waited for after the submission,
-        so the submission and the ServerApp's start overlap the SuperNodes' start; a SuperNode
-        that fails to start stops the run with its log."""
+        """Submit ``plan`` to this federation with ``flwr run`` and wait for the outcome."""
         if self.superlink_port is None:
             raise FedgenError("the local federation is not running (use it as a context manager)")
         plan = dict(plan)
@@ -416,7 +408,6 @@ class LocalFederation:
             procs=self.procs,
             timeout=timeout,
             extra_logs=[self.logs["superlink"]],
-            after_submit=self.wait_nodes if getattr(self, "_pending", None) else None,
         )
 
 
@@ -439,7 +430,7 @@ def run_study_local(
         raise ConfigError(f"no node config for site(s) {', '.join(missing)} in a local run")
     plan = dict(plan)
     plan["sites"] = sites
-    with LocalFederation({s: node_configs[s] for s in sites}, workdir=workdir, wait_for_nodes=False) as fed:
+    with LocalFederation({s: node_configs[s] for s in sites}, workdir=workdir) as fed:
         fed.run(plan, timeout=timeout)
 
 
@@ -639,7 +630,6 @@ def _submit_and_wait(
     procs: ProcessSet,
     timeout: float,
     extra_logs: list[Path],
-    after_submit: Any = None,
 ) -> None:
     try:
         plan_json = json.dumps(plan, allow_nan=False)
@@ -669,8 +659,6 @@ def _submit_and_wait(
     deadline = time.monotonic() + float(timeout)
     status: dict[str, Any] | None = None
     try:
-        if after_submit is not None:  # e.g. SuperNodes still starting: the run waits for them meanwhile
-            after_submit()
         while True:
             status = follower.status or _read_status(status_file)
             if status is not None or proc.poll() is not None:
