@@ -8,7 +8,7 @@ runs ``fedgen simulate`` first. Then
 * fedgen: site description + genotype counts, then :func:`fedgen.study.pca.run_pca`
   (selection with ``--maf``, optional LD pruning, block Krylov SVD, scores stored at the
   sites, histogram plot) over the in-process transport (same site code as on Flower; on a
-  real federation add the per-round latency, ~0.5 s per round on loopback nodes);
+  real federation add the per-round latency, 0.2–0.6 s per round on loopback nodes, see bench_rounds.py);
 * PLINK 2 (AVX2 build pinned) on a pooled ``.bed`` written from the sites' genotype caches:
   ``--maf M [--indep-pairwise ...] --pca approx K --seed 1`` and, with ``--exact``, ``--pca K``;
 

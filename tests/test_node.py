@@ -704,3 +704,25 @@ def test_node_start_runs_with_safe_path_and_names_the_boundary(site):
     assert env["PYTHONSAFEPATH"] == "1"
     line = code_boundary_summary(c.policy)
     assert f"runs only its installed fedgen {fedgen.__version__} ClientApp" in line and "accepted FAB hashes: none" in line
+
+
+def test_node_with_a_plink_fileset_passes_its_checks(site, capsys):
+    """A site holding a PLINK 1 fileset instead of a VCF: node.toml `bed = PREFIX` (one genotype input only)."""
+    pytest.importorskip("pgenlib")
+    from test_plink_filesets import write_bed
+
+    from fedgen.cohort.cohort import load_cohort
+
+    cohort = load_cohort(site["nc"])
+    prefix = site["tmp"] / "data" / "cohort"
+    write_bed(cohort, prefix)
+    _edit(site["config"], "site", "bed", f'"{prefix}"')
+    with pytest.raises(ConfigError, match="exactly one genotype input"):
+        load_site_config(site["config"])  # vcf and bed both set
+    lines = [ln for ln in site["config"].read_text().splitlines() if not ln.startswith("vcf =")]
+    site["config"].write_text("\n".join(lines) + "\n")
+    c = load_site_config(site["config"])
+    assert c.genotype_kind == "bed" and c.node_config()["bed"] == str(prefix) and "vcf" not in c.node_config()
+    assert main(["node", "check", "--config", str(site["config"])]) == 0
+    out = capsys.readouterr().out
+    assert "PLINK 1 fileset, 40 samples" in out and "built now" in out

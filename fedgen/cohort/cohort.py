@@ -87,6 +87,44 @@ class Cohort:
 
 _COHORTS: dict[str, Cohort] = {}
 
+#: node-config keys that name a site's genotypes (exactly one is given)
+GENOTYPE_KEYS = ("vcf", "pgen", "bed")
+
+
+def genotype_fingerprint(node_config: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The site's genotype file (a VCF/BCF, or a fileset's .pgen/.bed) and the fingerprint its
+    genotype cache is keyed by (for a fileset: all three files). Raises InputError."""
+    given = [k for k in GENOTYPE_KEYS if node_config.get(k)]
+    if not given:
+        raise InputError("site configuration has no genotype input: give one of 'vcf', 'pgen' (PLINK 2 fileset "
+                         "prefix) or 'bed' (PLINK 1 fileset prefix)")
+    if len(given) > 1:
+        raise InputError(f"site configuration gives several genotype inputs ({', '.join(given)}); give one")
+    kind = given[0]
+    if kind == "vcf":
+        vcf = Path(str(node_config["vcf"])).expanduser()
+        if not vcf.exists():
+            raise InputError(f"{vcf}: VCF/BCF file not found")
+        return vcf, dict(file_fingerprint(vcf))
+    from fedgen.cohort.plinkfiles import fileset_paths
+
+    files = fileset_paths(str(node_config[kind]), kind)
+    return files[0], {**file_fingerprint(files[0]), "kind": kind, "files": [file_fingerprint(f) for f in files[1:]]}
+
+
+def cache_dir(state: Path, fp: Mapping[str, Any]) -> Path:
+    """Where the genotype cache of fingerprint ``fp`` lives under a state folder."""
+    path_tag = hashlib.sha256(str(fp["path"]).encode()).hexdigest()[:12]
+    return state / "cache" / f"{path_tag}-{_cache_key(fp)}"
+
+
+def genotype_input(node_config: Mapping[str, Any]) -> Path | None:
+    """The path a site's genotypes are given by (a VCF/BCF file or a PLINK fileset prefix), or None."""
+    for key in GENOTYPE_KEYS:
+        if node_config.get(key):
+            return Path(str(node_config[key])).expanduser()
+    return None
+
 
 def default_state_dir(vcf: Path) -> Path:
     return Path(vcf).resolve().parent / "fedgen-state"
@@ -95,20 +133,17 @@ def default_state_dir(vcf: Path) -> Path:
 def load_cohort(node_config: Mapping[str, Any], *, progress: bool = False) -> Cohort:
     """Load (and cache) the cohort described by a site's node config.
 
-    Keys: ``site``, ``vcf``, ``samples``, optional ``state_dir``.
+    Keys: ``site``, one genotype input (``vcf``: a VCF/BCF file; ``pgen``: a PLINK 2 fileset
+    prefix; ``bed``: a PLINK 1 fileset prefix), ``samples``, optional ``state_dir``.
     """
     site = str(node_config.get("site") or "site")
-    for key in ("vcf", "samples"):
-        if not node_config.get(key):
-            raise InputError(f"site configuration has no {key!r} path")
-    vcf = Path(str(node_config["vcf"])).expanduser()
+    vcf, fp = genotype_fingerprint(node_config)
+    if not node_config.get("samples"):
+        raise InputError("site configuration has no 'samples' path")
     samples = Path(str(node_config["samples"])).expanduser()
     state = Path(str(node_config.get("state_dir") or default_state_dir(vcf))).expanduser()
-    if not vcf.exists():
-        raise InputError(f"{vcf}: VCF/BCF file not found")
     if not samples.exists():
         raise InputError(f"{samples}: samples table not found")
-    fp = file_fingerprint(vcf)
     sp = file_fingerprint(samples)
     memo_key = json.dumps([site, fp, sp, str(state)], sort_keys=True)
     hit = _COHORTS.get(memo_key)
@@ -131,7 +166,7 @@ def _cache_key(fp: Mapping[str, Any]) -> str:
 def _load_or_build_cache(vcf: Path, state: Path, fp: Mapping[str, Any], *, progress: bool) -> dict[str, Any]:
     cache_root = state / "cache"
     path_tag = hashlib.sha256(str(fp["path"]).encode()).hexdigest()[:12]
-    final = cache_root / f"{path_tag}-{_cache_key(fp)}"
+    final = cache_dir(state, fp)
     if (final / "meta.json").exists():
         try:
             return _open_cache(final)
@@ -160,7 +195,12 @@ def _load_or_build_cache(vcf: Path, state: Path, fp: Mapping[str, Any], *, progr
 
 def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool) -> None:
     t0 = time.perf_counter()
-    header, blocks, stats = read_vcf(vcf)
+    if fp.get("kind") in ("pgen", "bed"):
+        from fedgen.cohort.plinkfiles import read_fileset
+
+        header, blocks, stats = read_fileset(vcf, str(fp["kind"]))
+    else:
+        header, blocks, stats = read_vcf(vcf)
     n = len(header.samples)
     chrom: list[str] = []
     pos: list[np.ndarray] = []

@@ -28,9 +28,12 @@ def site_state_dir(node_config: Mapping[str, Any]) -> Path:
     """The site's state folder, resolved exactly as :func:`fedgen.cohort.cohort.load_cohort` does."""
     if node_config.get("state_dir"):
         return Path(str(node_config["state_dir"])).expanduser()
-    if not node_config.get("vcf"):
-        raise InputError("site configuration has no 'vcf' path")
-    return default_state_dir(Path(str(node_config["vcf"])).expanduser())
+    from fedgen.cohort.cohort import genotype_input
+
+    source = genotype_input(node_config)
+    if source is None:
+        raise InputError("site configuration has no genotype input ('vcf', 'pgen' or 'bed')")
+    return default_state_dir(source)
 
 
 def cohort_state_dir(cohort: Cohort) -> Path:

@@ -141,6 +141,15 @@ def _check_state_dir(c: SiteConfig) -> str:
 def _check_vcf(c: SiteConfig, header: dict[str, object]) -> str:
     from fedgen.cohort.vcf import detect_format, read_vcf
 
+    if c.genotype_kind in ("pgen", "bed"):
+        from fedgen.cohort.plinkfiles import read_fileset
+
+        h, blocks, _ = read_fileset(c.vcf, c.genotype_kind)
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
+        header["samples"] = list(h.samples)
+        return f"{c.vcf}: PLINK {'2' if c.genotype_kind == 'pgen' else '1'} fileset, {len(h.samples)} samples"
     fmt = detect_format(c.vcf)
     h, blocks, _ = read_vcf(c.vcf, threads=1)
     close = getattr(blocks, "close", None)
@@ -169,14 +178,10 @@ def _check_samples(c: SiteConfig, header: dict[str, object]) -> str:
 
 
 def _check_cache(c: SiteConfig, build: bool) -> str:
-    import hashlib
-
     from fedgen.cohort import cohort as co
-    from fedgen.cohort.vcf import file_fingerprint
 
-    fp = file_fingerprint(c.vcf)
-    tag = hashlib.sha256(str(fp["path"]).encode()).hexdigest()[:12]
-    final = c.state_dir / "cache" / f"{tag}-{co._cache_key(fp)}"
+    _, fp = co.genotype_fingerprint(c.node_config())
+    final = co.cache_dir(c.state_dir, fp)
     if (final / "meta.json").exists():
         meta = json.loads((final / "meta.json").read_text())
         return f"{final}: current ({meta['n_variants']} variants x {len(meta['samples'])} samples)"

@@ -166,7 +166,8 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
 # ---------------------------------------------------------------- site node config
 
 _SITE_KEYS = {
-    "site": ("name", "vcf", "samples", "state_dir", "policy", "audit_payloads", "audit_payload_retention_days"),
+    "site": ("name", "vcf", "pgen", "bed", "samples", "state_dir", "policy", "audit_payloads",
+             "audit_payload_retention_days"),
     "aggregator": ("address", "ca_cert"),
     "auth": ("private_key", "public_key"),
     "node": ("runtime_port", "poll_interval", "log_level"),
@@ -192,12 +193,14 @@ class SiteConfig:
     log_level: str = "INFO"
     audit_payloads: bool = True
     audit_payload_retention_days: float = 0.0  # 0 = keep for ever
+    #: which key ``vcf`` came from: "vcf" (VCF/BCF file), "pgen" or "bed" (PLINK fileset prefix)
+    genotype_kind: str = "vcf"
 
     def node_config(self) -> dict[str, str]:
         """What the ClientApp sees as ``context.node_config`` (see fedgen.cohort.load_cohort)."""
         return {
             "site": self.site,
-            "vcf": str(self.vcf),
+            self.genotype_kind: str(self.vcf),
             "samples": str(self.samples),
             "state_dir": str(self.state_dir),
             "policy": str(self.policy),
@@ -222,12 +225,17 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     if not SITE_RE.match(site):
         raise ConfigError(f"{path}: [site] name {site!r}: use letters, digits, '-' or '_'")
     state_dir = r.path_("site", "state_dir")
+    kinds = [k for k in ("vcf", "pgen", "bed") if r.get("site", k, None) is not None]
+    if len(kinds) != 1:
+        raise ConfigError(f"{path}: [site] give exactly one genotype input: vcf (VCF/BCF file), pgen (PLINK 2 fileset "
+                          f"prefix) or bed (PLINK 1 fileset prefix); got {', '.join(kinds) or 'none'}")
     address = r.string("aggregator", "address")
     parse_host_port(address, what=f"{path}: [aggregator] address")
     return SiteConfig(
         path=path.resolve(),
         site=site,
-        vcf=r.path_("site", "vcf"),
+        vcf=r.path_("site", kinds[0]),
+        genotype_kind=kinds[0],
         samples=r.path_("site", "samples"),
         state_dir=state_dir,
         policy=r.path_("site", "policy", str(state_dir / POLICY_FILE)),

@@ -11,9 +11,9 @@ def state_dir_for(node_config: Mapping[str, Any]) -> Path:
     state = node_config.get("state_dir")
     if state:
         return Path(str(state)).expanduser()
-    vcf = node_config.get("vcf")
-    if not vcf:
-        raise ValueError("site configuration names neither state_dir nor vcf")
-    from fedgen.cohort.cohort import default_state_dir
+    from fedgen.cohort.cohort import default_state_dir, genotype_input
 
-    return default_state_dir(Path(str(vcf)).expanduser())
+    source = genotype_input(node_config)
+    if source is None:
+        raise ValueError("site configuration names neither state_dir nor a genotype input (vcf, pgen, bed)")
+    return default_state_dir(source)

@@ -72,7 +72,11 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             raise ConfigError(f"sites.{name}: expected a mapping with vcf and samples")
         nc = {"site": str(name)}
         if fed.get("mode") != "remote":
-            for key in ("vcf", "samples"):
+            inputs = [k for k in ("vcf", "pgen", "bed") if sc.get(k)]
+            if len(inputs) != 1:
+                raise ConfigError(f"sites.{name}: give exactly one genotype input: vcf (VCF/BCF file), pgen (PLINK 2 "
+                                  f"fileset prefix) or bed (PLINK 1 fileset prefix); got {', '.join(inputs) or 'none'}")
+            for key in (inputs[0], "samples"):
                 if not sc.get(key):
                     raise ConfigError(f"sites.{name}.{key} is not set")
                 nc[key] = str((base / str(sc[key])).expanduser().resolve())

@@ -1,0 +1,146 @@
+"""PLINK filesets as site inputs: PLINK 2 (``.pgen/.pvar/.psam``) and PLINK 1 (``.bed/.bim/.fam``).
+
+Both are read with ``pgenlib`` (PLINK 2's own reader, which also reads PLINK 1 ``.bed``) into
+the same :class:`~fedgen.cohort.vcf.RecordBlock` stream the VCF reader produces, so a fileset
+feeds the same genotype cache, harmonisation and analyses; the same data gives the same
+results from VCF, BCF, pgen or bed.
+
+Conventions: hard calls counted as ALT dosage (``-1`` = missing). In a ``.bim`` the 5th column
+is ALT (PLINK's A1) and the 6th REF (A2), as PLINK 2 reads it. Variants with more than one ALT
+(``.pvar`` ``A,C``) are skipped and counted, as VCF multi-allelic records are. Samples are
+named by IID (``.psam``: the ``IID`` column; ``.fam``: the 2nd column). ``.pvar`` contig
+lengths (``##contig=<ID=…,length=…>``) are kept for the genome-build check.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from fedgen.cohort.vcf import ParseStats, RecordBlock, VcfHeader
+from fedgen.errors import InputError
+
+#: suffixes of each kind of fileset: genotypes, variants, samples
+KINDS = {"pgen": (".pgen", ".pvar", ".psam"), "bed": (".bed", ".bim", ".fam")}
+_CONTIG = re.compile(r"##contig=<.*?ID=([^,>]+)(?:.*?length=(\d+))?", re.IGNORECASE)
+BLOCK = 4096
+
+
+def fileset_paths(prefix: str | Path, kind: str) -> tuple[Path, Path, Path]:
+    """The three files of a fileset given its prefix (or any one of its files)."""
+    p = Path(str(prefix)).expanduser()
+    suffixes = KINDS[kind]
+    if p.suffix in suffixes:
+        p = p.with_suffix("")
+    paths = tuple(Path(str(p) + s) for s in suffixes)
+    missing = [str(q) for q in paths if not q.exists()]
+    if missing:
+        raise InputError(f"{kind} fileset {p}: missing {', '.join(missing)}")
+    return paths  # type: ignore[return-value]
+
+
+def _samples(path: Path, kind: str) -> list[str]:
+    lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path}: no samples")
+    if kind == "pgen" and lines[0].startswith("#"):
+        head = lines[0].lstrip("#").split()
+        if "IID" not in head:
+            raise InputError(f"{path}: header has no IID column")
+        j = head.index("IID")
+        rows = [line.split() for line in lines[1:]]
+    else:  # .fam, or a .psam without a header (the .fam layout): FID IID ...
+        j = 1
+        rows = [line.split() for line in lines]
+    bad = [i for i, r in enumerate(rows) if len(r) <= j]
+    if bad:
+        raise InputError(f"{path}: line {bad[0] + 1} has no IID")
+    iids = [r[j] for r in rows]
+    dup = sorted({x for x in iids if iids.count(x) > 1}) if len(set(iids)) != len(iids) else []
+    if dup:
+        raise InputError(f"{path}: {len(dup)} IID(s) appear twice")
+    return iids
+
+
+def _variants(path: Path, kind: str) -> tuple[dict[str, int | None], list[tuple[str, int, str, str, str]]]:
+    """(contig lengths, [(chrom, pos, id, ref, alt), ...]) from a .pvar or .bim."""
+    contigs: dict[str, int | None] = {}
+    out: list[tuple[str, int, str, str, str]] = []
+    cols = None
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if line.startswith("##"):
+                m = _CONTIG.match(line)
+                if m:
+                    contigs[m.group(1)] = int(m.group(2)) if m.group(2) else None
+                continue
+            f = line.split()
+            if not f:
+                continue
+            if line.startswith("#"):
+                cols = [c.lstrip("#") for c in f]
+                continue
+            try:
+                if kind == "bed":  # chrom id cm pos A1(=ALT) A2(=REF)
+                    out.append((f[0], int(f[3]), f[1], f[5], f[4]))
+                elif cols is None:  # a .pvar without header: the .bim layout
+                    out.append((f[0], int(f[3]), f[1], f[5], f[4]))
+                else:
+                    r = dict(zip(cols, f))
+                    out.append((r["CHROM"], int(r["POS"]), r.get("ID", "."), r["REF"], r["ALT"]))
+            except (IndexError, KeyError, ValueError):
+                raise InputError(f"{path}: line {n} is not a valid variant line") from None
+    return contigs, out
+
+
+def read_fileset(prefix: str | Path, kind: str) -> tuple[VcfHeader, Iterator[RecordBlock], ParseStats]:
+    """Open a fileset: (header, biallelic record blocks, stats) as :func:`fedgen.cohort.vcf.read_vcf`."""
+    try:
+        import pgenlib
+    except ImportError:
+        raise InputError("reading PLINK filesets needs the 'pgenlib' package (pip install pgenlib)") from None
+    geno, var_path, sam_path = fileset_paths(prefix, kind)
+    samples = _samples(sam_path, kind)
+    contigs, variants = _variants(var_path, kind)
+    stats = ParseStats()
+    try:
+        reader = pgenlib.PgenReader(str(geno).encode(), raw_sample_ct=len(samples))
+    except Exception as exc:  # noqa: BLE001 - pgenlib raises plain RuntimeError on bad files
+        raise InputError(f"{geno}: not a readable {kind} file ({exc})") from None
+    n_var = reader.get_variant_ct()
+    if n_var != len(variants):
+        reader.close()
+        raise InputError(f"{geno}: {n_var} variants, but {var_path.name} lists {len(variants)}")
+    if reader.get_raw_sample_ct() != len(samples):
+        reader.close()
+        raise InputError(f"{geno}: {reader.get_raw_sample_ct()} samples, but {sam_path.name} lists {len(samples)}")
+    header = VcfHeader(samples=samples, contigs=contigs, meta_lines=0)
+
+    def blocks() -> Iterator[RecordBlock]:
+        try:
+            buf = np.empty((BLOCK, len(samples)), dtype=np.int8)
+            for s in range(0, n_var, BLOCK):
+                e = min(n_var, s + BLOCK)
+                part = variants[s:e]
+                stats.records += e - s
+                keep = np.array([("," not in v[4]) and v[4] not in (".", "*") for v in part], dtype=bool)
+                stats.multiallelic += int((~keep).sum())
+                if not keep.any():
+                    continue
+                out = buf[: e - s]
+                reader.read_range(s, e, out)
+                g = out[keep].copy()
+                g[g < 0] = -1  # pgenlib: -9 = missing
+                rows = [v for v, k in zip(part, keep.tolist()) if k]
+                yield RecordBlock(
+                    chrom=[r[0] for r in rows], pos=np.array([r[1] for r in rows], dtype=np.int64),
+                    ids=[r[2] for r in rows], ref=[r[3] for r in rows], alt=[r[4] for r in rows], dosage=g,
+                    lines=e - s,
+                )
+        finally:
+            reader.close()
+
+    return header, blocks(), stats

@@ -1,0 +1,98 @@
+"""PLINK 2 (.pgen/.pvar/.psam) and PLINK 1 (.bed/.bim/.fam) filesets as site inputs: the same
+genotypes give the same results as the site's VCF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import qc_plan, split_sites
+from fedgen.cohort.cohort import load_cohort
+from fedgen.errors import InputError
+from fedgen.federation.transport import InProcessTransport
+from fedgen.study.runner import run_plan
+from fedgen.testing import make_synth
+
+pgenlib = pytest.importorskip("pgenlib")
+
+
+def write_pgen(cohort, prefix: Path, *, extra_multiallelic: bool = False) -> None:
+    g = np.asarray(cohort.dosage, dtype=np.int8)
+    rows = list(zip(cohort.chrom.tolist(), cohort.pos.tolist(), cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist()))
+    n_var = len(rows) + (1 if extra_multiallelic else 0)
+    w = pgenlib.PgenWriter(str(prefix.with_suffix(".pgen")).encode(), len(cohort.vcf_samples), n_var, False)
+    lines = [f"##contig=<ID={c},length={n}>" for c, n in cohort.contigs.items() if n] + ["#CHROM\tPOS\tID\tREF\tALT"]
+    for k, (c, p, i, r, a) in enumerate(rows):
+        w.append_biallelic(np.where(g[k] < 0, -9, g[k]).astype(np.int8))
+        lines.append(f"{c}\t{p}\t{i}\t{r}\t{a}")
+        if extra_multiallelic and k == 3:  # a multi-allelic record in the middle: skipped and counted
+            w.append_biallelic(np.zeros(g.shape[1], dtype=np.int8))
+            lines.append(f"{c}\t{p + 1}\tmulti\tA\tC,G")
+    w.close()
+    prefix.with_suffix(".pvar").write_text("\n".join(lines) + "\n")
+    prefix.with_suffix(".psam").write_text("#IID\tSEX\n" + "".join(f"{s}\tNA\n" for s in cohort.vcf_samples))
+
+
+def write_bed(cohort, prefix: Path) -> None:
+    """PLINK 1 .bed by hand: SNP-major, 2 bits per call (00 hom A1 = ALT, 10 het, 11 hom A2 = REF, 01 missing)."""
+    g = np.asarray(cohort.dosage, dtype=np.int8)
+    n = g.shape[1]
+    code = np.select([g == 2, g == 1, g == 0], [0b00, 0b10, 0b11], 0b01).astype(np.uint8)
+    pad = (-n) % 4
+    code = np.hstack([code, np.zeros((g.shape[0], pad), np.uint8)]).reshape(g.shape[0], -1, 4)
+    packed = code[:, :, 0] | (code[:, :, 1] << 2) | (code[:, :, 2] << 4) | (code[:, :, 3] << 6)
+    prefix.with_suffix(".bed").write_bytes(bytes([0x6C, 0x1B, 0x01]) + packed.astype(np.uint8).tobytes())
+    prefix.with_suffix(".bim").write_text("".join(
+        f"{c}\t{i}\t0\t{p}\t{a}\t{r}\n" for c, p, i, r, a in
+        zip(cohort.chrom.tolist(), cohort.pos.tolist(), cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())))
+    prefix.with_suffix(".fam").write_text("".join(f"F{k}\t{s}\t0\t0\t0\t-9\n" for k, s in enumerate(cohort.vcf_samples)))
+
+
+def test_pgen_and_bed_sites_give_the_vcf_results(tmp_path):
+    data = make_synth(n_samples=240, n_variants=300, seed=4)
+    nodes = split_sites(data, tmp_path / "sites", [0.5, 0.3, 0.2], seed=2)
+    run_plan(qc_plan(tmp_path / "vcf", list(nodes)), InProcessTransport(nodes))
+    mixed = {}
+    for k, (site, nc) in enumerate(nodes.items()):
+        cohort = load_cohort(nc)
+        nc2 = {key: v for key, v in nc.items() if key != "vcf"}
+        nc2["state_dir"] = str(tmp_path / f"state-{site}")
+        if k == 0:
+            write_pgen(cohort, tmp_path / f"{site}_set", extra_multiallelic=True)
+            nc2["pgen"] = str(tmp_path / f"{site}_set")
+        elif k == 1:
+            write_bed(cohort, tmp_path / f"{site}_set")
+            nc2["bed"] = str(tmp_path / f"{site}_set.bed")  # a file of the set works as well as the prefix
+        else:
+            nc2["vcf"] = nc["vcf"]
+        mixed[site] = nc2
+        if k < 2:
+            c2 = load_cohort(nc2)
+            np.testing.assert_array_equal(np.asarray(c2.dosage), np.asarray(cohort.dosage))
+            assert c2.vcf_samples == cohort.vcf_samples and c2.ids.tolist() == cohort.ids.tolist()
+    assert load_cohort(mixed[list(mixed)[0]]).counts["multiallelic_skipped"] == 1
+    run_plan(qc_plan(tmp_path / "mixed", list(mixed)), InProcessTransport(mixed))
+    for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "variants.tsv"):
+        assert (tmp_path / "mixed" / name).read_text() == (tmp_path / "vcf" / name).read_text(), name
+
+
+def test_bad_filesets_get_clear_errors(tmp_path):
+    data = make_synth(n_samples=40, n_variants=30, seed=1)
+    nodes = split_sites(data, tmp_path / "sites", [1.0], seed=1)
+    nc = next(iter(nodes.values()))
+    cohort = load_cohort(nc)
+    prefix = tmp_path / "set"
+    write_bed(cohort, prefix)
+    base = {"site": "s", "samples": nc["samples"], "state_dir": str(tmp_path / "st")}
+    with pytest.raises(InputError, match="several genotype inputs"):
+        load_cohort({**base, "bed": str(prefix), "vcf": nc["vcf"]})
+    with pytest.raises(InputError, match="missing .*set.fam"):
+        prefix.with_suffix(".fam").rename(tmp_path / "x.fam")
+        load_cohort({**base, "bed": str(prefix)})
+    (tmp_path / "x.fam").rename(prefix.with_suffix(".fam"))
+    lines = prefix.with_suffix(".bim").read_text().splitlines()
+    prefix.with_suffix(".bim").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(InputError, match="variants, but set.bim lists"):
+        load_cohort({**base, "bed": str(prefix)})
