@@ -283,3 +283,22 @@ def test_samples_table_is_not_tab_separated(site, tmp_path):
     p = site / "comma.csv"
     p.write_text("IID,BIN\nS00001,1\n")
     _bad({"vcf": str(site / "g.vcf.gz"), "samples": str(p)}, tmp_path, r"comma\.csv: samples table has no IID column \(is it tab-separated\?\)")
+
+
+def test_polyploid_calls_are_missing_and_counted_not_fatal(tmp_path):
+    """A call fedgen cannot use (GT 1/1/1) is a missing call, counted in the site's counts; the
+    record and every other call in it are kept (one such record used to stop the whole study)."""
+    from fedgen.cohort.cohort import load_cohort
+
+    vcf = tmp_path / "poly.vcf"
+    vcf.write_text(
+        "##fileformat=VCFv4.2\n##contig=<ID=1,length=1000>\n"
+        "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tA\tB\tC\n"
+        "1\t10\trs1\tA\tG\t.\t.\t.\tGT\t0/1\t1/1/1\t0/0\n"
+        "1\t20\trs2\tA\tG\t.\t.\t.\tGT:DP\t0/1/.:3\t1|1:4\t0/0:5\n"
+        "1\t30\trs3\tA\tC\t.\t.\t.\tGT\t0/1\t./.\t1\n"
+    )
+    (tmp_path / "s.tsv").write_text("IID\tY\nA\t1\nB\t0\nC\t1\n")
+    c = load_cohort({"site": "s", "vcf": str(vcf), "samples": str(tmp_path / "s.tsv"), "state_dir": str(tmp_path / "st")})
+    assert np.asarray(c.dosage).tolist() == [[1, -1, 0], [-1, 2, 0], [1, -1, 2]]
+    assert c.counts["unusable_calls"] == 1 and c.counts["variants"] == 3

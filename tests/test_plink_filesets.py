@@ -96,3 +96,51 @@ def test_bad_filesets_get_clear_errors(tmp_path):
     prefix.with_suffix(".bim").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(InputError, match="variants, but set.bim lists"):
         load_cohort({**base, "bed": str(prefix)})
+
+
+def _split_by_chrom(vcf: Path, out: Path) -> list[Path]:
+    """Per-chromosome plain VCFs (the header repeated), named chr<N>.vcf."""
+    import pysam
+
+    with pysam.BGZFile(str(vcf), "rb") if str(vcf).endswith(".gz") else open(vcf, "rb") as fh:
+        lines = fh.read().decode().splitlines()
+    header = [ln for ln in lines if ln.startswith("#")]
+    by: dict[str, list[str]] = {}
+    for ln in lines:
+        if ln and not ln.startswith("#"):
+            by.setdefault(ln.split("\t", 1)[0], []).append(ln)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for c, rows in by.items():
+        p = out / f"chr{c.removeprefix('chr')}.vcf"
+        p.write_text("\n".join(header + rows) + "\n")
+        files.append(p)
+    return files
+
+
+def test_per_chromosome_vcfs_give_the_single_file_results(tmp_path):
+    data = make_synth(n_samples=200, n_variants=300, seed=6)
+    conv = [dict(chr_prefix=False, fmt="GT", phased=0.0, compress="bgzip"),
+            dict(chr_prefix=True, fmt="GT:AD:DP:GQ:PL", phased=0.5, compress="none")]
+    nodes = split_sites(data, tmp_path / "sites", [0.6, 0.4], seed=3, conventions=conv)
+    run_plan(qc_plan(tmp_path / "one", list(nodes)), InProcessTransport(nodes))
+    split = {}
+    for k, (site, nc) in enumerate(nodes.items()):
+        files = _split_by_chrom(Path(nc["vcf"]), tmp_path / f"split-{site}")
+        assert len(files) >= 2
+        spec = str(tmp_path / f"split-{site}" / "chr*.vcf") if k == 0 else "\n".join(str(f) for f in reversed(files))
+        split[site] = {**nc, "vcf": spec, "state_dir": str(tmp_path / f"st-{site}")}
+    run_plan(qc_plan(tmp_path / "split", list(split)), InProcessTransport(split))
+    for name in ("freq.afreq", "missing.vmiss", "hardy.hardy"):
+        a = sorted((tmp_path / "split" / name).read_text().splitlines())
+        b = sorted((tmp_path / "one" / name).read_text().splitlines())
+        assert a == b, name
+    # files of one site must hold the same samples
+    site = list(split)[1]
+    files = split[site]["vcf"].splitlines()
+    text = Path(files[0]).read_text().replace("\t" + load_cohort(nodes[site]).vcf_samples[0] + "\t", "\tSOMEONE_ELSE\t", 1)
+    Path(files[0]).write_text(text)
+    with pytest.raises(InputError, match="samples differ"):
+        load_cohort({**split[site], "state_dir": str(tmp_path / "st-new")})
+    with pytest.raises(InputError, match="no VCF/BCF file matches"):
+        load_cohort({**split[site], "vcf": str(tmp_path / "nothing" / "chr*.vcf")})

@@ -22,12 +22,12 @@ import numpy as np
 
 from fedgen.cohort.contigs import autosome_number, harmonise_contig
 from fedgen.cohort.samples import SamplesTable, read_samples_table
-from fedgen.cohort.vcf import file_fingerprint, read_vcf
+from fedgen.cohort.vcf import file_fingerprint
 from fedgen.errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: unusable (polyploid) calls counted
 
 
 @dataclass
@@ -102,14 +102,45 @@ def genotype_fingerprint(node_config: Mapping[str, Any]) -> tuple[Path, dict[str
         raise InputError(f"site configuration gives several genotype inputs ({', '.join(given)}); give one")
     kind = given[0]
     if kind == "vcf":
-        vcf = Path(str(node_config["vcf"])).expanduser()
-        if not vcf.exists():
-            raise InputError(f"{vcf}: VCF/BCF file not found")
-        return vcf, dict(file_fingerprint(vcf))
+        files = vcf_files(str(node_config["vcf"]))
+        if len(files) == 1:
+            return files[0], dict(file_fingerprint(files[0]))
+        return files[0], {**file_fingerprint(files[0]), "files": [file_fingerprint(f) for f in files[1:]]}
     from fedgen.cohort.plinkfiles import fileset_paths
 
     files = fileset_paths(str(node_config[kind]), kind)
     return files[0], {**file_fingerprint(files[0]), "kind": kind, "files": [file_fingerprint(f) for f in files[1:]]}
+
+
+def _natural_key(path: Path) -> list[Any]:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def vcf_files(spec: str) -> list[Path]:
+    """The VCF/BCF files of a site: one path, a glob (``/data/hk/chr*.vcf.gz``, natural order:
+    chr2 before chr10) or several paths, one per line (a YAML list in a sites file)."""
+    import glob
+
+    out: list[Path] = []
+    for item in [x.strip() for x in str(spec).splitlines() if x.strip()]:
+        p = Path(item).expanduser()
+        if any(ch in item for ch in "*?["):
+            hits = sorted((Path(h) for h in glob.glob(str(p))), key=_natural_key)
+            if not hits:
+                raise InputError(f"{item}: no VCF/BCF file matches this pattern")
+            out += hits
+        else:
+            if not p.exists():
+                raise InputError(f"{p}: VCF/BCF file not found")
+            out.append(p)
+    if not out:
+        raise InputError("site configuration: 'vcf' names no file")
+    dup = {str(p.resolve()) for p in out if sum(q.resolve() == p.resolve() for q in out) > 1}
+    if dup:
+        raise InputError(f"the site's VCF list names a file twice: {', '.join(sorted(dup))}")
+    return out
 
 
 def cache_dir(state: Path, fp: Mapping[str, Any]) -> Path:
@@ -119,10 +150,12 @@ def cache_dir(state: Path, fp: Mapping[str, Any]) -> Path:
 
 
 def genotype_input(node_config: Mapping[str, Any]) -> Path | None:
-    """The path a site's genotypes are given by (a VCF/BCF file or a PLINK fileset prefix), or None."""
+    """The path a site's genotypes are given by (its first VCF/BCF file or pattern, or a PLINK
+    fileset prefix), or None; its folder holds the default state folder."""
     for key in GENOTYPE_KEYS:
         if node_config.get(key):
-            return Path(str(node_config[key])).expanduser()
+            first = next((x.strip() for x in str(node_config[key]).splitlines() if x.strip()), "")
+            return Path(first).expanduser() if first else None
     return None
 
 
@@ -133,7 +166,8 @@ def default_state_dir(vcf: Path) -> Path:
 def load_cohort(node_config: Mapping[str, Any], *, progress: bool = False) -> Cohort:
     """Load (and cache) the cohort described by a site's node config.
 
-    Keys: ``site``, one genotype input (``vcf``: a VCF/BCF file; ``pgen``: a PLINK 2 fileset
+    Keys: ``site``, one genotype input (``vcf``: a VCF/BCF file, a glob or one path per line,
+    e.g. per-chromosome files; ``pgen``: a PLINK 2 fileset
     prefix; ``bed``: a PLINK 1 fileset prefix), ``samples``, optional ``state_dir``.
     """
     site = str(node_config.get("site") or "site")
@@ -200,7 +234,9 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
 
         header, blocks, stats = read_fileset(vcf, str(fp["kind"]))
     else:
-        header, blocks, stats = read_vcf(vcf)
+        from fedgen.cohort.vcf import read_vcfs
+
+        header, blocks, stats = read_vcfs([vcf, *(Path(f["path"]) for f in fp.get("files", []))])
     n = len(header.samples)
     chrom: list[str] = []
     pos: list[np.ndarray] = []
@@ -240,6 +276,7 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
             "multiallelic_skipped": stats.multiallelic,
             "general_path_records": stats.general_path,
             "records_without_gt": stats.no_gt,
+            "unusable_calls": int(stats.extra.get("unusable_calls", 0)),
         },
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -387,7 +387,7 @@ def parse_records(
         line_start = chunk.rfind(b"\n", 0, s0) + 1
         fmt_text = chunk[line_start:s0].split(b"\t")[8]
         line_no_r = first_line + chunk.count(b"\n", start, s0)
-        dosage[r] = _parse_general(fmt_text, chunk[s0:s1], n, path=path, line_no=line_no_r)
+        dosage[r] = _parse_general(fmt_text, chunk[s0:s1], n, path=path, line_no=line_no_r, stats=stats)
     blk = RecordBlock(chrom=chrom, pos=np.asarray(pos, dtype=np.int64), ids=ids, ref=ref, alt=alt, dosage=dosage)
     blk.lines = line_no - first_line
     return blk
@@ -423,8 +423,12 @@ def _empty_block(n: int) -> RecordBlock:
     return RecordBlock([], np.empty(0, np.int64), [], [], [], np.empty((0, n), np.int8))
 
 
-def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, *, path: Path, line_no: int) -> np.ndarray:
-    """Parse one biallelic record with any FORMAT layout (per-record path)."""
+def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, *, path: Path, line_no: int,
+                   stats: ParseStats | None = None) -> np.ndarray:
+    """Parse one biallelic record with any FORMAT layout (per-record path).
+
+    A call fedgen cannot use (more than two alleles, e.g. ``1/1/1``) counts as missing and as an
+    ``unusable_calls`` in ``stats``; it does not stop the read."""
     fmt = fmt_text.decode("utf-8", "replace").split(":")
     out = np.full(n_samples, -1, dtype=np.int8)
     if "GT" not in fmt:
@@ -452,8 +456,8 @@ def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, *, path: Path,
             out[s] = 2 * idx[0]
         elif len(idx) == 2:
             out[s] = idx[0] + idx[1]
-        else:
-            raise InputError(f"{path}: line {line_no}: ploidy {len(idx)} (GT {gt!r}) is not supported")
+        elif stats is not None:  # polyploid: missing, and counted
+            stats.extra["unusable_calls"] = stats.extra.get("unusable_calls", 0) + 1
     return out
 
 
@@ -489,6 +493,36 @@ def read_vcf(path: Path, *, threads: int = 2) -> tuple[VcfHeader, Iterator[Recor
             yield blk
 
     return header, blocks(), stats
+
+
+def read_vcfs(paths: list[Path], *, threads: int = 2) -> tuple[VcfHeader, Iterator[RecordBlock], ParseStats]:
+    """Several VCF/BCF files of one cohort (e.g. one per chromosome) read as one: every file must
+    hold the same samples in the same order; contig lengths are merged (a contig declared with two
+    lengths is an error). Records come file by file, in the order given."""
+    if len(paths) == 1:
+        return read_vcf(paths[0], threads=threads)
+    opened = [read_vcf(p, threads=threads) for p in paths]
+    first = opened[0][0]
+    contigs: dict[str, int | None] = {}
+    for p, (h, _, _) in zip(paths, opened):
+        if h.samples != first.samples:
+            raise InputError(f"{p}: its samples differ from {paths[0].name}'s (files of one site must hold the same "
+                             "samples in the same order)")
+        for c, n in h.contigs.items():
+            if n and contigs.get(c) and contigs[c] != n:
+                raise InputError(f"{p}: contig {c} has length {n}, but {contigs[c]} in another file of this site")
+            contigs[c] = n or contigs.get(c)
+    stats = ParseStats()
+
+    def blocks() -> Iterator[RecordBlock]:
+        for _, it, st in opened:
+            yield from it
+            for k in ("records", "multiallelic", "general_path", "no_gt"):
+                setattr(stats, k, getattr(stats, k) + getattr(st, k))
+            for k, v in st.extra.items():
+                stats.extra[k] = stats.extra.get(k, 0) + v
+
+    return VcfHeader(samples=first.samples, contigs=contigs, meta_lines=first.meta_lines), blocks(), stats
 
 
 def _split_header(text: Iterator[bytes], path: Path) -> tuple[VcfHeader, Iterator[bytes]]:

@@ -79,7 +79,11 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             for key in (inputs[0], "samples"):
                 if not sc.get(key):
                     raise ConfigError(f"sites.{name}.{key} is not set")
-                nc[key] = str((base / str(sc[key])).expanduser().resolve())
+                value = sc[key]
+                if key == "vcf" and isinstance(value, (list, tuple)):  # several files (e.g. one per chromosome)
+                    nc[key] = "\n".join(str((base / str(v)).expanduser().resolve()) for v in value)
+                else:
+                    nc[key] = str((base / str(value)).expanduser().resolve())
             if sc.get("state_dir"):
                 nc["state_dir"] = str((base / str(sc["state_dir"])).expanduser().resolve())
             if sc.get("policy") is not None:
