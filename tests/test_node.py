@@ -709,7 +709,7 @@ def test_node_start_runs_with_safe_path_and_names_the_boundary(site):
 def test_node_with_a_plink_fileset_passes_its_checks(site, capsys):
     """A site holding a PLINK 1 fileset instead of a VCF: node.toml `bed = PREFIX` (one genotype input only)."""
     pytest.importorskip("pgenlib")
-    from test_plink_filesets import write_bed
+    from test_site_inputs import write_bed
 
     from fedgen.cohort.cohort import load_cohort
 

@@ -51,7 +51,7 @@ def _site_samples(meta: Mapping[str, Any]) -> int:
         outputs={"variants": arr("u1", "table_bytes")},
         free={"table_bytes": 1 << 34},
         opaque=frozenset({"table_bytes"}),
-        meta=frozenset({"site", "version", "vcf", "samples_file", "counts", "contigs", "columns", "policy"}),
+        meta=frozenset({"site", "version", "vcf", "samples_file", "counts", "contigs", "columns", "policy", "build"}),
         contributors=_site_samples,
         sample_sets=lambda cohort, req: [] if req.rules.dp_only else [np.ones(cohort.n_samples, bool)],
         doc="the site's variant table (public coordinates/alleles), sample counts, column kinds",
@@ -85,6 +85,7 @@ def site_info(cohort: Any, req: AnalysisRequest):
     meta = {
         "site": cohort.site,
         "version": fedgen.__version__,
+        "build": site_build(cohort, req.rules.declared_build),
         "vcf": cohort.vcf.name,
         "samples_file": cohort.table.path.name,
         "counts": counts,
@@ -94,6 +95,26 @@ def site_info(cohort: Any, req: AnalysisRequest):
     if req.rules.public_policy:  # what this site agrees to answer (public, so the aggregator can plan around it)
         meta["policy"] = dict(req.rules.public_policy)
     return {"variants": table}, meta
+
+
+#: genome builds a site may declare (node config ``build``)
+BUILDS = ("GRCh37", "GRCh38")
+
+
+def site_build(cohort: Any, declared: str | None) -> str | None:
+    """The site's genome build: declared in its configuration (``build``), else recognised from its
+    genotype file's contig lengths; a declaration the header contradicts is an error."""
+    from fedgen.stats.pca import detect_genome_build
+
+    detected = detect_genome_build(cohort.contigs)
+    if declared is None:
+        return detected
+    if declared not in BUILDS:
+        raise FedgenError(f"site configuration: build must be one of {', '.join(BUILDS)}, got {declared!r}")
+    if detected is not None and detected != declared:
+        raise FedgenError(f"site configuration declares build {declared}, but the contig lengths of "
+                          f"{cohort.vcf.name} are {detected}'s")
+    return declared
 
 
 MAX_LEVELS = 50

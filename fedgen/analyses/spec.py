@@ -123,6 +123,8 @@ class Rules:
     pca_rank_per_study: float = 1.0
     pca_rank_lifetime: float = 1e9
     ld_max_window_bp: int = 10**12
+    #: the genome build the site's configuration declares (node config ``build``), if any
+    declared_build: str | None = None
 
     def public_count(self, cohort: Any, name: str, value: int) -> int:
         """A count as it may leave the site: exact, or noised under a DP-only policy."""

@@ -166,7 +166,7 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
 # ---------------------------------------------------------------- site node config
 
 _SITE_KEYS = {
-    "site": ("name", "vcf", "pgen", "bed", "samples", "state_dir", "policy", "audit_payloads",
+    "site": ("name", "vcf", "pgen", "bed", "build", "samples", "state_dir", "policy", "audit_payloads",
              "audit_payload_retention_days"),
     "aggregator": ("address", "ca_cert"),
     "auth": ("private_key", "public_key"),
@@ -195,6 +195,8 @@ class SiteConfig:
     audit_payload_retention_days: float = 0.0  # 0 = keep for ever
     #: which key ``vcf`` came from: "vcf" (VCF/BCF file), "pgen" or "bed" (PLINK fileset prefix)
     genotype_kind: str = "vcf"
+    #: declared genome build ("GRCh37"/"GRCh38"), when the genotype files' headers do not show it
+    build: str = ""
 
     def node_config(self) -> dict[str, str]:
         """What the ClientApp sees as ``context.node_config`` (see fedgen.cohort.load_cohort)."""
@@ -206,6 +208,7 @@ class SiteConfig:
             "policy": str(self.policy),
             "audit_payloads": "true" if self.audit_payloads else "false",
             "audit_payload_retention_days": f"{self.audit_payload_retention_days:g}",
+            **({"build": self.build} if self.build else {}),
         }
 
     @property
@@ -236,6 +239,7 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
         site=site,
         vcf=r.path_("site", kinds[0]),
         genotype_kind=kinds[0],
+        build=r.string("site", "build", "") if r.get("site", "build", None) is not None else "",
         samples=r.path_("site", "samples"),
         state_dir=state_dir,
         policy=r.path_("site", "policy", str(state_dir / POLICY_FILE)),

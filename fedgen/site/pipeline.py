@@ -330,6 +330,7 @@ def _rules(node_config: Mapping[str, Any], policy: Mapping[str, Any], state: Pat
         pca_rank_per_study=float(policy["pca_rank_per_study"]),
         pca_rank_lifetime=float(policy["pca_rank_lifetime"]),
         ld_max_window_bp=int(policy["ld_max_window_bp"]),
+        declared_build=str(node_config.get("build") or "").strip() or None,
     )
 
 

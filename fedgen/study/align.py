@@ -41,9 +41,15 @@ class Alignment:
         return len(self.pos)
 
 
-def check_genome_builds(contigs: dict[str, dict[str, int | None]]) -> list[str]:
-    """Raise if two sites declare different lengths for the same contig; return notes."""
+def check_genome_builds(contigs: dict[str, dict[str, int | None]], builds: dict[str, str | None] | None = None
+                        ) -> list[str]:
+    """Raise if two sites are on different builds (declared or recognised, ``builds``) or declare
+    different lengths for the same contig; return notes."""
     notes: list[str] = []
+    known = {s: b for s, b in (builds or {}).items() if b}
+    if len(set(known.values())) > 1:
+        raise FedgenError("sites are on different genome builds: " + ", ".join(f"{s} {b}" for s, b in known.items())
+                          + " (lift one site over to the other's build)")
     seen: dict[str, tuple[str, int]] = {}
     for site, table in contigs.items():
         if not any(v for v in table.values()):

@@ -86,6 +86,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
                     nc[key] = str((base / str(value)).expanduser().resolve())
             if sc.get("state_dir"):
                 nc["state_dir"] = str((base / str(sc["state_dir"])).expanduser().resolve())
+            if sc.get("build"):  # the genome build, when the genotype files' headers do not show it
+                nc["build"] = str(sc["build"])
             if sc.get("policy") is not None:
                 nc["policy"] = _site_policy(name, sc["policy"], base)
         node_configs[str(name)] = nc

@@ -183,7 +183,8 @@ def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
             "site %s: %d samples analysed (%d in VCF only, %d in samples table only), %d variants",
             site, c["samples"], c["vcf_only_samples"], c["table_only_samples"], c["variants"],
         )
-    ctx.notes.extend(check_genome_builds({s: r.meta.get("contigs", {}) for s, r in replies.items()}))
+    ctx.notes.extend(check_genome_builds({s: r.meta.get("contigs", {}) for s, r in replies.items()},
+                                         {s: r.meta.get("build") for s, r in replies.items()}))
     tables = {}
     for s, rep in replies.items():
         chrom, pos, ids, ref, alt = decode_variant_table(rep.arrays["variants"])
@@ -314,11 +315,11 @@ def run_association_step(
 
 
 def genome_build(info: dict[str, Reply]) -> str | None:
-    """The sites' genome build, recognised from their VCF headers' contig lengths (None if not
-    recognised or if sites differ)."""
+    """The sites' genome build, as each declares it (node config ``build``) or as its VCF
+    header's contig lengths show (None if unknown)."""
     from fedgen.stats import pca as pcastats
 
-    builds = {pcastats.detect_genome_build(rep.meta.get("contigs") or {}) for rep in info.values()}
+    builds = {rep.meta.get("build") or pcastats.detect_genome_build(rep.meta.get("contigs") or {}) for rep in info.values()}
     return builds.pop() if len(builds) == 1 and None not in builds else None
 
 
@@ -449,6 +450,7 @@ def build_manifest(
     for s, rep in info.items():
         sites[s] = {
             "fedgen_version": rep.meta.get("version"),
+            "genome_build": rep.meta.get("build"),
             "vcf": rep.meta.get("vcf"),
             "samples_file": rep.meta.get("samples_file"),
             **rep.meta["counts"],

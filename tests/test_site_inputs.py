@@ -1,5 +1,5 @@
-"""PLINK 2 (.pgen/.pvar/.psam) and PLINK 1 (.bed/.bim/.fam) filesets as site inputs: the same
-genotypes give the same results as the site's VCF."""
+"""Site inputs: PLINK 2 (.pgen/.pvar/.psam) and PLINK 1 (.bed/.bim/.fam) filesets and per-chromosome VCFs give
+the same results as the site's single VCF; declared genome builds."""
 
 from __future__ import annotations
 
@@ -144,3 +144,19 @@ def test_per_chromosome_vcfs_give_the_single_file_results(tmp_path):
         load_cohort({**split[site], "state_dir": str(tmp_path / "st-new")})
     with pytest.raises(InputError, match="no VCF/BCF file matches"):
         load_cohort({**split[site], "vcf": str(tmp_path / "nothing" / "chr*.vcf")})
+
+
+def test_declared_genome_builds_are_recorded_and_must_agree(tmp_path):
+    data = make_synth(n_samples=120, n_variants=80, seed=8)
+    nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5], seed=1)
+    a, b = list(nodes)
+    same = {a: {**nodes[a], "build": "GRCh38"}, b: {**nodes[b], "build": "GRCh38"}}
+    m = run_plan(qc_plan(tmp_path / "same", [a, b]), InProcessTransport(same))
+    assert m["genome_build"] == "GRCh38" and {s["genome_build"] for s in m["sites"].values()} == {"GRCh38"}
+    mixed = {a: {**nodes[a], "build": "GRCh37"}, b: {**nodes[b], "build": "GRCh38"}}
+    with pytest.raises(Exception, match=f"different genome builds: {a} GRCh37, {b} GRCh38"):
+        run_plan(qc_plan(tmp_path / "mixed", [a, b]), InProcessTransport(mixed))
+    assert not (tmp_path / "mixed" / "freq.afreq").exists()
+    bad = {a: {**nodes[a], "build": "hg19"}, b: nodes[b]}
+    with pytest.raises(Exception, match="build must be one of GRCh37, GRCh38"):
+        run_plan(qc_plan(tmp_path / "bad", [a, b]), InProcessTransport(bad))
