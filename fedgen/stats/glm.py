@@ -623,7 +623,6 @@ class LogisticDriver:
     def _newton(self, idx: np.ndarray, H: np.ndarray, grad: np.ndarray) -> None:
         L, _ = _cholesky(H, plink_float_rule=True)
         d = _chol_solve(L, grad)
-        self._cov[idx] = _chol_inverse(L)
         beta = self.beta[idx] - d
         self.beta[idx] = beta
         delta = np.abs(d).sum(1)
@@ -653,6 +652,8 @@ class LogisticDriver:
         fin = unfinished | converged
         if fin.any():
             rows = idx[fin]
+            # SE from H⁻¹ at the start of the final step: inverted only for the rows that stop here
+            self._cov[rows] = _chol_inverse(L[fin])
             cov32 = self._cov[rows].astype(np.float32).astype(np.float64)
             invalid = _invalid_cov(cov32)
             self.errcode[rows[invalid]] = ERR_INVALID
