@@ -178,9 +178,19 @@ def test_genome_build_mismatch_stops(tmp_path):
         write_vcf(data, d / "g.vcf.gz", cols=cols, contig_lengths=lengths)
         write_samples(data, d / "s.tsv", cols)
         nodes[f"b{k}"] = {"site": f"b{k}", "vcf": str(d / "g.vcf.gz"), "samples": str(d / "s.tsv")}
-    with pytest.raises(FedgenError, match=r"different genome builds: contig 1 has length 248,956,422 at b0 but 249,250,621 at b1"):
+    with pytest.raises(FedgenError, match=r"sites are on different genome builds: b0 GRCh38, b1 GRCh37"):
         _run(nodes, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # lengths of no known build still have to agree contig by contig
+    for k, lengths in enumerate(({"1": 1000001, "2": 900000, "22": 500000}, {"1": 1000002, "2": 900000, "22": 500000})):
+        d = tmp_path / f"u{k}"
+        d.mkdir()
+        cols = np.arange(k * 30, (k + 1) * 30)
+        write_vcf(data, d / "g.vcf.gz", cols=cols, contig_lengths=lengths)
+        write_samples(data, d / "s.tsv", cols)
+        nodes[f"b{k}"] = {"site": f"b{k}", "vcf": str(d / "g.vcf.gz"), "samples": str(d / "s.tsv")}
+    with pytest.raises(FedgenError, match=r"different genome builds: contig 1 has length 1,000,001 at b0 but 1,000,002 at b1"):
+        _run(nodes, tmp_path / "out2")
 
 
 # ------------------------------------------------------------------ bad input: one clear message each

@@ -435,8 +435,8 @@ class FlowerTransport:
                     continue
                 t_dec = time.perf_counter()
                 try:
-                    replies[site] = (self._to_batch(site, nodes[site], msg, batch) if batch
-                                     else self._to_reply(site, nodes[site], msg))
+                    got = self._to_replies(site, nodes[site], msg, batch)
+                    replies[site] = got if batch else got[0]
                 except SiteError as exc:
                     errors[site] = exc.reason
                 self.last_round["decode"] = self.last_round.get("decode", 0.0) + time.perf_counter() - t_dec
@@ -451,37 +451,21 @@ class FlowerTransport:
         return replies, errors
 
     @staticmethod
-    def _to_reply(site: str, node_id: int, msg: Message) -> Reply:
+    def _to_replies(site: str, node_id: int, msg: Message, n: int = 0) -> list[Reply]:
+        """A site's reply message → its replies (``n`` for a batch of n requests, 0 for one request)."""
         if msg.has_error():
             err = msg.error
             raise SiteError(site, f"Flower error {err.code}: {err.reason}")
         if msg.metadata.src_node_id != node_id:
             raise SiteError(site, f"reply came from node {msg.metadata.src_node_id}, expected {node_id}")
         try:
-            arrays, meta, nbytes = decode_reply(msg.content)
-        except FedgenError as exc:
-            raise SiteError(site, str(exc)) from None
-        if "error" in meta:
-            if meta.get("refused") and meta.get("site"):  # the site's FAB gate refused the whole run
-                raise SiteError(site, f"site {meta['site']} {meta['error']}")
-            raise SiteError(site, str(meta["error"]))
-        return Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes)
-
-    @staticmethod
-    def _to_batch(site: str, node_id: int, msg: Message, n: int) -> list[Reply]:
-        if msg.has_error():
-            err = msg.error
-            raise SiteError(site, f"Flower error {err.code}: {err.reason}")
-        if msg.metadata.src_node_id != node_id:
-            raise SiteError(site, f"reply came from node {msg.metadata.src_node_id}, expected {node_id}")
-        try:
-            parts = decode_batch_reply(msg.content, n)
+            parts = decode_batch_reply(msg.content, n) if n else [decode_reply(msg.content)]
         except FedgenError as exc:
             raise SiteError(site, str(exc)) from None
         out = []
         for arrays, meta, nbytes in parts:
             if "error" in meta:
-                if meta.get("refused") and meta.get("site"):
+                if meta.get("refused") and meta.get("site"):  # the site's FAB gate refused the whole run
                     raise SiteError(site, f"site {meta['site']} {meta['error']}")
                 raise SiteError(site, str(meta["error"]))
             out.append(Reply(site=site, arrays=arrays, meta=meta, nbytes=nbytes))
