@@ -334,20 +334,17 @@ def _rules(node_config: Mapping[str, Any], policy: Mapping[str, Any], state: Pat
     )
 
 
-_MEMBER_HASHES: dict[int, np.ndarray] = {}
-
-
 def cohort_member_hashes(cohort) -> np.ndarray:
-    """64-bit hashes of the cohort's analysed samples' IDs, aligned with its sample order."""
+    """64-bit hashes of the cohort's analysed samples' IDs, aligned with its sample order.
+
+    Kept on the cohort object itself (a persistent site worker answers many requests; a cache
+    keyed by ``id()`` could hand a reloaded cohort another cohort's hashes)."""
     from fedgen.site.register import hash_ids
 
-    key = id(cohort)
-    hit = _MEMBER_HASHES.get(key)
+    hit = cohort.__dict__.get("_member_hashes")
     if hit is None or len(hit) != cohort.n_samples:
         hit = hash_ids([cohort.vcf_samples[j] for j in cohort.sample_cols.tolist()])
-        while len(_MEMBER_HASHES) >= 16:
-            _MEMBER_HASHES.pop(next(iter(_MEMBER_HASHES)))
-        _MEMBER_HASHES[key] = hit
+        cohort.__dict__["_member_hashes"] = hit
     return hit
 
 
