@@ -168,27 +168,28 @@ def test_genotype_cache_reused_and_invalidated(tmp_path):
     assert len(list((d / "st" / "cache").iterdir())) == 1
 
 
-def test_genome_build_mismatch_stops(tmp_path):
-    data = make_synth(n_samples=60, n_variants=40, seed=4)
+def _sites_with_contig_lengths(data, tmp_path: Path, tag: str, lengths_per_site) -> dict[str, dict[str, str]]:
     nodes = {}
-    for k, lengths in enumerate(({"1": 248956422, "2": 242193529, "22": 50818468}, {"1": 249250621, "2": 243199373, "22": 51304566})):
-        d = tmp_path / f"b{k}"
+    for k, lengths in enumerate(lengths_per_site):
+        d = tmp_path / f"{tag}{k}"
         d.mkdir()
         cols = np.arange(k * 30, (k + 1) * 30)
         write_vcf(data, d / "g.vcf.gz", cols=cols, contig_lengths=lengths)
         write_samples(data, d / "s.tsv", cols)
         nodes[f"b{k}"] = {"site": f"b{k}", "vcf": str(d / "g.vcf.gz"), "samples": str(d / "s.tsv")}
+    return nodes
+
+
+def test_genome_build_mismatch_stops(tmp_path):
+    data = make_synth(n_samples=60, n_variants=40, seed=4)
+    nodes = _sites_with_contig_lengths(data, tmp_path, "b", ({"1": 248956422, "2": 242193529, "22": 50818468},
+                                                             {"1": 249250621, "2": 243199373, "22": 51304566}))
     with pytest.raises(FedgenError, match=r"sites are on different genome builds: b0 GRCh38, b1 GRCh37"):
         _run(nodes, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # lengths of no known build still have to agree contig by contig
-    for k, lengths in enumerate(({"1": 1000001, "2": 900000, "22": 500000}, {"1": 1000002, "2": 900000, "22": 500000})):
-        d = tmp_path / f"u{k}"
-        d.mkdir()
-        cols = np.arange(k * 30, (k + 1) * 30)
-        write_vcf(data, d / "g.vcf.gz", cols=cols, contig_lengths=lengths)
-        write_samples(data, d / "s.tsv", cols)
-        nodes[f"b{k}"] = {"site": f"b{k}", "vcf": str(d / "g.vcf.gz"), "samples": str(d / "s.tsv")}
+    nodes = _sites_with_contig_lengths(data, tmp_path, "u", ({"1": 1000001, "2": 900000, "22": 500000},
+                                                             {"1": 1000002, "2": 900000, "22": 500000}))
     with pytest.raises(FedgenError, match=r"different genome builds: contig 1 has length 1,000,001 at b0 but 1,000,002 at b1"):
         _run(nodes, tmp_path / "out2")
 
