@@ -106,6 +106,8 @@ import tskit
 from fedgen.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# msprime logs every sampling step and model run at INFO; fedgen reports its own progress
+logging.getLogger("msprime").setLevel(logging.WARNING)
 
 __all__ = ["simulate_cohorts", "DEFAULT_SITES", "DEFAULT_NORTH_SHARE"]
 

@@ -20,6 +20,8 @@ Rounds are counted per task label in ``ctx.phase_rounds`` (the manifest's rounds
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable, Generator
 
 import numpy as np
@@ -28,6 +30,11 @@ from fedgen.federation.transport import Reply, Request
 
 Replies = list[dict[str, Reply]]
 Task = Generator[list[Request], Replies, Any]
+
+log = logging.getLogger("fedgen.study")
+
+#: seconds between progress lines of a long run of rounds
+PROGRESS_EVERY = 5.0
 
 
 def run_tasks(ctx: Any, tasks: dict[str, Task]) -> dict[str, Any]:
@@ -49,8 +56,16 @@ def run_tasks(ctx: Any, tasks: dict[str, Task]) -> dict[str, Any]:
 
     for label in list(tasks):
         advance(label, None)
+    t0 = last = time.monotonic()
+    rounds = 0
     while pending:
         labels = list(pending)
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY:  # long phases (logistic IRLS, Firth, PCA) show progress
+            last = now
+            log.info("round %d (%.0f s): %s", rounds + 1, now - t0,
+                     ", ".join(f"{lab} ({len(pending[lab])} request{'s' if len(pending[lab]) > 1 else ''})" for lab in labels))
+        rounds += 1
         batch = [r for lab in labels for r in pending[lab]]
         replies = ctx.query_many(batch)
         pos = 0
