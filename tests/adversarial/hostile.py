@@ -50,6 +50,32 @@ class HostileAggregator:
             raise Refusal(str(meta["error"]))
         return out, meta
 
+    def ask_batch(self, requests: list[tuple[str, dict[str, Any], dict[str, np.ndarray]]], *, study_id: str = "attack"
+                  ) -> list[tuple[dict[str, np.ndarray], dict[str, Any]] | None]:
+        """Several requests in ONE message (wire protocol 2's batch); None for each one refused."""
+        from flwr.app import Context, Message, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from fedgen.federation.client_app import app
+        from fedgen.federation.flower import decode_batch_reply, encode_batch
+
+        saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 7, 1, 1
+        try:
+            msg = Message(encode_batch(requests, study_id=study_id), 1, "query.fedgen", ttl=60)
+            ctx = Context(run_id=7, node_id=1, node_config=dict(self.node_config), state=RecordDict(), run_config={})
+            reply = app(msg, ctx)
+        finally:
+            TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+        out: list[tuple[dict[str, np.ndarray], dict[str, Any]] | None] = []
+        for arrays, meta, _ in decode_batch_reply(reply.content, len(requests)):
+            if "error" in meta:
+                self.refusals.append(str(meta["error"]))
+                out.append(None)
+            else:
+                out.append((arrays, meta))
+        return out
+
     def try_ask(self, *args: Any, **kw: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         try:
             return self.ask(*args, **kw)

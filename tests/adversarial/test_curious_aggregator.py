@@ -50,6 +50,26 @@ def test_differencing_two_sample_sets_recovers_no_one(site):
         assert "differencing" in agg.refusals[-1] or "min_count" in agg.refusals[-1]
 
 
+def test_differencing_inside_one_batch_message_recovers_no_one(site):
+    """The same differencing attack, both requests in ONE batch message: each request still takes
+    its own pass through the site pipeline, so the second sees the first in the register."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    full, one = agg.ask_batch([("glm_linear", glm_params("Y"), idx(V)), ("glm_linear", glm_params("Y_ONE"), idx(V))])
+    assert full is not None  # the honest request is answered
+    truth_g = np.where(site.genotype(site.one) >= 0, site.genotype(site.one), 0)
+    if one is not None:  # were it answered, the difference would be that person: it must not be
+        g_hat = _sum_g(full) - _sum_g(one)
+        assert not np.allclose(g_hat, truth_g, atol=0.5), "genotypes of the missing person recovered"
+    assert one is None and "differencing" in agg.refusals[-1]
+    # and a batch cannot be used to pass more than the wire allows
+    from fedgen.errors import FedgenError
+    from fedgen.federation.flower import MAX_BATCH, encode_batch
+
+    with pytest.raises(FedgenError, match="a batch carries"):
+        encode_batch([("ping", {}, {})] * (MAX_BATCH + 1))
+
+
 def test_inclusion_exclusion_over_three_sets_recovers_no_one(site):
     """Sets U−A, U−B, U−(A∪B) with |A|=|B|=20 and A∩B={x}: every pairwise difference is large,
     but Σ(U−A∪B) − Σ(U−A) − Σ(U−B) + Σ(U) is person x alone."""
