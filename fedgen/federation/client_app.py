@@ -58,61 +58,48 @@ class SiteClientApp(ClientApp):
 app = SiteClientApp()
 
 
-def _handle_batch(msg: Message, context: Context, node_config: dict, t0: float, t_wall: float):
-    """Each request of a batch takes its own pass through the site pipeline, in order; a refused
-    one is answered with its error and does not stop the others."""
+def _answer(node_config: dict, ctx: dict, analysis: str, params: dict, arrays: dict, t_wall: float):
+    """One request through the site pipeline: (arrays, meta), or ``({}, {"error": ...})``."""
     from fedgen.analyses import execute
 
+    t1 = time.perf_counter()
     try:
-        requests = decode_batch(msg.content)
+        out_arrays, meta = execute(node_config, analysis, params, arrays, context=ctx)
+        return out_arrays, {**meta, "site_seconds": round(time.perf_counter() - t1, 4), "site_t0": round(t_wall, 4)}
     except FedgenError as exc:
-        from fedgen.site.pipeline import refuse_message
-
-        return error_reply(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}"))
-    replies = []
-    for analysis, params, arrays, study_id in requests:
-        t1 = time.perf_counter()
-        try:
-            out_arrays, meta = execute(node_config, analysis, params, arrays,
-                                       context={**_context(msg, context), "study_id": study_id})
-            meta = {**meta, "site_seconds": round(time.perf_counter() - t1, 4), "site_t0": round(t_wall, 4)}
-            replies.append((out_arrays, meta))
-        except FedgenError as exc:
-            log.warning("refused request: %s", exc)
-            replies.append(({}, {"error": str(exc)}))
-        except Exception as exc:  # noqa: BLE001 - any failure must reach the aggregator as a reply
-            log.exception("internal error while answering a request")
-            replies.append(({}, {"error": f"internal error at site: {type(exc).__name__}: {exc}"}))
-    log.info("answered %s in %.2f s", "+".join(a for a, *_ in requests), time.perf_counter() - t0)
-    return encode_batch_reply(replies)
+        log.warning("refused request: %s", exc)
+        return {}, {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the aggregator as a reply
+        log.exception("internal error while answering a request")
+        return {}, {"error": f"internal error at site: {type(exc).__name__}: {exc}"}
 
 
 @app.query("fedgen")
 def handle(msg: Message, context: Context) -> Message:
-    """Answer one fedgen request; refusals and failures become ``{"error": ...}`` replies."""
-    from fedgen.analyses import execute
-
+    """Answer one fedgen request, or each request of a batch in order (each its own pass through
+    the site pipeline; a refused one does not stop the others); refusals and failures become
+    ``{"error": ...}`` replies."""
     node_config = dict(context.node_config)
     t0 = time.perf_counter()
     t_wall = time.time()
-    if is_batch(msg.content):
-        return Message(_handle_batch(msg, context, node_config, t0, t_wall), reply_to=msg)
+    batch = is_batch(msg.content)
     try:
-        try:
+        if batch:
+            requests = decode_batch(msg.content)
+        else:
             analysis, params, arrays = decode_request(msg.content)
-        except FedgenError as exc:
-            from fedgen.site.pipeline import refuse_message
-
-            raise FedgenError(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}")) from None
-        ctx = {**_context(msg, context), "study_id": request_study_id(msg.content)}
-        out_arrays, meta = execute(node_config, analysis, params, arrays, context=ctx)
-        meta = {**meta, "site_seconds": round(time.perf_counter() - t0, 4), "site_t0": round(t_wall, 4)}
-        content = encode_reply(out_arrays, meta)
-        log.info("answered %s in %.2f s", analysis, meta["site_seconds"])
+            requests = [(analysis, params, arrays, request_study_id(msg.content))]
     except FedgenError as exc:
-        log.warning("refused request: %s", exc)
-        content = error_reply(str(exc))
-    except Exception as exc:  # noqa: BLE001 - any failure must reach the aggregator as a reply
-        log.exception("internal error while answering a request")
+        from fedgen.site.pipeline import refuse_message
+
+        return Message(error_reply(refuse_message(node_config, _context(msg, context), f"malformed request: {exc}")),
+                       reply_to=msg)
+    base = _context(msg, context)
+    replies = [_answer(node_config, {**base, "study_id": sid}, a, p, arr, t_wall) for a, p, arr, sid in requests]
+    log.info("answered %s in %.2f s", "+".join(r[0] for r in requests), time.perf_counter() - t0)
+    try:
+        content = encode_batch_reply(replies) if batch else encode_reply(*replies[0])
+    except Exception as exc:  # noqa: BLE001 - fail closed: nothing half-encoded leaves
+        log.exception("could not encode the reply")
         content = error_reply(f"internal error at site: {type(exc).__name__}: {exc}")
     return Message(content, reply_to=msg)

@@ -83,31 +83,24 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
         parts.append(arr)
         offset += int(arr.nbytes)
     head = json.dumps(header, separators=(",", ":")).encode()
-    out = bytearray(len(_MAGIC) + 4 + len(head) + offset)
-    out[: len(_MAGIC)] = _MAGIC
-    out[len(_MAGIC) : len(_MAGIC) + 4] = len(head).to_bytes(4, "little")
-    pos = len(_MAGIC) + 4
-    out[pos : pos + len(head)] = head
-    pos += len(head)
-    for arr in parts:
-        out[pos : pos + arr.nbytes] = arr.reshape(-1).view(np.uint8).tobytes() if arr.nbytes else b""
-        pos += arr.nbytes
-    return bytes(out)
+    # one copy: the join reads each array's buffer directly
+    return b"".join([_MAGIC, len(head).to_bytes(4, "little"), head,
+                     *(memoryview(a.reshape(-1).view(np.uint8)) for a in parts)])
 
 
 def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
     """Inverse of :func:`pack_arrays`; raises FedgenError on anything malformed."""
-    blob = bytes(blob)
-    if not blob:
+    blob = memoryview(blob)
+    if not len(blob):
         return {}
-    if len(blob) < len(_MAGIC) + 4 or blob[: len(_MAGIC)] != _MAGIC:
+    if len(blob) < len(_MAGIC) + 4 or bytes(blob[: len(_MAGIC)]) != _MAGIC:
         raise FedgenError("malformed arrays: not a fedgen array pack")
     n = int.from_bytes(blob[len(_MAGIC) : len(_MAGIC) + 4], "little")
     start = len(_MAGIC) + 4 + n
     if start > len(blob):
         raise FedgenError("malformed arrays: header runs past the end")
     try:
-        header = json.loads(blob[len(_MAGIC) + 4 : start].decode())
+        header = json.loads(bytes(blob[len(_MAGIC) + 4 : start]).decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise FedgenError(f"malformed arrays: bad header ({exc})") from None
     if not isinstance(header, list):

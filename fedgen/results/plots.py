@@ -149,10 +149,9 @@ def manhattan_qq(
             mlog10p = np.where(np.isfinite(p) & (p > 0), -np.log10(p), np.nan)
     lp = np.asarray(mlog10p, dtype=float)
     ok = np.isfinite(lp)
-    p = lp  # length only, below
     lam = lambda_gc(mlog10p=lp)
     order = sorted(set(chrom.tolist()), key=contig_sort_key)
-    x = np.zeros(len(p))
+    x = np.zeros(len(lp))
     ticks, offset = [], 0.0
     for k, c in enumerate(order):
         m = chrom == c

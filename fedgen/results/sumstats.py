@@ -59,7 +59,6 @@ def write_gwas_ssf(
     phenotype: str,
     a1_freq: np.ndarray,
     build: str | None,
-    sample_size: int,
     trait_kind: str,
     fedgen_version: str,
     covariates: list[str] | None = None,
@@ -131,7 +130,7 @@ def write_gwas_ssf(
         "date_last_modified": _dt.date.today().isoformat(),
         "genome_assembly": build or "unknown",
         "coordinate_system": "1-based",
-        "sample_size": int(sample_size),
+        "sample_size": max((int(x) for x in t["OBS_CT"] if x.isdigit()), default=0),
         "trait_description": [phenotype],
         "analysis_software": f"fedgen {fedgen_version} (federated PLINK 2 --glm: "
                              f"{'logistic with Firth fallback' if logistic else 'linear'})",

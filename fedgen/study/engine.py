@@ -33,6 +33,9 @@ Task = Generator[list[Request], Replies, Any]
 
 log = logging.getLogger("fedgen.study")
 
+#: blocks of one step sent in one round (bounds the size of a message)
+BLOCKS_PER_ROUND = 4
+
 #: seconds between progress lines of a long run of rounds
 PROGRESS_EVERY = 5.0
 

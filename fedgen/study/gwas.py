@@ -20,7 +20,7 @@ from fedgen.stats import assoc as assocstats
 from fedgen.stats import glm
 from fedgen.stats.plinkfmt import format_g6, format_g6_from_ln
 from fedgen.study.align import Alignment
-from fedgen.study.engine import Replies, Task, combine_blocks, run_task, run_tasks, sum_replies
+from fedgen.study.engine import BLOCKS_PER_ROUND, Replies, Task, combine_blocks, run_task, run_tasks, sum_replies
 from fedgen.study.writers import atomic_write_text, write_tsv
 
 log = logging.getLogger("fedgen.study")
@@ -52,10 +52,6 @@ def row_requests(
             per_site_arrays={s: {"idx": aln.idx[s][r], "flip": aln.flip[s][r] ^ flip_a1} for s in aln.idx},
         ))
     return out
-
-
-#: blocks of one step sent in one round (bounds the size of a message)
-BLOCKS_PER_ROUND = 4
 
 
 def rows_task(ctx: Any, analysis: str, aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray, params: dict[str, Any],
@@ -329,6 +325,8 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
     """Logistic IRLS with Firth fallback. Firth starts for rows as soon as they are flagged
     (zero-count cells in the first round, non-convergence later), in the same rounds as the
     IRLS rows still iterating: one batch carries both steps."""
+    from fedgen.analyses.assoc import unpack_symmetric
+
     n_pred = 2 + n_cov
     separated = yield from _covariates_separated(ctx, params)
     if separated:
@@ -358,8 +356,6 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
         replies = yield [r for _, _, reqs in steps for r in reqs]
         rounds += 1
         pos = 0
-        from fedgen.analyses.assoc import unpack_symmetric
-
         for driver, target, reqs in steps:
             sums = combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric)
             pos += len(reqs)

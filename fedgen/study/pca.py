@@ -134,11 +134,10 @@ class _Traffic:
 
     def query_many(self, phase: str, requests: list[Request]) -> list[dict[str, Reply]]:
         """Independent requests in one round (one batch message per site)."""
-        out = self.ctx.query_many(requests) if hasattr(self.ctx, "query_many") else [self.ctx.query(r) for r in requests]
+        out = self.ctx.query_many(requests)
         self.rounds[phase] = self.rounds.get(phase, 0) + 1
-        if hasattr(self.ctx, "phase_rounds"):  # the manifest's rounds per phase
-            key = f"pca:{phase}"
-            self.ctx.phase_rounds[key] = self.ctx.phase_rounds.get(key, 0) + 1
+        key = f"pca:{phase}"  # the manifest's rounds per phase
+        self.ctx.phase_rounds[key] = self.ctx.phase_rounds.get(key, 0) + 1
         for request, replies in zip(requests, out):
             for site, rep in replies.items():
                 self.sent[site] = self.sent.get(site, 0) + int(rep.nbytes)

@@ -121,7 +121,7 @@ def blockwise_sum(
 def blockwise_task(ctx: StudyContext, analysis: str, aln: Alignment, *, key: str, params: dict[str, Any] | None = None,
                    rows: np.ndarray | None = None, label: str = ""):
     """Engine task of :func:`blockwise_sum` (checks every site's reply has ``key`` with one row per variant)."""
-    from fedgen.study.gwas import BLOCKS_PER_ROUND
+    from fedgen.study.engine import BLOCKS_PER_ROUND
 
     sel = np.arange(len(aln)) if rows is None else np.asarray(rows)
     block = int(ctx.plan.get("block_size") or DEFAULT_BLOCK)
@@ -340,21 +340,13 @@ def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info:
         name = r.get("file")
         if not name:
             continue
-        table = stage / name
-        obs = [int(x) for x in _column(table, "OBS_CT") if x.isdigit()]
-        written = write_gwas_ssf(table, stage / "sumstats", phenotype=pheno, a1_freq=a1_freq, build=build,
-                                 sample_size=max(obs, default=0), trait_kind=r.get("kind", ""),
-                                 fedgen_version=fedgen.__version__, covariates=r.get("covariates"))
+        written = write_gwas_ssf(stage / name, stage / "sumstats", phenotype=pheno, a1_freq=a1_freq, build=build,
+                                 trait_kind=r.get("kind", ""), fedgen_version=fedgen.__version__,
+                                 covariates=r.get("covariates"))
         files += [f"sumstats/{p.name}" for p in written]
         summary.setdefault(pheno, {})["sumstats"] = f"sumstats/{written[0].name}"
     return files
 
-
-def _column(path: Path, name: str) -> list[str]:
-    with open(path) as fh:
-        head = fh.readline().rstrip("\n").split("\t")
-        j = head.index(name)
-        return [line.rstrip("\n").split("\t")[j] for line in fh]
 
 
 def _p_text(log10p: float) -> str:

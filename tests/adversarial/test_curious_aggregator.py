@@ -201,6 +201,32 @@ def test_a_beta_that_isolates_one_person_is_withheld(tmp_path):
     assert np.all(arrays["withheld"] == 1) and not np.any(arrays["H_triu"]) and not np.any(arrays["grad"])
 
 
+def test_firth_third_moments_at_an_isolating_beta_recover_no_one(tmp_path):
+    """Firth rounds now release T_abc = Σ v(½ − p) x_a x_b x_c beside I and U. With η steep around
+    one person's age, v(½ − p) is that person's alone, so T_g11 / T_111 would be their genotype and
+    U their phenotype residual. The Kish rule on the IRLS weights must withhold the whole row."""
+    site = Site(tmp_path / "hk", policy=IRLS_OPT_IN)
+    agg = HostileAggregator(site.node_config)
+    who = 3
+    sd = float(np.std(site.age, ddof=1))
+    target = float(site.age[who])
+    P = {"phenotype": "D", "kind": "binary", "covariates": [{"name": "age", "kind": "numeric", "mean": target, "sd": sd}]}
+    V = 12
+    beta = np.zeros((V, 3))
+    beta[:, 0] = 0.3  # p ≈ 0.57 at the target: v(½ − p) ≠ 0 there, ≈ 0 for everyone else
+    beta[:, 2] = sd / 1e-3
+    arrays, _ = agg.ask("glm_firth", P, {**idx(np.arange(V)), "beta": beta})
+    from fedgen.stats.glm import firth_triples
+
+    tri = {tuple(t): k for k, t in enumerate(firth_triples(3).tolist())}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g_hat = arrays["T"][:, tri[(0, 0, 1)]] / arrays["T"][:, tri[(0, 0, 0)]]
+    truth = np.array([site.genotype(who)[v] for v in range(V)], dtype=float)
+    called = truth >= 0
+    assert not np.allclose(np.nan_to_num(g_hat[called], nan=-9), truth[called], atol=0.01), "genotypes recovered from T"
+    assert np.all(arrays["withheld"] == 1) and not np.any(arrays["T"]) and not np.any(arrays["U"])
+
+
 # ----------------------------------------------------------------------------- LD
 
 
