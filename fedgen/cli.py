@@ -49,11 +49,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedgen.study.launch import run_study
+    from fedgen.study.hydra_app import run_hydra
 
-    manifest = run_study(list(args.overrides))
-    print(f"Results: {manifest['output_dir']}")
-    return 0
+    return run_hydra(list(args.overrides))
 
 
 def _version_text() -> str:
@@ -81,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rare-fraction", type=float, default=0.05,
                    help="rarer variants (MAF < 1%%) added, as a fraction of --variants (default 0.05)")
     s.set_defaults(func=cmd_simulate)
-    r = sub.add_parser("run", help="run a study: fedgen run [HYDRA OVERRIDES], e.g. study=qc output_dir=out")
-    r.add_argument("overrides", nargs="*")
+    r = sub.add_parser("run", add_help=False,
+                       help="run a study (a Hydra app): fedgen run [--help] [--cfg job] [-m] [OVERRIDES]")
+    r.add_argument("overrides", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
     from fedgen.site.audit_cli import add_command as add_audit
 
@@ -102,8 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_run(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``fedgen [GLOBAL OPTIONS] run ARGS``: everything after ``run`` goes to Hydra untouched
+    (argparse would take ``--help``, ``--cfg`` and ``-m`` for its own)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    if i < len(argv) and argv[i] == "run":
+        return argv[: i + 1], argv[i + 1 :]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, hydra_args = _split_run(argv)
     args = build_parser().parse_args(argv)
+    if hydra_args is not None:
+        args.overrides = hydra_args
     setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)

@@ -122,3 +122,61 @@ def test_version_names_fedgen_and_flower(capsys):
     import fedgen
 
     assert out.startswith(f"fedgen {fedgen.__version__} (flwr 1.4")
+
+
+def test_run_is_a_hydra_app_help_cfg_and_multirun(tmp_path, capsys):
+    """`fedgen run` behaves like any @hydra.main app: --help lists the groups, --cfg job prints the
+    composed config without running, and -m sweeps with one results folder per job + a summary."""
+    import csv
+
+    data = make_synth(n_samples=120, n_variants=60, seed=5)
+    nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5])
+    for s, c in nodes.items():
+        c["state_dir"] = str(tmp_path / "state" / s)
+        if isinstance(c.get("policy"), str):
+            c["policy"] = json.loads(c["policy"])
+    cfg = tmp_path / "cfg" / "sites"
+    cfg.mkdir(parents=True)
+    (cfg / "mine.yaml").write_text(yaml.safe_dump(nodes))
+    base = ["sites=mine", f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "federation=inprocess"]
+
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for group in ("federation: inprocess, local, remote", "privacy: dp, none", "study: demo, dp, gwas, qc, risk_model"):
+        assert group in out, out
+
+    assert main(["run", "--cfg", "job", *base, "study=qc", "study.qc.maf=0.2", f"output_dir={tmp_path / 'x'}"]) == 0
+    composed = yaml.safe_load(capsys.readouterr().out)
+    assert composed["study"]["qc"]["maf"] == 0.2 and composed["study"]["name"] == "qc"
+    assert not (tmp_path / "x").exists()  # --cfg runs nothing
+
+    sweep = tmp_path / "sweep"
+    rc = main(["run", "-m", *base, "study=qc", "privacy=dp", "privacy.epsilon=1,4", f"output_dir={sweep}"])
+    assert rc == 0, capsys.readouterr().err
+    with open(sweep / "sweep_summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert sorted(float(r["epsilon_spent_site1"]) for r in rows) == pytest.approx([1.0, 4.0], rel=1e-6)
+    eps = []
+    for r in rows:
+        folder = Path(r["output_dir"])
+        assert folder.parent == sweep and folder.name.startswith(r["job"] + "-")
+        assert "privacy.epsilon=" in folder.name and "output_dir" not in folder.name
+        m = json.loads((folder / "manifest.json").read_text())
+        eps.append(m["config"]["privacy"]["epsilon"])
+        assert (folder / "freq.afreq").exists()
+    assert sorted(eps) == [1.0, 4.0]
+    assert len({Path(r["output_dir"]) for r in rows}) == 2
+
+
+def test_multirun_records_a_failed_job_and_exits_nonzero(tmp_path, capsys):
+    data = make_synth(n_samples=60, n_variants=40, seed=3)
+    nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5])
+    cfg = _sites_config(tmp_path, nodes)
+    sweep = tmp_path / "sweep"
+    rc = main(["run", "-m", "sites=mine", f"hydra.searchpath=[file://{cfg}]", "federation=inprocess", "study=qc",
+               "study.qc.maf=0.05,2", f"output_dir={sweep}"])
+    assert rc == 1
+    assert "study.qc.maf must be a number" in capsys.readouterr().err
+    text = (sweep / "sweep_summary.tsv").read_text()
+    assert "\tok" in text and "failed: study.qc.maf must be a number" in text
