@@ -50,7 +50,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             write_pooled_vcf(data, t / "pooled.vcf")
-            run_plink2(["--vcf", "pooled.vcf", "--freq", "--missing", "variant-only", "--hardy", "--out", "ref"], t)
+            run_plink2(["--vcf", "pooled.vcf", "--freq", "cols=+pos", "--missing", "variant-only", "vcols=+pos", "--hardy", "cols=+pos", "--out", "ref"], t)
             for ext in ("afreq", "vmiss", "hardy"):
                 shutil.copy(t / f"ref.{ext}", HERE / f"{name}.{ext}")
         print(f"wrote {name}: {kw}")

@@ -51,7 +51,7 @@ def test_federated_qc_equals_committed_plink(tmp_path, case, fractions):
 def test_federated_qc_equals_live_plink(tmp_path, fractions):
     data = make_synth(n_samples=433, n_variants=500, seed=101 + len(fractions), missing_rate=0.05)
     write_pooled_vcf(data, tmp_path / "pooled.vcf")
-    run_plink2(["--vcf", "pooled.vcf", "--freq", "--missing", "variant-only", "--hardy", "--out", "ref"], tmp_path)
+    run_plink2(["--vcf", "pooled.vcf", "--freq", "cols=+pos", "--missing", "variant-only", "vcols=+pos", "--hardy", "cols=+pos", "--out", "ref"], tmp_path)
     nodes = split_sites(data, tmp_path / "sites", fractions, seed=7)
     run_federated(nodes, tmp_path / "out")
     for ext, name in (("afreq", "freq.afreq"), ("vmiss", "missing.vmiss"), ("hardy", "hardy.hardy")):

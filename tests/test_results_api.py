@@ -28,7 +28,7 @@ def results_dir(tmp_path_factory):
 def test_load_results(results_dir):
     res = load_results(results_dir)
     assert len(res.freq) == 150
-    assert list(res.freq.columns[:4]) == ["CHROM", "ID", "REF", "ALT"]
+    assert list(res.freq.columns[:5]) == ["CHROM", "POS", "ID", "REF", "ALT"]
     assert res.freq["CHROM"].iloc[0] == "1"  # contig names stay strings
     summary = res.site_summary()
     assert summary["samples"].sum() == 200

@@ -364,19 +364,23 @@ def write_qc_outputs(
     """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass list."""
     chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
     ref, alt = aln.ref.tolist(), aln.alt.tolist()
+    pos = aln.pos
+    # POS after #CHROM, as PLINK 2 writes with --freq cols=+pos, --missing vcols=+pos, --hardy cols=+pos
     written = []
     hardy = qcstats.variant_hardy(counts)
     if "freq" in analyses:
         f, obs = qcstats.variant_alt_freq(counts)
-        write_tsv(out / "freq.afreq", ["#CHROM", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"], [chrom, ids, ref, alt, f, obs])
+        write_tsv(out / "freq.afreq", ["#CHROM", "POS", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"],
+                  [chrom, pos, ids, ref, alt, f, obs])
         written.append("freq.afreq")
     if "missing" in analyses:
         m, n, fm = qcstats.variant_missing(counts)
-        write_tsv(out / "missing.vmiss", ["#CHROM", "ID", "MISSING_CT", "OBS_CT", "F_MISS"], [chrom, ids, m, n, fm])
+        write_tsv(out / "missing.vmiss", ["#CHROM", "POS", "ID", "MISSING_CT", "OBS_CT", "F_MISS"], [chrom, pos, ids, m, n, fm])
         written.append("missing.vmiss")
     if "hardy" in analyses:
         cols = ["HOM_A1_CT", "HET_A1_CT", "TWO_AX_CT", "O(HET_A1)", "E(HET_A1)", "P"]
-        write_tsv(out / "hardy.hardy", ["#CHROM", "ID", "A1", "AX", *cols], [chrom, ids, ref, alt, *[hardy[c] for c in cols]])
+        write_tsv(out / "hardy.hardy", ["#CHROM", "POS", "ID", "A1", "AX", *cols],
+                  [chrom, pos, ids, ref, alt, *[hardy[c] for c in cols]])
         written.append("hardy.hardy")
     filt = qcstats.qc_pass(counts, maf=qc.get("maf"), geno=qc.get("geno"), hwe=qc.get("hwe"), hwe_p=hardy["P"])
     fails = [k for k in ("fail_geno", "fail_maf", "fail_hwe") if k in filt]
