@@ -23,6 +23,9 @@ def _read(path: Path) -> pd.DataFrame:
         text = df["P"].astype(str).tolist()
         df["MLOG10P"] = mlog10p_from_text(text)
         df["P"] = pd.to_numeric(df["P"], errors="coerce")
+    elif "LOG10_P" in df.columns:  # written with PLINK's log10 modifier (study.glm.cols=+log10p)
+        df["MLOG10P"] = pd.to_numeric(df["LOG10_P"], errors="coerce")
+        df["P"] = 10.0 ** -df["MLOG10P"]
     return df
 
 

@@ -48,6 +48,15 @@ def _read_glm(path: Path) -> dict[str, list[str]]:
     return {h.lstrip("#"): list(c) for h, c in zip(head, cols)}
 
 
+def _p_from_mlog10(m: float) -> str:
+    """P as text from −log10 P, also below 1e-308 (``3.1e-400``)."""
+    e = math.floor(-m)
+    mant = 10.0 ** (-m - e)
+    if mant >= 9.9995:
+        mant, e = 1.0, e + 1
+    return f"{mant:.4g}e{e:+03d}" if e < -4 else f"{10.0 ** -m:.6g}"
+
+
 def _g(x: float) -> str:
     return "NA" if not math.isfinite(x) else f"{x:.6g}"
 
@@ -76,7 +85,11 @@ def write_gwas_ssf(
         raise ValueError(f"{table.name}: {n_rows} rows but {len(a1_freq)} A1 frequencies")
     logistic = "OR" in t
     effect_col, se_col = ("OR", "LOG(OR)_SE") if logistic else ("BETA", "SE")
-    mlog10 = mlog10p_from_text(t["P"])
+    if "P" not in t and "LOG10_P" in t:  # the table was written with PLINK's log10 modifier
+        mlog10 = np.array([float(v) if v not in ("NA", "nan") else np.nan for v in t["LOG10_P"]])
+        t["P"] = ["NA" if not math.isfinite(m) else _p_from_mlog10(m) for m in mlog10.tolist()]
+    else:
+        mlog10 = mlog10p_from_text(t["P"])
     records = []
     for i in range(n_rows):
         code = chrom_code(t["CHROM"][i])

@@ -18,7 +18,7 @@ from fedgen.errors import ConfigError, FedgenError
 from fedgen.federation.transport import Reply, Request
 from fedgen.stats import assoc as assocstats
 from fedgen.stats import glm
-from fedgen.stats.plinkfmt import format_g6, format_g6_from_ln
+from fedgen.study import glmcols
 from fedgen.study.align import Alignment
 from fedgen.study.engine import BLOCKS_PER_ROUND, Replies, Task, combine_blocks, run_task, run_tasks, sum_replies
 from fedgen.study.writers import atomic_write_text, write_tsv
@@ -244,10 +244,6 @@ def _variant_cols(aln: Alignment, rows: np.ndarray, a1_ref: np.ndarray) -> list[
     return [aln.chrom[rows].tolist(), aln.pos[rows].tolist(), aln.ids[rows].tolist(), ref, alt, a1]
 
 
-def _na(strings: list[str], bad: np.ndarray) -> list[str]:
-    return ["NA" if b else s for s, b in zip(strings, bad.tolist())]
-
-
 #: ERRCODE of a row that a site's disclosure rule withheld (a cell of 1..min_cell-1 carriers or
 #: carriers of A2, or IRLS weights resting on fewer than min_count people)
 WITHHELD = "SMALL_CELL"
@@ -279,22 +275,35 @@ def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> Task:
     p = np.where(bad, np.nan, mlog10p_from_ln(r["p_ln"]))
     if out is None:
         return name, p
-    cols = _variant_cols(aln, rows, a1_ref)
-    write_tsv(
-        out / name,
-        ["#CHROM", "POS", "ID", "REF", "ALT", "A1", "TEST", "OBS_CT", "BETA", "SE", "T_STAT", "P", "ERRCODE"],
-        [
-            *cols,
-            ["ADD"] * len(rows),
-            np.asarray(r["obs_ct"], dtype=np.int64),
-            _na(format_g6(r["beta"]), bad),
-            _na(format_g6(r["se"]), bad),
-            _na(format_g6(r["t"]), bad),
-            _na(format_g6_from_ln(r["p_ln"]), bad),
-            list(r["errcode"]),
-        ],
-    )
+    counts = None
+    if glmcols.needs_counts(_cols(ctx)):  # over the regression's own samples: Σ A1 dosage and n from X'X
+        counts = {"a1": sums["XtX"][:, 0, 1], "obs": 2.0 * np.asarray(sums["n"], dtype=np.float64)}
+    head, body = glmcols.table(
+        _cols(ctx), variant=_variant_cols(aln, rows, a1_ref), logistic=False, firth=None, obs_ct=r["obs_ct"],
+        beta=r["beta"], beta_ln=False, se=r["se"], tz=r["t"], p_ln=r["p_ln"], errcode=list(r["errcode"]), show=~bad,
+        counts=counts, ci=_ci(ctx))
+    write_tsv(out / name, head, body)
     return name, p
+
+
+def _cols(ctx: Any) -> tuple[str, ...]:
+    return tuple(ctx.plan.get("glm_cols") or glmcols.DEFAULT)
+
+
+def _ci(ctx: Any) -> float | None:
+    ci = ctx.plan.get("glm_ci")
+    return None if ci is None else float(ci)
+
+
+def _regression_counts(ctx, aln, rows, a1_ref, params) -> Task:
+    """A1/A2 allele counts in cases and controls over the regression's samples (those with the
+    phenotype and every covariate), for the count columns of a logistic table."""
+    names = [cv["name"] for cv in params.get("covariates") or []]
+    req = sorted(set(params.get("require") or []) | {params["phenotype"], *names})
+    sums = yield from rows_task(ctx, "assoc_counts", aln, rows, a1_ref, {**params, "require": req})
+    c = np.asarray(sums["counts"], dtype=np.float64)
+    return {"a1": c[:, 0] + c[:, 2], "obs": c.sum(axis=1), "a1_case": c[:, 0], "obs_case": c[:, 0] + c[:, 1],
+            "a1_ctrl": c[:, 2], "obs_ctrl": c[:, 2] + c[:, 3]}
 
 
 def _covariates_separated(ctx, params) -> Task:
@@ -379,22 +388,14 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
     name = f"{params['phenotype']}.glm.logistic.hybrid"
     if out is None:
         return name, np.where(show, mlog10p_from_ln(res["p_ln"]), np.nan)
-    cols = _variant_cols(aln, rows, a1_ref)
-    write_tsv(
-        out / name,
-        ["#CHROM", "POS", "ID", "REF", "ALT", "A1", "FIRTH?", "TEST", "OBS_CT", "OR", "LOG(OR)_SE", "Z_STAT", "P", "ERRCODE"],
-        [
-            *cols,
-            ["Y" if f else "N" for f in firth.tolist()],
-            ["ADD"] * len(rows),
-            np.asarray(res["obs_ct"], dtype=np.int64),
-            _na(format_g6_from_ln(res["beta"]), ~show),
-            _na(format_g6(res["se"]), ~show),
-            _na(format_g6(res["z"]), ~show),
-            _na(format_g6_from_ln(res["p_ln"]), ~show),
-            err.tolist(),
-        ],
-    )
+    counts = None
+    if glmcols.needs_counts(_cols(ctx)):
+        counts = yield from _regression_counts(ctx, aln, rows, a1_ref, params)
+    head, body = glmcols.table(
+        _cols(ctx), variant=_variant_cols(aln, rows, a1_ref), logistic=True, firth=firth, obs_ct=res["obs_ct"],
+        beta=res["beta"], beta_ln=True, se=res["se"], tz=res["z"], p_ln=res["p_ln"], errcode=err.tolist(), show=show,
+        counts=counts, ci=_ci(ctx))
+    write_tsv(out / name, head, body)
     return name, np.where(show, mlog10p_from_ln(res["p_ln"]), np.nan)
 
 

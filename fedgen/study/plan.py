@@ -108,9 +108,22 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             "e.g. 'study.phenotypes=[T2D]'"
         )
     glm_cfg = study.get("glm") or {}
-    unknown_glm = sorted(set(glm_cfg) - {"missing"})
+    unknown_glm = sorted(set(glm_cfg) - {"missing", "cols", "ci"})
     if unknown_glm:
-        raise ConfigError(f"study.glm: unknown key(s) {', '.join(unknown_glm)} (known: missing)")
+        raise ConfigError(f"study.glm: unknown key(s) {', '.join(unknown_glm)} (known: missing, cols, ci)")
+    from fedgen.study.glmcols import parse_cols
+
+    glm_cols = parse_cols(glm_cfg.get("cols"))
+    if study.get("sumstats", True) and "glm" in analyses:
+        need = {"chrom", "pos", "ref", "alt", "se", "nobs", "err"}
+        lacking = sorted(need - set(glm_cols)) + ([] if {"beta", "orbeta"} & set(glm_cols) else ["orbeta"]) \
+            + ([] if "p" in glm_cols else ["p"])
+        if lacking:
+            raise ConfigError(f"study.glm.cols leaves out {', '.join(lacking)}, which the GWAS-SSF summary statistics "
+                              "(study.sumstats) are written from: keep them, or set study.sumstats=false")
+    glm_ci = glm_cfg.get("ci")
+    if glm_ci is not None and not (isinstance(glm_ci, (int, float)) and 0 < float(glm_ci) < 1):
+        raise ConfigError(f"study.glm.ci must be a confidence level in (0, 1) such as 0.95, or null; got {glm_ci!r}")
     missing = str(glm_cfg.get("missing", "impute"))
     if missing not in ("impute", "drop"):
         raise ConfigError(f"study.glm.missing must be impute or drop, got {missing!r}")
@@ -130,6 +143,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "glm_block_size": int(study.get("glm_block_size") or 65536),
         "site_covariate": bool(study.get("site_covariate") or False),
         "missing": missing,
+        "glm_cols": list(glm_cols),
+        "glm_ci": None if glm_ci is None else float(glm_ci),
         "lambda_without_pcs": bool(study.get("lambda_without_pcs", True)),
         "sumstats": bool(study.get("sumstats", True)),
         "timeout": float(fed.get("timeout") or 600),
