@@ -82,3 +82,27 @@ def qc_plan(out: Path, sites: list[str], **kw: Any) -> dict[str, Any]:
     }
     plan.update(kw)
     return plan
+
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def run_notebook(name: str, tmp_path: Path, **parameters: Any) -> str:
+    """Execute ``notebooks/<name>.ipynb`` with papermill (its ``parameters`` cell overridden) and
+    return the text every code cell printed; a cell that raises fails the test."""
+    import nbformat
+    import papermill as pm
+
+    src = NOTEBOOKS / f"{name}.ipynb"
+    assert any("parameters" in c.metadata.get("tags", []) for c in nbformat.read(src, as_version=4).cells), \
+        f"{name}: no cell tagged 'parameters'"
+    out = tmp_path / f"{name}.out.ipynb"
+    pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(NOTEBOOKS), kernel_name="python3",
+                        progress_bar=False, log_output=False)
+    nb = nbformat.read(out, as_version=4)
+    texts = []
+    for c in nb.cells:
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            texts.append(o.get("text", ""))
+            texts.append(str((o.get("data") or {}).get("text/plain", "")))
+    return "".join(texts)

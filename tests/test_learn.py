@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONVENTIONS, qc_plan, split_sites
+from conftest import CONVENTIONS, qc_plan, run_notebook, split_sites
 
 from fedgen.analyses import execute
 from fedgen.cohort.cohort import load_cohort
@@ -151,10 +150,6 @@ def test_risk_model_study_exports_a_model_that_fedgen_score_reproduces(data, tmp
 
 
 def test_risk_model_notebook_executes(data, tmp_path):
-    import os
-
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     nodes = _nodes(data, tmp_path / "s", {"min_count": 1})
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc", "model"], phenotypes=["CC"],
                    covariates=[], qc={"maf": 0.05, "geno": None, "hwe": None}, pca=None, pcs=0, missing="impute")
@@ -164,15 +159,6 @@ def test_risk_model_notebook_executes(data, tmp_path):
 
     res = load_results(tmp_path / "out")
     assert len(res.model_curve()) == 2 and len(res.model_weights()) == len(res.model["variants"]) + 1
-    path = Path(__file__).resolve().parent.parent / "notebooks" / "02_risk_model.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
-    env = {"FEDGEN_RESULTS": str(tmp_path / "out"), "FEDGEN_VCF": nodes["site1"]["vcf"], "FEDGEN_SAMPLES": nodes["site1"]["samples"]}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        for k in env:
-            os.environ.pop(k, None)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = run_notebook("02_risk_model", tmp_path, RESULTS=str(tmp_path / "out"), VCF=nodes["site1"]["vcf"],
+                        SAMPLES=nodes["site1"]["samples"])
     assert "2 rounds over 2 sites, DP-SGD: True" in text and "scored " in text

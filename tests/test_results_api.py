@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import qc_plan, split_sites
+from conftest import qc_plan, run_notebook, split_sites
 from fedgen.federation.transport import InProcessTransport
 from fedgen.results import load_results
 from fedgen.study.runner import run_plan
@@ -40,14 +39,6 @@ def test_load_results_refuses_incomplete_folder(tmp_path):
         load_results(tmp_path)
 
 
-def test_notebook_executes(results_dir):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    os.environ["FEDGEN_RESULTS"] = str(results_dir)
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    finally:
-        os.environ.pop("FEDGEN_RESULTS", None)
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+def test_notebook_executes(results_dir, tmp_path):
+    text = run_notebook("01_gwas_results", tmp_path, RESULTS=str(results_dir))
     assert "200 samples at 2 sites" in text

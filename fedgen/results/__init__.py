@@ -44,6 +44,8 @@ class Results:
     plots: list[Path] = field(default_factory=list)
     model: dict[str, Any] | None = None
     model_card: str | None = None
+    eigenval: pd.Series | None = None
+    pca_variants: pd.DataFrame | None = None
 
     def model_curve(self) -> pd.DataFrame:
         """Per FedAvg round of the risk model: the weights' norm and the bytes each site sent."""
@@ -125,9 +127,34 @@ def load_results(path: str | Path) -> Results:
         res.glm[f.name.split(".glm.")[0]] = _read(f)
     for f in sorted(p.glob("*.assoc")):
         res.assoc[f.name[: -len(".assoc")]] = _read(f)
+    if (p / "pca.eigenval").exists():  # PLINK 2 --pca: one eigenvalue per line
+        vals = [float(x) for x in (p / "pca.eigenval").read_text().split()]
+        res.eigenval = pd.Series(vals, index=[f"PC{i + 1}" for i in range(len(vals))], name="eigenvalue")
+    if (p / "pca.variants.tsv").exists():
+        res.pca_variants = _read(p / "pca.variants.tsv")
     res.plots = sorted((p / "plots").glob("*.png")) if (p / "plots").exists() else []
     if (p / "model" / "model.json").exists():
         res.model = json.loads((p / "model" / "model.json").read_text())
         card = p / "model" / "card.md"
         res.model_card = card.read_text() if card.exists() else None
     return res
+
+
+def load_sweep(path: str | Path) -> pd.DataFrame:
+    """A ``fedgen run -m`` sweep folder: ``sweep_summary.tsv``, one row per job (overrides, results
+    folder, status, headline figures), with each finished job's privacy settings from its manifest."""
+    p = Path(path)
+    summary = p / "sweep_summary.tsv"
+    if not summary.exists():
+        raise FileNotFoundError(f"{p}: no sweep_summary.tsv (not a fedgen run -m sweep folder)")
+    df = pd.read_csv(summary, sep="\t", dtype={"overrides": str, "status": str, "output_dir": str})
+    eps, mode = [], []
+    for out, status in zip(df["output_dir"], df["status"]):
+        priv: dict[str, Any] = {}
+        if status == "ok" and (Path(out) / "manifest.json").exists():
+            priv = json.loads((Path(out) / "manifest.json").read_text()).get("config", {}).get("privacy", {})
+        mode.append(priv.get("mode"))
+        eps.append(priv.get("epsilon") if priv.get("mode") == "dp" else None)
+    df["privacy"] = mode
+    df["epsilon"] = pd.to_numeric(pd.Series(eps, dtype=object), errors="coerce")
+    return df
