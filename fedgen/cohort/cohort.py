@@ -244,6 +244,11 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
     ref: list[str] = []
     alt: list[str] = []
     n_var = 0
+    meter = None
+    if progress:
+        from fedgen.progress import Progress
+
+        meter = Progress(f"reading {vcf.name}", None, unit="variants", logger=log)
     with open(out / "dosage.i8", "wb") as fh:
         for blk in blocks:
             chrom.extend(blk.chrom)
@@ -253,8 +258,8 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
             alt.extend(blk.alt)
             fh.write(np.ascontiguousarray(blk.dosage).tobytes())
             n_var += len(blk.pos)
-            if progress and n_var and n_var % 50000 < len(blk.pos):
-                log.info("%s: %d variants read", vcf.name, n_var)
+            if meter is not None:
+                meter.update(n_var)
     if n_var == 0:
         raise InputError(f"{vcf}: VCF has no biallelic variant records ({stats.records} records read)")
     np.savez(

@@ -97,7 +97,6 @@ def run_dp_plan(plan: dict[str, Any], transport: Transport) -> dict[str, Any]:
 
 def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The releases of a DP study (see the module docstring); returns (results, manifest privacy)."""
-    from fedgen.stats import assoc as assocstats
     from fedgen.privacy.mechanisms import sigma_for_rho
     from fedgen.study.gwas import assoc_text, phenotype_kind, query_rows
 

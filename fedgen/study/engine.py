@@ -21,7 +21,6 @@ Rounds are counted per task label in ``ctx.phase_rounds`` (the manifest's rounds
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Generator
 
 import numpy as np
@@ -59,15 +58,16 @@ def run_tasks(ctx: Any, tasks: dict[str, Task]) -> dict[str, Any]:
 
     for label in list(tasks):
         advance(label, None)
-    t0 = last = time.monotonic()
+    from fedgen.progress import Progress
+
+    # long phases (logistic IRLS, Firth, PCA): rounds done, time, and the tasks still running
+    progress = Progress(getattr(ctx, "phase", None) or "rounds", None, unit="rounds", every=PROGRESS_EVERY)
     rounds = 0
     while pending:
         labels = list(pending)
-        now = time.monotonic()
-        if now - last >= PROGRESS_EVERY:  # long phases (logistic IRLS, Firth, PCA) show progress
-            last = now
-            log.info("round %d (%.0f s): %s", rounds + 1, now - t0,
-                     ", ".join(f"{lab} ({len(pending[lab])} request{'s' if len(pending[lab]) > 1 else ''})" for lab in labels))
+        if rounds:
+            progress.update(rounds, detail=f"{len(tasks) - len(pending)}/{len(tasks)} tasks done; running: " + ", ".join(
+                f"{lab} ({len(pending[lab])} request{'s' if len(pending[lab]) > 1 else ''})" for lab in labels))
         rounds += 1
         batch = [r for lab in labels for r in pending[lab]]
         replies = ctx.query_many(batch)

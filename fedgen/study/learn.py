@@ -178,6 +178,9 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
     n_site: dict[str, int] = {}
     log.info("model: %s on %d features (%d variants, %d covariate columns), %d rounds, %s", cfg["kind"], n_features,
              len(rows), n_cov, cfg["rounds"], "DP-SGD" if cfg["dp"] else "no DP")
+    from fedgen.progress import Progress
+
+    progress = Progress("model training", cfg["rounds"], unit="rounds", every=0.0)
     for r in range(cfg["rounds"]):
         req = Request(analysis, params={**params, "train": {**train, "remaining_rounds": cfg["rounds"] - r}},
                       arrays={"freq": freq, "weights": weights}, per_site_arrays=per_site)
@@ -194,7 +197,7 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
                 spent[s] = float(pv["site_epsilon_spent"])
         curve.append({"round": r + 1, "weight_norm": float(np.linalg.norm(weights)),
                       "bytes": {s: int(rep.nbytes) for s, rep in replies.items()}})
-        log.info("model: round %d/%d", r + 1, cfg["rounds"])
+        progress.update(r + 1)
     features = [{"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]), "ref": str(aln.ref[i]),
                  "alt": str(aln.alt[i]), "scored_allele": str(aln.ref[i] if fl else aln.alt[i]), "freq": float(fr)}
                 for i, fl, fr in zip(rows.tolist(), flip.tolist(), freq.tolist())]

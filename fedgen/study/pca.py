@@ -356,9 +356,13 @@ def run_pca(
     per_block = [_site_arrays(aln, rows[sl]) for sl in blocks]
     log.info("PCA: %d variants (%d block(s)), %d samples, k = %d, basis of %d columns per round",
              M, len(blocks), n_total, k, drv.block)
+    from fedgen.progress import Progress
+
+    progress = Progress("PCA", None, unit="rounds")
     with ctx.timed("pca_svd"):
         while not drv.done:
             drv.update(_gram_product(traffic, study_id, drv.rounds, drv.basis, freq, blocks, per_block))
+            progress.update(drv.rounds)
     theta = drv.eigenvalues
     if not np.all(theta > 0):
         raise FedgenError("PCA: the genotype matrix has fewer than k non-zero singular values")

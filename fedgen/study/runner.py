@@ -94,8 +94,11 @@ class _Timer:
 
     def __enter__(self) -> None:
         self.t0 = time.perf_counter()
+        self.outer = getattr(self.ctx, "phase", None)
+        self.ctx.phase = self.name  # progress lines name the phase they report on
 
     def __exit__(self, *exc: Any) -> None:
+        self.ctx.phase = self.outer
         self.ctx.timings[self.name] = round(self.ctx.timings.get(self.name, 0.0) + time.perf_counter() - self.t0, 3)
 
 
@@ -152,15 +155,9 @@ def blockwise_task(ctx: StudyContext, analysis: str, aln: Alignment, *, key: str
 
 
 def _progress(label: str, total: int) -> Callable[[int], None]:
-    last = [0.0]
+    from fedgen.progress import Progress
 
-    def report(done: int) -> None:
-        now = time.perf_counter()
-        if done == total or now - last[0] > 2.0:
-            last[0] = now
-            log.info("%s: block %d/%d", label, done, total)
-
-    return report
+    return Progress(label, total, unit="blocks").update
 
 
 def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
