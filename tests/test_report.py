@@ -178,3 +178,15 @@ def test_study_report_failure_costs_only_the_report(tmp_path, monkeypatch):
     assert manifest["files"] == ["a.tsv"] and not (tmp_path / "report.html").exists()
     assert "report.html not written: ValueError: no good" in manifest["notes"][0]
 
+
+def test_lambda_gc_from_the_middle_order_statistics_equals_the_median_chi2():
+    from scipy import stats
+
+    from fedgen.results.plots import lambda_gc
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 5, 6, 999, 1000):
+        p = rng.uniform(size=n) ** 2
+        direct = float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
+        assert lambda_gc(p) == direct and lambda_gc(mlog10p=-np.log10(p)) == pytest.approx(direct, rel=1e-12)
+    assert lambda_gc(mlog10p=np.array([400.0, 500.0, 1.0])) == np.inf  # P below 1e-308: χ² infinite
