@@ -1,4 +1,4 @@
-"""RESULTS/report.html (fedgen.results.report)."""
+"""RESULTS/report.html (fedgen.results.report) and ``fedgen plot region``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import pandas as pd
 import pytest
 
 from conftest import PLINK_EXACT_POLICY, qc_plan, split_sites
+from fedgen.cli import main
 from fedgen.federation.transport import InProcessTransport
 from fedgen.results.report import (
     MAX_BULK_POINTS,
     manhattan_figure,
+    p_text,
+    parse_locus,
+    plot_region,
     read_association,
     thin_indices,
     write_report,
@@ -50,6 +54,12 @@ def _figure(text: str, div_id: str) -> tuple[list[dict], dict]:
     rest = text[end:]
     layout, _ = dec.raw_decode(rest.lstrip(", \n"))
     return data, layout
+
+
+def _lead(path: Path) -> tuple[str, int]:
+    df = read_association(path)
+    i = int(np.nanargmax(df["MLOG10P"].to_numpy()))
+    return str(df["CHROM"].iloc[i]), int(df["POS"].iloc[i])
 
 
 def _patched_copy(src: Path, dst: Path, table: str, row: int, p: str) -> tuple[str, int, str]:
@@ -93,7 +103,7 @@ def test_report_written_at_the_end_of_a_study(study):
     assert 'id="epsilon"' not in text  # not a DP study
 
 
-def test_p_below_1e308_in_report(study, tmp_path):
+def test_p_below_1e308_in_report_and_region(study, tmp_path, capsys):
     out, _ = study
     res = tmp_path / "res"
     chrom, pos, vid = _patched_copy(out, res, "QT2.glm.linear", 60, "1e-400")
@@ -108,6 +118,57 @@ def test_p_below_1e308_in_report(study, tmp_path):
     data, _ = _figure(text, "manhattan-QT2")
     hit = [(y, t) for tr in data for y, t in zip(tr["y"], tr.get("text", [])) if f":{pos}<br>" in t]
     assert hit == [(pytest.approx(400.0), f"{vid if vid != '.' else ''} {chrom}:{pos}<br>P = 1.00e-400")]
+
+    rc = main(["plot", "region", str(res), f"{chrom}:{pos}", "--phenotype", "QT2", "--window", "2000000",
+               "--out", str(tmp_path / "reg.png")])
+    assert rc == 0
+    said = capsys.readouterr().out
+    assert f"lead {vid} at {chrom}:{pos} (P = 1.00e-400)" in said
+    png, html = tmp_path / "reg.png", tmp_path / "reg.html"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h = html.read_text()
+    assert "1.00e-400" in h and not re.search(r"<script[^>]+src=", h)
+    r = plot_region(res, f"chr{chrom}:{pos:,}", window=0, out=tmp_path / "one")
+    assert r["phenotype"] == "QT2" and r["mlog10p"] == pytest.approx(400.0) and r["variants"] >= 1
+
+
+def test_region_default_phenotype_and_output(study, capsys):
+    out, _ = study
+    chrom, pos = _lead(out / "QT2.glm.linear")
+    assert main(["plot", "region", str(out), f"{chrom}:{pos}"]) == 0
+    said = capsys.readouterr().out
+    ph = said.split(":")[0]
+    assert ph in ("CC", "QT2")
+    assert (out / "plots" / f"region_{ph}_{chrom}_{pos}.png").exists()
+    assert (out / "plots" / f"region_{ph}_{chrom}_{pos}.html").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["1-12345"], "expected a position as CHR:POS"),
+    (["1:12x"], "expected a position as CHR:POS"),
+    (["1:1", "--phenotype", "NOPE"], "phenotype 'NOPE' has no association results"),
+    (["1:1"], "no association result at 1:1 for any phenotype"),
+    (["99:1000"], "contig 99 has no tested variants"),
+])
+def test_region_bad_input_is_a_clear_error(study, capsys, args, message):
+    out, _ = study
+    assert main(["plot", "region", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_region_without_association_results(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["plot", "region", str(tmp_path), "1:100"]) == 2
+    assert "no association results" in capsys.readouterr().err
+    assert main(["plot", "region", str(tmp_path / "missing"), "1:100"]) == 2
+    assert "no such results folder" in capsys.readouterr().err
+
+
+def test_parse_locus():
+    assert parse_locus("chr1:12,345") == ("1", 12345)
+    assert parse_locus(" X:5 ") == ("X", 5)
+    assert p_text(400.0) == "1.00e-400" and p_text(np.inf) == "0"
 
 
 def _synthetic_results(path: Path, n: int, *, seed: int = 0) -> pd.DataFrame:

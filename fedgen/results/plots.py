@@ -192,3 +192,31 @@ def manhattan_qq(
         written.append(_save(fig, Path(f"{out_prefix}_qq.png")))
     return written
 
+
+def regional_plot(
+    pos: np.ndarray, mlog10p: np.ndarray, lead: int, *, chrom: str, title: str, out: Path, labels: list[str] | None = None,
+) -> Path:
+    """Static regional plot: −log10 P against position (Mb) on one contig, the lead variant
+    (row ``lead``) marked and labelled. P printed as 0 (−log10 P infinite) is drawn at the top."""
+    plt = _plt()
+    pos = np.asarray(pos, dtype=np.int64)
+    lp = np.asarray(mlog10p, dtype=float)
+    top = float(np.nanmax(lp[np.isfinite(lp)])) if np.isfinite(lp).any() else -np.log10(5e-8)
+    y = np.where(np.isinf(lp), top * 1.05 + 1, lp)
+    ok = np.isfinite(y)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.scatter(pos[ok] / 1e6, y[ok], s=10, color="#3b6ea8", label="variants")
+    ax.scatter([pos[lead] / 1e6], [y[lead]], s=70, marker="D", color="#d62728", edgecolor="black", zorder=3,
+               label="lead variant")
+    name = labels[lead] if labels is not None else f"{chrom}:{pos[lead]}"
+    ax.annotate(name, (pos[lead] / 1e6, y[lead]), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    ax.axhline(-np.log10(5e-8), color="red", lw=0.8, ls="--")
+    ax.set_xlabel(f"chromosome {chrom} position (Mb)")
+    ax.set_ylabel("-log10(P)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out)

@@ -446,3 +446,122 @@ def write_study_report(stage: Path, manifest: dict[str, Any]) -> None:
         log.warning(note)
         manifest.setdefault("notes", []).append(note)
 
+
+# --------------------------------------------------------------------------- regional plot
+
+_LOCUS = re.compile(r"^\s*([A-Za-z0-9_.]+):([0-9][0-9,]*)\s*$")
+
+
+def parse_locus(text: str) -> tuple[str, int]:
+    """``CHR:POS`` (``1:12345``, ``chr1:12,345``) → (canonical contig, position)."""
+    from fedgen.cohort.contigs import harmonise_contig
+
+    m = _LOCUS.match(str(text))
+    if not m:
+        raise FedgenError(f"expected a position as CHR:POS (e.g. 1:12345), got {text!r}")
+    return harmonise_contig(m.group(1)), int(m.group(2).replace(",", ""))
+
+
+def region_figure(df: pd.DataFrame, lead: int, *, chrom: str, title: str):
+    """Plotly regional plot of the rows of ``df`` (one contig), the lead variant (row ``lead``) marked."""
+    import plotly.graph_objects as go
+
+    pos = df["POS"].to_numpy()
+    m = df["MLOG10P"].to_numpy(dtype=float)
+    ids = df["ID"].to_numpy().astype(str)
+    top = float(np.nanmax(m[np.isfinite(m)])) if np.isfinite(m).any() else GENOME_WIDE
+    y = np.where(np.isinf(m), top * 1.05 + 1, m)
+    ok = np.isfinite(y)
+    chroms = np.full(len(pos), chrom)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=(pos[ok] / 1e6).tolist(), y=y[ok].tolist(), mode="markers", name="variants",
+                             text=_hover(ids[ok], chroms[ok], pos[ok], m[ok]), hovertemplate="%{text}<extra></extra>",
+                             marker={"size": 7, "color": "#3b6ea8"}))
+    fig.add_trace(go.Scatter(x=[pos[lead] / 1e6], y=[float(y[lead])], mode="markers+text", name="lead variant",
+                             text=[f"{ids[lead] if ids[lead] != '.' else f'{chrom}:{pos[lead]}'} (P = {p_text(m[lead])})"],
+                             textposition="top right", hovertemplate="%{text}<extra></extra>",
+                             marker={"size": 13, "symbol": "diamond", "color": "#d62728", "line": {"width": 1, "color": "black"}}))
+    fig.add_hline(y=GENOME_WIDE, line={"color": "red", "width": 1, "dash": "dash"})
+    fig.update_layout(title=title, xaxis={"title": f"chromosome {chrom} position (Mb)"},
+                      yaxis={"title": "−log10(P)", "rangemode": "tozero"}, template="plotly_white", height=450)
+    return fig
+
+
+def plot_region(results_dir: str | Path, locus: str, *, phenotype: str | None = None, window: int = 500_000,
+                out: str | Path | None = None) -> dict[str, Any]:
+    """Regional plot of −log10 P within ``window`` bp either side of ``locus`` (``CHR:POS``, which
+    must have a result): a PNG (matplotlib) and an interactive HTML (plotly, self-contained).
+
+    ``phenotype`` defaults to the phenotype with the smallest P at ``locus``. ``out`` is the
+    output path without (or with) a ``.png``/``.html`` suffix; default
+    ``RESULTS/plots/region_<phenotype>_<chr>_<pos>``. Returns the phenotype, lead variant and paths.
+    """
+    import plotly.io as pio
+
+    from fedgen.cohort.contigs import harmonise_contig
+    from fedgen.results.plots import regional_plot
+
+    results_dir = Path(results_dir)
+    chrom, pos = parse_locus(locus)
+    if window < 0:
+        raise FedgenError(f"--window must be >= 0, got {window}")
+    if not results_dir.is_dir():
+        raise FedgenError(f"{results_dir}: no such results folder")
+    files = association_files(results_dir)
+    if not files:
+        raise FedgenError(f"{results_dir}: no association results (*.glm.* or *.assoc); run a study with "
+                          "association analyses (assoc or glm) first")
+    if phenotype is not None and phenotype not in files:
+        raise FedgenError(f"phenotype {phenotype!r} has no association results in {results_dir}; "
+                          f"phenotypes: {', '.join(files)}")
+    candidates = {phenotype: files[phenotype]} if phenotype is not None else files
+    best: tuple[float, str, pd.DataFrame, int] | None = None
+    for ph, path in candidates.items():
+        df = read_association(path)
+        df = df[np.array([harmonise_contig(c) for c in df["CHROM"]]) == chrom].reset_index(drop=True)
+        m = df["MLOG10P"].to_numpy(dtype=float)
+        at = np.flatnonzero((df["POS"].to_numpy() == pos) & ~np.isnan(m))
+        if len(at):
+            i = int(at[np.argmax(m[at])])
+            if best is None or m[i] > best[0]:
+                best = (float(m[i]), ph, df, i)
+    if best is None:
+        which = f"phenotype {phenotype}" if phenotype is not None else "any phenotype"
+        raise FedgenError(f"no association result at {chrom}:{pos} for {which} in {results_dir}"
+                          + _nearest_note(results_dir, candidates, chrom, pos))
+    _, ph, df, lead = best
+    p = df["POS"].to_numpy()
+    sel = np.flatnonzero((p >= pos - window) & (p <= pos + window))
+    region = df.iloc[sel].reset_index(drop=True)
+    lead = int(np.flatnonzero(sel == lead)[0])
+    title = (f"{ph}: {chrom}:{max(pos - window, 0):,}-{pos + window:,}, lead "
+             f"{region['ID'].iloc[lead] if region['ID'].iloc[lead] != '.' else f'{chrom}:{pos}'} "
+             f"(P = {p_text(region['MLOG10P'].iloc[lead])})")
+    if out is None:
+        base = results_dir / "plots" / f"region_{_slug(ph)}_{_slug(chrom)}_{pos}"
+    else:
+        base = Path(out)
+        if base.suffix.lower() in (".png", ".html"):
+            base = base.with_suffix("")
+    png = regional_plot(region["POS"].to_numpy(), region["MLOG10P"].to_numpy(), lead, chrom=chrom, title=title,
+                        out=base.with_name(base.name + ".png"),
+                        labels=[i if i != "." else f"{chrom}:{q}" for i, q in zip(region["ID"], region["POS"])])
+    html_path = base.with_name(base.name + ".html")
+    atomic_write_text(html_path, pio.to_html(region_figure(region, lead, chrom=chrom, title=title),
+                                             include_plotlyjs=True, full_html=True, config={"displaylogo": False}))
+    return {"phenotype": ph, "chrom": chrom, "pos": pos, "id": str(region["ID"].iloc[lead]),
+            "mlog10p": float(region["MLOG10P"].iloc[lead]), "variants": len(region), "png": png, "html": html_path}
+
+
+def _nearest_note(results_dir: Path, files: dict[str, Path], chrom: str, pos: int) -> str:
+    """'; nearest tested positions: …' from the first table, or a hint that the contig has none."""
+    from fedgen.cohort.contigs import harmonise_contig
+
+    df = read_association(next(iter(files.values())))
+    df = df[~np.isnan(df["MLOG10P"].to_numpy(dtype=float))]
+    on = df[np.array([harmonise_contig(c) for c in df["CHROM"]], dtype=object) == chrom] if len(df) else df
+    if not len(on):
+        contigs = sorted(set(df["CHROM"]))
+        return f"; contig {chrom} has no tested variants (contigs: {', '.join(contigs[:30])})"
+    near = on.iloc[np.argsort(np.abs(on["POS"].to_numpy() - pos), kind="stable")[:3]]
+    return "; nearest tested positions: " + ", ".join(f"{c}:{q}" for c, q in zip(near["CHROM"], near["POS"]))
