@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedgen.privacy.cli import add_command as add_ledger
 
     add_ledger(sub)
+    from fedgen.results.cli import add_command as add_plot
+
+    add_plot(sub)
     try:  # site-node and aggregator commands (fedgen node ..., fedgen aggregator ...)
         from fedgen.node.cli import add_commands
     except ImportError:

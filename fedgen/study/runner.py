@@ -223,6 +223,9 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
 
             results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
         manifest = {**build_manifest(plan, ctx, info, aln, results, t_start), **extra}
+        from fedgen.results.report import write_study_report
+
+        write_study_report(stage, manifest)  # report.html, listed in manifest["files"]
         atomic_write_json(stage / "manifest.json", manifest)
         publish_dir(stage, out)
     except BaseException:
