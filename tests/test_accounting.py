@@ -90,7 +90,7 @@ def test_count_equals_separate_events(event: dict) -> None:
 
 
 def test_zcdp_conversion_against_hand_formula() -> None:
-    """ε(ρ, δ) = min_α [αρ + (ln(1/δ) + (α−1) ln(1−1/α) − ln α)/(α−1)] (DP_NOTES §2)."""
+    """ε(ρ, δ) = min_α [αρ + (ln(1/δ) + (α−1) ln(1−1/α) − ln α)/(α−1)] (the RDP-to-(ε, δ) conversion of Canonne, Kamath & Steinke 2020, as in dp-accounting)."""
     alphas = np.linspace(1.02, 600, 2_000_000)
     for rho in (0.0244, 0.2, 3.0):
         tail = (np.log(1 / DELTA) + (alphas - 1) * np.log1p(-1 / alphas) - np.log(alphas)) / (alphas - 1)

@@ -9,7 +9,7 @@ Two paths share one output format (int8 ALT dosage per call: 0, 1, 2, or -1 = mi
   GT not first in FORMAT, odd ploidy) with a per-record Python parser, and BCF input through
   pysam/htslib, whose records are rendered back to VCF text and fed to the same parser.
 
-Genotype semantics follow PLINK 2's VCF import (see PLINK2_NOTES.md §5): phased ``|`` and
+Genotype semantics follow PLINK 2's VCF import (plink-ng ``plink2_import.cc``: ``VcfToPgen``): phased ``|`` and
 unphased ``/`` are the same; a half-call (``./1``) is missing; a haploid call on an autosome
 (``1``) counts as a homozygote (2 ALT alleles). Multi-allelic records are skipped and counted
 (never mis-coded as biallelic).

@@ -136,7 +136,7 @@ def to_dp_event(e: dict[str, Any]) -> dp_accounting.DpEvent:
     """The ``dp_accounting`` event: the single event, or a ``ComposedDpEvent`` of ``count`` copies.
 
     Explicit copies rather than ``SelfComposedDpEvent``: some accountants ignore the count of
-    self-composed events of some types (DP_NOTES §4).
+    self-composed events of some types (tests/test_accounting.py checks the totals).
     """
     v = validate_event(e)
     one = _single_dp_event(v)

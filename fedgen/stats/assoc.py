@@ -4,7 +4,7 @@ Everything is a function of per-variant allele counts, which sites can sum: ``a`
 alleles in cases, ``c``/``d`` = A1/A2 alleles in controls (samples with a missing genotype or
 phenotype contribute nothing).  The arithmetic repeats PLINK 1.9's double operations
 (``chi22_eval``, the OR expression), so the 4-significant-digit columns print identically
-(PLINK2_NOTES.md §8; plink-ng 1.9 ``plink_assoc.c: model_assoc``, ``plink_stats.c``).
+(plink-ng 1.9 ``plink_assoc.c: model_assoc``, ``plink_stats.c``).
 """
 
 from __future__ import annotations

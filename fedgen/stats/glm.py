@@ -14,7 +14,7 @@ covariate and its genotype at v are present (callers drop NaN phenotype/covariat
 genotype ``-1`` is handled here).  Only the genotype (ADD) coefficient is reported.
 
 Numerics follow plink-ng v2.00a3.5 (``2.0/plink2_glm_linear.cc``, ``plink2_glm_logistic.cc``,
-``plink2_glm_shared.cc``); see PLINK2_NOTES.md §1–3:
+``plink2_glm_shared.cc``):
 
 * linear: double precision, ERRCODEs in PLINK's order, ``df = OBS_CT - p``, P from
   :func:`fedgen.stats.pvalues.t_ln_p` — printed BETA/SE/T_STAT/P equal PLINK's;
@@ -227,7 +227,7 @@ def _spd_inverse(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------------- shared checks
 def _precheck_errors(XtX: np.ndarray, *, max_corr: float, vif_thresh: float) -> np.ndarray:
-    """ERRCODE checks 1, 2 and 4 from X'X (PLINK2_NOTES §2; ``CheckMaxCorrAndVif``)."""
+    """ERRCODE checks 1, 2 and 4 from X'X (plink-ng ``plink2_glm_shared.cc``: ``CheckMaxCorrAndVif``)."""
     V, p, _ = XtX.shape
     err = np.full(V, ".", dtype=_ERR_DTYPE)
     n = XtX[:, 0, 0]

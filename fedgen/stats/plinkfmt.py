@@ -4,7 +4,7 @@ PLINK does not use printf.  It scales the value by powers of ten with a fixed se
 double multiplications, then rounds half-to-even with a tolerance window (a scaled value
 within ~5e-9 of .5 counts as a tie for PLINK 2, ~5e-11 for PLINK 1.9).  The functions here
 repeat those exact double operations, vectorised with numpy, so the printed text is
-byte-identical to PLINK's (PLINK2_NOTES.md §7, §8).
+byte-identical to PLINK's (plink-ng ``plink2_string.cc``: ``dtoa_g``; 1.9 ``plink_common.c``).
 
 Ported from plink-ng ``2.0/include/plink2_string.cc`` (v2.00a3.5) and ``1.9/plink_common.c``.
 """

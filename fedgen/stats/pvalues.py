@@ -6,7 +6,7 @@ incomplete beta with a 6-term Lanczos series for t statistics) with relative err
 ~1e-7, enough to change the 6th printed digit of a few percent of P values.  The functions here
 repeat PLINK's branch structure and double-precision operations, vectorised with numpy (each
 element follows its own branch; series loops stop per element exactly where PLINK's do), so the
-printed P equals PLINK's (PLINK2_NOTES.md §3).  Everything stays in log space: z = 40 gives
+printed P equals PLINK's (plink-ng ``plink2_stats.cc``: ``TstatToLnP``, ``ChisqToLnP``).  Everything stays in log space: z = 40 gives
 ln P = -804.6..., printed ``7.31179e-350`` by :func:`fedgen.stats.plinkfmt.format_g6_from_ln`.
 
 :func:`chisq1_p` is the exact double-precision χ²₁ upper tail PLINK 1.9 uses for ``--assoc``.
