@@ -49,6 +49,7 @@ def test_run_inprocess_via_cli(tmp_path, capsys):
         (["study.covariates=[bmi]"], "no column 'bmi'"),
         (["study.qc.maf=2"], r"study.qc.maf must be a number in \[0, 1\]"),
         (["study=gwas"], r"study.phenotypes is required for association"),
+        (["study=risk_model"], r"study.model.phenotype is required"),
     ],
 )
 def test_bad_input_gives_one_clear_message(tmp_path, capsys, extra, message):

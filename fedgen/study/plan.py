@@ -56,6 +56,12 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
+        import re
+
+        missing = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(exc))
+        if missing:  # a required field (??? in the config): name it and say how to set it
+            raise ConfigError(f"{missing.group(1)} is required: set it on the command line, e.g. "
+                              f"'{missing.group(1)}=VALUE', or in your config") from None
         raise ConfigError(f"invalid configuration: {exc}") from None
     assert isinstance(resolved, dict)
     study = resolved.get("study") or {}
