@@ -8,17 +8,19 @@ STAMP := $(VENV)/.fedgen-installed
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast fixtures bench clean
+.PHONY: install demo test test-fast fixtures bench node-image clean
 
 install: $(STAMP)
 
 # torch first, pinned: a CPU wheel of exactly this version is available here, while any other
-# torch requirement would pull a multi-GB CUDA build.
+# torch requirement would pull a multi-GB CUDA build. Developers and CI get the study side
+# (aggregator/analyst: Hydra, msprime, plots) and the test tools; a site node installs only
+# 'fedgen[node]' (nodes/README.md).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[study,test]'
 	@touch $(STAMP)
 
 demo: install
@@ -41,6 +43,11 @@ fixtures: install
 
 bench: install
 	$(PY) scripts/bench_ingest.py
+
+# The site node's container image (fedgen[node], runs as UID 10001); needs Docker.
+NODE_IMAGE ?= fedgen-node:0.1.0
+node-image:
+	docker build -t $(NODE_IMAGE) -f nodes/compose/Dockerfile .
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -38,8 +38,24 @@ def _parse_sites(text: str) -> dict[str, int]:
     return out
 
 
+#: top-level modules of the `study` extra (aggregator/analyst side), absent on a site-node install
+_STUDY_MODULES = frozenset({"hydra", "omegaconf", "yaml", "msprime", "tskit", "matplotlib", "plotly", "pandas", "sklearn"})
+
+
+def _need_study_extra(exc: ImportError, command: str) -> FedgenError:
+    """The error for a study-side command run on a site-node install; re-raises any other ImportError."""
+    missing = (exc.name or "").partition(".")[0]
+    if missing not in _STUDY_MODULES:
+        raise exc
+    return FedgenError(f"fedgen {command} needs the study extra (module {missing!r} is not installed): "
+                       "pip install 'fedgen[study]'")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedgen.simulate import simulate_cohorts
+    try:
+        from fedgen.simulate import simulate_cohorts
+    except ImportError as exc:
+        raise _need_study_extra(exc, "simulate") from None
 
     sites = _parse_sites(args.sites)
     summary = simulate_cohorts(Path(args.out), sites=sites, n_variants=args.variants, seed=args.seed,
@@ -49,8 +65,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedgen.study.hydra_app import run_hydra
+    try:
+        import hydra  # noqa: F401  (the study extra: fedgen run is a Hydra app)
 
+        from fedgen.study.hydra_app import run_hydra
+    except ImportError as exc:
+        raise _need_study_extra(exc, "run") from None
     return run_hydra(list(args.overrides))
 
 

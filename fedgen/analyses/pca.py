@@ -467,8 +467,14 @@ def pca_scores(cohort: Any, req: AnalysisRequest):
     }
     path = write_site_pcs(state, study_id, cohort_iids(cohort), scores, meta=meta)
     if params.get("local_plot"):
-        plot_site_scores(scores, path.with_suffix(".png"), eigenvalues=eigenval,
-                         title=f"{cohort.site}: PC scores of {cohort.n_samples} local samples (not shared)")
+        try:
+            plot_site_scores(scores, path.with_suffix(".png"), eigenvalues=eigenval,
+                             title=f"{cohort.site}: PC scores of {cohort.n_samples} local samples (not shared)")
+        except ImportError:  # a site-node install has no matplotlib: the plot is a local extra, the scores are stored
+            import logging
+
+            logging.getLogger(__name__).warning("local PC plot skipped: matplotlib is not installed at this site "
+                                                "(pip install matplotlib to have it)")
     sums = np.stack([scores.sum(axis=0), (scores * scores).sum(axis=0)], axis=1)
     if "pca_histograms" not in ((req.rules.public_policy or {}).get("allowed_analyses") or ()):
         return {"sums": sums, "_H": scores}, {"n_samples": cohort.n_samples, "stored": True}

@@ -151,8 +151,22 @@ def evaluate(model: dict[str, Any], cohort: Any, scores: np.ndarray, phenotype: 
     if ok.sum() < 2:
         raise FedgenError(f"too few people with both a score and {phenotype!r}")
     if kind == "binary":
-        from sklearn.metrics import roc_auc_score
-
-        return "AUC", float(roc_auc_score(y[ok], scores[ok])), int(ok.sum())
+        return "AUC", roc_auc(y[ok], scores[ok]), int(ok.sum())
     resid = y[ok] - scores[ok]
     return "R²", float(1 - (resid ** 2).sum() / ((y[ok] - y[ok].mean()) ** 2).sum()), int(ok.sum())
+
+
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for 0/1 labels ``y`` (ties count one half).
+
+    The Mann-Whitney form, equal to scikit-learn's ``roc_auc_score``; computed here so that
+    ``fedgen score`` runs on a site-node install (no scikit-learn).
+    """
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y) > 0.5
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        raise FedgenError("AUC needs both cases and controls among the scored people")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))

@@ -23,7 +23,12 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_region(args: argparse.Namespace) -> int:
-    from fedgen.results.report import p_text, plot_region
+    try:
+        from fedgen.results.report import p_text, plot_region
+    except ImportError as exc:
+        from fedgen.cli import _need_study_extra
+
+        raise _need_study_extra(exc, "plot") from None
 
     r = plot_region(args.results, args.locus, phenotype=args.phenotype, window=args.window, out=args.out)
     print(f"{r['phenotype']}: lead {r['id']} at {r['chrom']}:{r['pos']} (P = {p_text(r['mlog10p'])}), "
