@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedgen.privacy.cli import add_command as add_ledger
 
     add_ledger(sub)
+    from fedgen.privacy.plan_cli import add_command as add_dp
+
+    add_dp(sub)
     from fedgen.results.cli import add_command as add_plot
 
     add_plot(sub)

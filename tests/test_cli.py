@@ -152,7 +152,7 @@ def test_run_is_a_hydra_app_help_cfg_and_multirun(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # --cfg runs nothing
 
     sweep = tmp_path / "sweep"
-    rc = main(["run", "-m", *base, "study=qc", "privacy=dp", "privacy.epsilon=1,4", f"output_dir={sweep}"])
+    rc = main(["run", "-m", *base, "study=qc", "privacy=dp", "privacy.force=true", "privacy.epsilon=1,4", f"output_dir={sweep}"])
     assert rc == 0, capsys.readouterr().err
     with open(sweep / "sweep_summary.tsv") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))

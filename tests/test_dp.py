@@ -34,7 +34,7 @@ def nodes(data, tmp_path):
 def _dp_plan(out: Path, sites: list[str], eps: float, **kw):
     plan = qc_plan(out, sites, analyses=["freq", "missing", "hardy", "assoc", "topk"], phenotypes=["BIN"], covariates=[],
                    qc={"maf": None, "geno": None, "hwe": None}, block_size=120, pca=None, pcs=0)
-    plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 5, **kw}
+    plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 5, "force": True, **kw}
     return plan
 
 
@@ -185,3 +185,49 @@ def test_selection_score_bound_holds_for_every_add_remove_neighbour(R, S):
             worst = max(worst, float(np.max(np.abs(selection_scores(nb[ok], R, S) - s0[ok]))))
     assert worst <= selection_sensitivity(R, S) * (1 + 1e-12)
     assert worst >= 0.5 * selection_sensitivity(R, S)  # and the bound is not loose by orders of magnitude
+
+
+def test_planner_refuses_a_useless_release_before_any_epsilon_and_force_is_recorded(tmp_path):
+    """A top-k on ~200-person sites at ε = 2 cannot beat chance: the study refuses before any release
+    (no ledger entry at any site), names the ε / site size that would do, and privacy.force runs it
+    with the override in the manifest."""
+    import sqlite3
+
+    data = make_synth(n_samples=400, n_variants=300, seed=71)
+    nodes = split_sites(data, tmp_path / "sites", [0.55, 0.45])
+    for s, c in nodes.items():
+        c["state_dir"] = str(tmp_path / "state" / s)
+    plan = _dp_plan(tmp_path / "out", list(nodes), 2.0)
+    plan["privacy"]["force"] = False
+    with pytest.raises(ConfigError) as err:
+        run_plan(plan, InProcessTransport(nodes))
+    msg = str(err.value)
+    assert "cannot beat knowing nothing" in msg and "DP top-k" in msg and "useful from ε ≈" in msg
+    assert "no ε was spent" in msg
+    for s in nodes:
+        ledger = tmp_path / "state" / s / "ledger.sqlite"
+        if ledger.exists():
+            with sqlite3.connect(ledger) as conn:
+                assert conn.execute("SELECT COUNT(*) FROM releases").fetchone()[0] == 0
+    assert not (tmp_path / "out").exists()
+    plan["privacy"]["force"] = True
+    m = run_plan(plan, InProcessTransport(nodes))
+    planned = m["privacy"]["planner"]
+    assert planned["forced"] is True
+    assert any("privacy.force=true" in n for n in m["notes"])
+    top = next(r for r in planned["releases"] if r["release"].startswith("DP top-k"))
+    assert top["useful"] is False and top["expected_causal_found"] < top["expected_causal_found_chance"] + 0.5
+
+
+def test_dp_plan_command(capsys):
+    from fedgen.cli import main
+
+    rc = main(["dp", "plan", "--sites", "hk=1500:700,sz=2000:900,mo=800:400", "--variants", "30000", "--epsilon", "1"])
+    out = capsys.readouterr().out
+    assert rc == 3 and "NOT USEFUL" in out and "useful from ε ≈" in out
+    rc = main(["dp", "plan", "--sites", "a=20000,b=20000,c=20000", "--variants", "30000", "--epsilon", "1", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert rc == 0 and all(r["useful"] for r in plan["releases"])
+    top = plan["releases"][1]
+    assert top["expected_causal_found"] >= 0.8 * top["expected_causal_found_exact"]
+    assert main(["dp", "plan", "--sites", "hk=abc", "--variants", "10"]) == 2

@@ -70,7 +70,7 @@ def test_dp_study_assoc_is_calibrated_end_to_end(tmp_path, monkeypatch):
     nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5], seed=1, policy=None)
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc"], phenotypes=["BIN"],
                    covariates=[], qc={"maf": 0.01, "geno": None, "hwe": None}, pca=None, pcs=0)
-    plan["privacy"] = {"mode": "dp", "epsilon": 1.0, "delta": 1e-6}
+    plan["privacy"] = {"mode": "dp", "epsilon": 1.0, "delta": 1e-6, "force": True}
     run_plan(plan, InProcessTransport(nodes))
     rows = [ln.split() for ln in (tmp_path / "out" / "BIN.assoc").read_text().splitlines()[1:]]
     p = np.array([float(r[8]) for r in rows if r[8] != "NA"])

@@ -211,7 +211,7 @@ def _record_site_requests(tmp: Path) -> tuple[list[dict], dict[str, str], Path]:
     # DP releases: noisy genotype and case/control counts, private top-k selection
     dp = qc_plan(tmp / "dp", list(nodes), analyses=["freq", "missing", "hardy", "assoc", "topk"], phenotypes=["BIN"],
                  covariates=[], qc={"maf": None, "geno": None, "hwe": None}, pca=None, pcs=0, study_id="pkg-dp")
-    dp["privacy"] = {"mode": "dp", "epsilon": 2.0, "delta": 1e-6, "topk": 3}
+    dp["privacy"] = {"mode": "dp", "epsilon": 2.0, "delta": 1e-6, "topk": 3, "force": True}
     run_plan(dp, tr)
     # a risk model: DP-SGD at each site (and plain SGD, which this policy also allows)
     for name, dp_sgd in (("model", True), ("model-sgd", False)):

@@ -45,7 +45,7 @@ def test_privacy_utility_notebook_from_a_multirun_sweep(tmp_path, capsys):
     for s in nodes:  # a fresh ledger per sweep job would hide nothing: each job is charged at its site
         nodes[s]["state_dir"] = str(tmp_path / "state" / s)
     (cfg / "mine.yaml").write_text(yaml.safe_dump(nodes))
-    assert main(["run", "-m", *base, "privacy=dp", "privacy.epsilon=0.5,8", f"output_dir={tmp_path / 'sweep'}"]) == 0
+    assert main(["run", "-m", *base, "privacy=dp", "privacy.force=true", "privacy.epsilon=0.5,8", f"output_dir={tmp_path / 'sweep'}"]) == 0
     capsys.readouterr()
     text = run_notebook("04_privacy_utility", tmp_path, SWEEP=str(tmp_path / "sweep"), EXACT=str(tmp_path / "exact"))
     assert "2 jobs, 2 finished" in text

@@ -39,7 +39,7 @@ def test_a_study_delta_that_differs_from_a_site_policy_is_refused_before_any_rel
     nodes["site2"]["policy"] = json.dumps({"delta": 1e-5})
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc"], phenotypes=["BIN"],
                    qc={"maf": None, "geno": None, "hwe": None}, pca=None, pcs=0)
-    plan["privacy"] = {"mode": "dp", "epsilon": 1.0, "delta": 1e-6}
+    plan["privacy"] = {"mode": "dp", "epsilon": 1.0, "delta": 1e-6, "force": True}
     with pytest.raises(ConfigError, match=r"differs from the δ of site polic\(ies\) site2: 1e-05"):
         run_plan(plan, InProcessTransport(nodes))
     for nc in nodes.values():

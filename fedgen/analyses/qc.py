@@ -76,6 +76,11 @@ def site_info(cohort: Any, req: AnalysisRequest):
             if columns[col]["kind"] == "categorical":
                 _check_levels(col, vals, columns[col]["levels"], req.rules.min_count)
             columns[col]["n"] = req.rules.public_count(cohort, f"column:{col}", columns[col]["n"])
+            if columns[col]["kind"] == "binary":  # cases among them (public in any GWAS; a DP planner needs it)
+                from fedgen.cohort.phenotypes import phenotype_values
+
+                y = phenotype_values(vals, kind="binary", name=col, where=str(cohort.table.path))
+                columns[col]["cases"] = req.rules.public_count(cohort, f"column_cases:{col}", int(np.nansum(y == 1)))
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
     counts = dict(cohort.counts)
     if req.rules.dp_only:  # no exact count of people leaves a DP-only site

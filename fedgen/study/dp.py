@@ -70,7 +70,58 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     k = int(p.get("topk", 10))
     if not 1 <= k <= 1000:
         raise ConfigError("privacy.topk must be between 1 and 1000")
-    return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k}
+    planner = dict(p.get("planner") or {})
+    unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum"})
+    if unknown:
+        raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} (known: n_causal, maf, odds_ratio, af_spectrum)")
+    return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k, "force": bool(p.get("force", False)),
+            "planner": planner}
+
+
+def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]], *, n_variants: int, phenotypes: int,
+                   assoc: bool, topk: bool) -> tuple[list[Any], Any, Any]:
+    """(sites, settings, effect) for :func:`fedgen.privacy.planner.plan_dp` from a study's privacy settings."""
+    from fedgen.privacy.planner import Effect, Settings, Site
+
+    pl = priv.get("planner") or {}
+    eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio") if k in pl})
+    settings = Settings(epsilon=priv["epsilon"], delta=priv["delta"], split=dict(priv["split"]), topk=priv["topk"],
+                        n_variants=n_variants, phenotypes=max(phenotypes, 1), assoc=assoc, select=topk,
+                        af_spectrum=str(pl.get("af_spectrum", "neutral")))
+    sites = [Site(name, n, c, ctl) for name, (n, c, ctl) in sizes.items()]
+    return sites, settings, eff
+
+
+def _check_with_planner(ctx: StudyContext, info, priv: dict[str, Any], *, n_variants: int, tested: list[str],
+                        assoc: bool, topk: bool) -> dict[str, Any]:
+    """Predict every release's worth from the sites' public sizes before any ε is spent; refuse the
+    study when a release cannot beat knowing nothing, unless ``privacy.force`` (recorded)."""
+    from fedgen.privacy.planner import describe, plan_dp
+
+    ph = tested[0] if tested else None
+    sizes = {}
+    for s, r in info.items():
+        n = int(r.meta.get("counts", {}).get("samples") or r.meta.get("samples") or 0)
+        col = (r.meta.get("columns") or {}).get(ph, {}) if ph else {}
+        n_ph = int(col.get("n", n))
+        cases = int(col.get("cases", n_ph // 2))
+        sizes[s] = (n, cases, max(n_ph - cases, 0))
+    sites, settings, eff = planner_inputs(priv, sizes, n_variants=n_variants, phenotypes=len(tested), assoc=assoc, topk=topk)
+    forced = bool(priv.get("force"))
+    plan = plan_dp(sites, settings, eff, thresholds=not forced)
+    text = describe(plan)
+    useless = [r["release"] for r in plan["releases"] if not r["useful"]]
+    if useless and not forced:
+        raise ConfigError("the DP planner predicts that these releases cannot beat knowing nothing at these site sizes "
+                          f"and ε: {'; '.join(useless)}. Nothing was released and no ε was spent.\n{text}\n"
+                          "Raise privacy.epsilon, restrict the releases to a panel, or run anyway with privacy.force=true "
+                          "(recorded in the manifest).")
+    if useless:
+        note = f"privacy.force=true: released although the planner predicted no better than knowing nothing: {'; '.join(useless)}"
+        log.warning(note)
+        ctx.notes.append(note)
+    log.info("DP plan:\n%s", text)
+    return {**plan, "forced": forced and bool(useless)}
 
 
 def _budget(priv: dict[str, Any], *, assoc: bool, topk: bool) -> dict[str, float]:
@@ -122,6 +173,7 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
                           "set privacy.delta to the sites' δ (nothing was released)")
     rho = _budget(priv, assoc=want_assoc, topk=want_topk)
     V = len(aln)
+    planned = _check_with_planner(ctx, info, priv, n_variants=V, tested=tested, assoc=want_assoc, topk=want_topk)
     releases: list[dict[str, Any]] = []
 
     sigma_counts = sigma_for_rho(math.sqrt(max(V, 1)), rho["counts"])
@@ -207,7 +259,7 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
                  ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
     results["association"] = {"phenotypes": assoc_summary, "files": []}
-    privacy = {**priv, "rho_total": rho["total"], "releases": releases,
+    privacy = {**priv, "rho_total": rho["total"], "releases": releases, "planner": planned,
                "public": "variant lists and numbers of samples, cases and controls per site"}
     return results, {"privacy": privacy}
 

@@ -1,0 +1,288 @@
+"""What a DP study's releases will be worth, before any ε is spent.
+
+``plan_dp`` takes the study's DP settings (ε, δ, split, k, an optional panel size) and the
+sites' public sizes (samples, cases, controls) and predicts, for every release:
+
+* **genotype counts → allele frequencies**: the noise σ per count, the expected mean absolute
+  error of the raw and of the shrunk frequency estimate, against the know-nothing guess
+  (every variant at the mean frequency). Frequencies are drawn from an assumed spectrum
+  (``af_spectrum``: ``neutral``, density ∝ 1/x on [0.01, 0.99], the standard-neutral spectrum of
+  derived alleles; or ``uniform``) and the estimators are simulated exactly as the study
+  computes them: ALT allele count (het + 2 hom-ALT) over twice the public sample count, noise
+  variance 5·σ² per site; the raw estimate clamped to [0, 1], and the shrunk one: the
+  normal–normal empirical-Bayes shrinkage of the unclamped estimate towards the mean, then
+  clamped (shrinking a clamped value would misjudge the noise).
+* **DP top-k**: the expected number of causal loci in the released top k, under a stated
+  effect (``n_causal`` loci at allele frequency ``maf`` with per-allele odds ratio
+  ``odds_ratio``), beside the same figure for the exact top-k and for a random pick (chance).
+  The simulation follows the study step by step: at each site the variance-stabilised score
+  |h(p̂_case) − h(p̂_ctrl)| with its sampling noise, the one-shot Gumbel top-k with the site's
+  own scale 2Δ/ε₀, the union of the sites' picks, the noisy counts of that union and the
+  noise-aware pooled test that ranks it.
+
+A release is *useful* when its prediction beats the know-nothing answer clearly: frequencies
+whose shrunk MAE is below 0.9 × the guess's, a top-k expected to hold at least half a causal
+locus more than chance. For a release that is not, the planner finds the ε per site (at these
+sizes) and the site size (at this ε) at which it would be, by bisection on the same model.
+
+Everything here is arithmetic on public numbers and a seeded simulation: it reads no data and
+spends no budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedgen.privacy.accounting import rho_for_epsilon
+from fedgen.privacy.mechanisms import sigma_for_rho
+
+#: the variance-stabilising transform of the site selection score (fedgen.analyses.dp)
+STABILISE_EDGE = 0.05
+LIPSCHITZ = 1.0 / (2.0 * math.sqrt(STABILISE_EDGE * (1.0 - STABILISE_EDGE)))
+USEFUL_AF = 0.9        # shrunk MAE below this share of the know-nothing guess's MAE
+USEFUL_LOCI = 0.5      # top-k: at least this many causal loci more than chance
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    samples: int
+    cases: int = 0
+    controls: int = 0
+
+
+@dataclass(frozen=True)
+class Effect:
+    """The signal a top-k is asked to find (an assumption the plan states)."""
+
+    n_causal: int = 10
+    maf: float = 0.2
+    odds_ratio: float = 1.3
+
+
+@dataclass
+class Settings:
+    epsilon: float
+    delta: float = 1e-6
+    split: dict[str, float] = field(default_factory=lambda: {"counts": 0.2, "assoc": 0.2, "select": 0.3, "topk": 0.3})
+    topk: int = 10
+    n_variants: int = 10000          # variants in the genotype-count release (the panel's size with a panel)
+    n_candidates: int | None = None  # variants the top-k ranks (default n_variants)
+    phenotypes: int = 1
+    assoc: bool = False
+    select: bool = True
+    af_spectrum: str = "neutral"
+
+
+def _stabilised(x: np.ndarray) -> np.ndarray:
+    c = STABILISE_EDGE
+    x = np.clip(x, 0.0, 1.0)
+    lo, hi = math.asin(math.sqrt(c)), math.asin(math.sqrt(1.0 - c))
+    mid = np.arcsin(np.sqrt(np.clip(x, c, 1.0 - c)))
+    return np.where(x < c, lo - LIPSCHITZ * (c - x), np.where(x > 1.0 - c, hi + LIPSCHITZ * (x - (1.0 - c)), mid))
+
+
+def _draw_af(rng: np.random.Generator, n: int, spectrum: str) -> np.ndarray:
+    if spectrum == "uniform":
+        return rng.uniform(0.01, 0.99, n)
+    if spectrum == "neutral":  # density ∝ 1/x on [a, b]: x = a (b/a)^U
+        a, b = 0.01, 0.99
+        return a * (b / a) ** rng.uniform(0.0, 1.0, n)
+    raise ValueError(f"af_spectrum must be neutral or uniform, got {spectrum!r}")
+
+
+def rho_shares(s: Settings) -> dict[str, float]:
+    """ρ per release kind (as the study splits it: shares of releases that do not run move to those that do)."""
+    rho = rho_for_epsilon(s.epsilon, s.delta)
+    split = dict(s.split)
+    if not s.assoc:
+        split["assoc"] = 0.0
+    if not s.select:
+        split["select"] = split["topk"] = 0.0
+    total = sum(split.values())
+    return {k: rho * v / total for k, v in split.items()} | {"total": rho}
+
+
+def shrink(raw: np.ndarray, noise_var: np.ndarray | float) -> tuple[np.ndarray, float]:
+    """Normal–normal empirical Bayes towards the mean: w = τ² / (τ² + s²), τ² = var(raw) − mean s²
+    (floored). Returns the shrunk values and τ²."""
+    raw = np.asarray(raw, dtype=np.float64)
+    s2 = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), raw.shape)
+    ok = np.isfinite(raw)
+    if not ok.any():
+        return raw.copy(), 0.0
+    mean = float(np.mean(raw[ok]))
+    tau2 = max(float(np.var(raw[ok])) - float(np.mean(s2[ok])), 1e-6)
+    w = tau2 / (tau2 + s2)
+    return np.where(ok, w * raw + (1.0 - w) * mean, np.nan), tau2
+
+
+def predict_af(sites: list[Site], s: Settings, *, rng: np.random.Generator, n_sim: int = 20000) -> dict[str, Any]:
+    rho = rho_shares(s)["counts"]
+    sigma = sigma_for_rho(math.sqrt(max(s.n_variants, 1)), rho)
+    n_total = sum(x.samples for x in sites)
+    noise_var = 5.0 * len(sites) * sigma**2 / (2.0 * n_total) ** 2
+    af = _draw_af(rng, n_sim, s.af_spectrum)
+    unclamped = af + rng.normal(0.0, math.sqrt(noise_var), n_sim)
+    raw = np.clip(unclamped, 0.0, 1.0)
+    shrunk = np.clip(shrink(unclamped, noise_var)[0], 0.0, 1.0)  # shrink the unclamped estimate, then clamp
+    guess = float(np.mean(np.abs(af - af.mean())))
+    mae_raw = float(np.mean(np.abs(raw - af)))
+    mae_shrunk = float(np.mean(np.abs(shrunk - af)))
+    return {"release": "genotype counts (frequencies, missingness, HWE)", "variants": s.n_variants, "sigma": sigma,
+            "rho": rho, "af_se": math.sqrt(noise_var), "af_mae_raw": mae_raw, "af_mae_shrunk": mae_shrunk,
+            "af_mae_know_nothing": guess, "useful": mae_shrunk < USEFUL_AF * guess}
+
+
+def _site_scores(rng, m_null: int, eff: Effect, site: Site, reps: int) -> np.ndarray:
+    """(reps, n_causal + m_null) site selection scores: causal loci first."""
+    f0 = eff.maf
+    f1 = f0 * eff.odds_ratio / (1.0 - f0 + f0 * eff.odds_ratio)
+    R, S = max(site.cases, 1), max(site.controls, 1)
+    sd = math.sqrt(1.0 / (8.0 * R) + 1.0 / (8.0 * S))
+    delta = float(_stabilised(np.array([f1]))[0] - _stabilised(np.array([f0]))[0])
+    z = rng.normal(0.0, sd, (reps, eff.n_causal + m_null))
+    z[:, : eff.n_causal] += delta
+    return np.abs(z)
+
+
+def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.Generator, reps: int | None = None
+                 ) -> dict[str, Any]:
+    shares = rho_shares(s)
+    M = int(s.n_candidates or s.n_variants)
+    k = min(s.topk, M)
+    n_causal = min(eff.n_causal, M)
+    m_null = M - n_causal
+    reps = reps or int(max(3, min(30, 3e7 / max(M * len(sites), 1))))
+    rho_sel = shares["select"] / s.phenotypes
+    rho_top = shares["topk"] / s.phenotypes
+    eps0 = math.sqrt(8.0 * rho_sel / k)
+    picks = np.zeros((reps, M), dtype=bool)
+    site_scores = []
+    for site in sites:
+        sc = _site_scores(rng, m_null, eff, site, reps)
+        site_scores.append(sc)
+        scale = 2.0 * (LIPSCHITZ / max(min(site.cases, site.controls), 1)) / eps0
+        noisy = sc + rng.gumbel(0.0, scale, sc.shape)
+        top = np.argpartition(-noisy, k - 1, axis=1)[:, :k]
+        np.put_along_axis(picks, top, True, axis=1)
+    # pooled test of the union with the released noise: the sites' score noise pooled by their
+    # information (1 / sd²), plus the counts' noise on the stabilised scale
+    R = sum(x.cases for x in sites)
+    S_ = sum(x.controls for x in sites)
+    sd_pool = math.sqrt(1.0 / (8.0 * max(R, 1)) + 1.0 / (8.0 * max(S_, 1)))
+    f0 = eff.maf
+    f1 = f0 * eff.odds_ratio / (1.0 - f0 + f0 * eff.odds_ratio)
+    delta = float(_stabilised(np.array([f1]))[0] - _stabilised(np.array([f0]))[0])
+    U = picks.sum(axis=1)
+    sigma_top = np.array([sigma_for_rho(2.0 * math.sqrt(max(u, 1)), rho_top) for u in U])
+    # noise of a frequency difference: Σ_sites σ² on each count, over (2R)² and (2S)²; h' ≈ 1/(2√(f(1−f)))
+    hprime2 = 1.0 / (4.0 * f0 * (1.0 - f0))
+    noise_sd = np.sqrt(len(sites) * sigma_top**2 * (1.0 / (2.0 * max(R, 1)) ** 2 + 1.0 / (2.0 * max(S_, 1)) ** 2) * hprime2)
+    pooled = rng.normal(0.0, sd_pool, (reps, M))
+    pooled[:, :n_causal] += delta
+    exact_rank = np.abs(pooled)
+    dp_stat = (pooled + rng.normal(0.0, 1.0, (reps, M)) * noise_sd[:, None]) / np.sqrt(sd_pool**2 + noise_sd[:, None] ** 2)
+    dp_stat = np.where(picks, np.abs(dp_stat), -np.inf)
+    found_dp, found_exact = [], []
+    for r in range(reps):
+        top_dp = np.argsort(-dp_stat[r], kind="stable")[:k]
+        top_dp = top_dp[np.isfinite(dp_stat[r, top_dp])]
+        found_dp.append(int(np.sum(top_dp < n_causal)))
+        top_x = np.argpartition(-exact_rank[r], k - 1)[:k]
+        found_exact.append(int(np.sum(top_x < n_causal)))
+    chance = k * n_causal / M
+    dp_mean = float(np.mean(found_dp))
+    exact_mean = float(np.mean(found_exact))
+    return {"release": "DP top-k (selection + counts of the selected)", "k": k, "candidates": M,
+            "epsilon_per_pick": eps0, "rho": rho_sel + rho_top, "expected_union": float(U.mean()),
+            "expected_causal_found": dp_mean, "expected_causal_found_exact": exact_mean,
+            "expected_causal_found_chance": chance,
+            "expected_recall_of_exact": dp_mean / exact_mean if exact_mean > 0 else float("nan"),
+            "assumed_effect": asdict(eff), "simulations": reps,
+            "useful": dp_mean - chance >= USEFUL_LOCI}
+
+
+def _useful_at(kind: str, sites: list[Site], s: Settings, eff: Effect, seed: int) -> bool:
+    rng = np.random.default_rng(seed)
+    if kind == "af":
+        return bool(predict_af(sites, s, rng=rng, n_sim=6000)["useful"])
+    return bool(predict_topk(sites, s, eff, rng=rng, reps=4)["useful"])
+
+
+def _threshold(kind: str, sites: list[Site], s: Settings, eff: Effect, *, seed: int, what: str) -> float | None:
+    """The smallest ε per site (``what="epsilon"``) or site-size factor (``"size"``) at which the
+    release becomes useful (bisection on a log scale; None when not within 1000×)."""
+
+    def ok(x: float) -> bool:
+        if what == "epsilon":
+            return _useful_at(kind, sites, Settings(**{**asdict(s), "epsilon": x}), eff, seed)
+        scaled = [Site(t.name, int(t.samples * x), int(t.cases * x), int(t.controls * x)) for t in sites]
+        return _useful_at(kind, scaled, s, eff, seed)
+
+    lo = s.epsilon if what == "epsilon" else 1.0
+    hi = lo
+    for _ in range(10):
+        hi *= 2.0
+        if ok(hi):
+            break
+    else:
+        return None
+    for _ in range(12):
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def plan_dp(sites: list[Site], s: Settings, eff: Effect | None = None, *, seed: int = 0, thresholds: bool = True
+            ) -> dict[str, Any]:
+    """Predictions for every release of a DP study, and for those not useful the ε / site size
+    at which they would be."""
+    eff = eff or Effect()
+    rng = np.random.default_rng(seed)
+    shares = rho_shares(s)
+    out: dict[str, Any] = {"epsilon_per_site": s.epsilon, "delta": s.delta, "rho_total": shares["total"],
+                           "sites": [asdict(x) for x in sites], "releases": []}
+    af = predict_af(sites, s, rng=rng)
+    out["releases"].append(af)
+    if s.select:
+        out["releases"].append(predict_topk(sites, s, eff, rng=rng))
+    for rel, kind in zip(out["releases"], ("af", "topk")):
+        if not rel["useful"] and thresholds:
+            eps_at = _threshold(kind, sites, s, eff, seed=seed, what="epsilon")
+            size_at = _threshold(kind, sites, s, eff, seed=seed, what="size")
+            rel["useful_at_epsilon"] = eps_at
+            rel["useful_at_site_size"] = (None if size_at is None
+                                          else {x.name: int(math.ceil(x.samples * size_at)) for x in sites})
+    return out
+
+
+def describe(plan: dict[str, Any]) -> str:
+    """The plan as text, one block per release."""
+    lines = [f"ε = {plan['epsilon_per_site']:g} per site (δ = {plan['delta']:g}), ρ = {plan['rho_total']:.4g}; sites: "
+             + ", ".join(f"{x['name']} {x['samples']} ({x['cases']} cases, {x['controls']} controls)" for x in plan["sites"])]
+    for r in plan["releases"]:
+        lines.append(f"- {r['release']}: " + ("useful" if r["useful"] else "NOT USEFUL (no better than knowing nothing)"))
+        if "af_mae_shrunk" in r:
+            lines.append(f"    {r['variants']} variants, σ = {r['sigma']:.1f} per count per site; allele-frequency SE "
+                         f"{r['af_se']:.3f}; expected MAE {r['af_mae_shrunk']:.3f} shrunk, {r['af_mae_raw']:.3f} raw, "
+                         f"against {r['af_mae_know_nothing']:.3f} for the know-nothing guess")
+        else:
+            e = r["assumed_effect"]
+            lines.append(f"    top-{r['k']} of {r['candidates']} variants, ε₀ = {r['epsilon_per_pick']:.3g} per pick; expected "
+                         f"causal loci found {r['expected_causal_found']:.2f} (exact top-{r['k']}: "
+                         f"{r['expected_causal_found_exact']:.2f}, chance: {r['expected_causal_found_chance']:.2f}) for "
+                         f"{e['n_causal']} loci at MAF {e['maf']:g}, OR {e['odds_ratio']:g}")
+        if not r["useful"]:
+            eps_at, size_at = r.get("useful_at_epsilon"), r.get("useful_at_site_size")
+            lines.append("    useful from ε ≈ " + (f"{eps_at:.3g}" if eps_at else "> 1000×") + " per site at these sizes, or "
+                         + ("at site sizes " + ", ".join(f"{k} {v}" for k, v in size_at.items()) if size_at
+                            else "not within 1000× these sizes") + " at this ε")
+    return "\n".join(lines)
