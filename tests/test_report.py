@@ -251,3 +251,22 @@ def test_lambda_gc_from_the_middle_order_statistics_equals_the_median_chi2():
         direct = float(np.median(stats.chi2.isf(p, 1)) / stats.chi2.ppf(0.5, 1))
         assert lambda_gc(p) == direct and lambda_gc(mlog10p=-np.log10(p)) == pytest.approx(direct, rel=1e-12)
     assert lambda_gc(mlog10p=np.array([400.0, 500.0, 1.0])) == np.inf  # P below 1e-308: χ² infinite
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                    reason="no headless Chromium here (Debian package chromium)")
+def test_report_renders_offline_in_headless_chromium(study, tmp_path):
+    """The report opens with no network: every figure is drawn (plotly's SVG) by the inlined script."""
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    report = study[0] / "report.html"
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000",
+                          "--proxy-server=127.0.0.1:9", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    n_divs = len(re.findall(r'class="[^"]*plotly-graph-div', dom))
+    n_drawn = dom.count('class="main-svg"')
+    assert n_divs >= 3 and n_drawn >= n_divs, (n_divs, n_drawn)
