@@ -11,19 +11,22 @@ gives the simulated causal variants). In one invocation it
    candidate variants (on the demo data the exact top 10 is the same with the default filters);
 2. launches a Hydra multirun of ``scripts/bench_dp_conf/bench_dp.yaml`` (fedgen's study
    config with ``study=dp privacy=dp federation=inprocess``) sweeping
-   ``privacy.epsilon=<--eps>`` × ``rep=0..<--reps>-1``; every job runs the DP study in this
-   process and writes ``metrics.json`` in its Hydra job folder
-   (``<out>/multirun/eps=E/rep=R/``):
+   ``privacy.epsilon=<--eps>`` × ``rep=0..<--reps>-1`` × ``bench.scope=all,panel`` (``panel``:
+   the DP study with ``study.dp.panel`` = a panel of ``--panel-size`` variants drawn at random
+   from the study variants, ``<out>/panel.txt``; ``--panel-size 0`` runs scope ``all`` only);
+   every job runs the DP study in this process and writes ``metrics.json`` in its Hydra job
+   folder (``<out>/multirun/eps=E/rep=R/SCOPE/``):
 
-   * the error of the DP ``ALT_FREQS`` against exact: mean absolute error and RMSE over all
-     study variants, and over those with exact MAF >= 0.05 (variants whose noisy counts were
-     all clipped to 0 have no DP frequency: they are counted, not scored);
-   * of the exact top k by allelic P, how many the DP top-k release
+   * the error of the DP ``ALT_FREQS`` (shrunk) and ``ALT_FREQS_RAW`` against exact: mean
+     absolute error and RMSE over the variants the DP study released, and over those with exact
+     MAF >= 0.05, beside the know-nothing guess (every released variant at their mean exact
+     frequency) on the same variants;
+   * of the exact top k by allelic P (genome-wide, also for the panel scope), how many the DP top-k release
      ``<PHENO>.dp_topk.assoc`` holds (match by chromosome + position, or SNP id);
    * of the simulated causal variants of the phenotype, how many the DP top-k holds (and, as
      the ceiling, how many the exact top k holds);
    * ε spent per site, from the manifest (it must equal the target ε);
-3. prints per ε the mean (min-max over repetitions) of each figure, writes
+3. prints the command it was run with, per ε and scope the mean (min-max over repetitions) of each figure, writes
    ``<out>/summary.json`` and the plot ``<out>/dp_utility.png``.
 
 The sites get their own state folders under ``<out>/state`` (genotype caches, privacy ledgers,
@@ -31,7 +34,7 @@ audit logs) and an inline policy with a ε budget of 1e9, so the benchmark never
 ledgers of the data folder's own ``fedgen-state``. The first run decodes the VCFs there.
 
 Usage: ``python scripts/bench_dp.py [--data demo/data] [--out bench/dp] [--reps 3]
-[--eps 0.1,0.5,1,2,5,10] [--k 10] [--pheno T2D] [--keep-outputs]``
+[--eps 0.1,0.5,1,2,5,10] [--k 10] [--pheno T2D] [--panel-size 1000] [--keep-outputs]``
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -75,15 +79,15 @@ def norm_chrom(c: Any) -> str:
     return c[3:] if c.lower().startswith("chr") else c
 
 
-def read_afreq(path: Path) -> tuple[list[tuple[str, str, str, str]], np.ndarray]:
-    """``freq.afreq``: variant keys (CHROM, ID, REF, ALT) and ALT_FREQS (NaN where undefined)."""
+def read_afreq(path: Path, column: str = "ALT_FREQS") -> tuple[list[tuple[str, ...]], np.ndarray]:
+    """``freq.afreq``: variant keys (CHROM, POS, ID, REF, ALT) and ``column`` (NaN where undefined)."""
     keys, freqs = [], []
     with open(path) as fh:
         head = fh.readline().rstrip("\n").split("\t")
-        ic, ii, ir, ia, fi = (head.index(c) for c in ("#CHROM", "ID", "REF", "ALT", "ALT_FREQS"))
+        ic, ip, ii, ir, ia, fi = (head.index(c) for c in ("#CHROM", "POS", "ID", "REF", "ALT", column))
         for line in fh:
             f = line.rstrip("\n").split("\t")
-            keys.append((norm_chrom(f[ic]), f[ii], f[ir], f[ia]))
+            keys.append((norm_chrom(f[ic]), f[ip], f[ii], f[ir], f[ia]))
             try:
                 freqs.append(float(f[fi]))
             except ValueError:  # NA
@@ -126,7 +130,9 @@ def hits(variants: list[dict[str, Any]], release: list[dict[str, Any]]) -> list[
     return [(v["chrom"], v["pos"]) in at or v["id"] in ids for v in variants]
 
 
-def af_errors(dp: np.ndarray, exact: np.ndarray) -> dict[str, Any]:
+def af_errors(dp: np.ndarray, exact: np.ndarray, raw: np.ndarray | None = None) -> dict[str, Any]:
+    """Errors of the DP frequencies ``dp`` (and ``raw``) against ``exact``, on the same variants, beside
+    the know-nothing guess (every variant at the mean exact frequency of the scored variants)."""
     maf = np.minimum(exact, 1 - exact)
     ok = np.isfinite(dp) & np.isfinite(exact)
     out: dict[str, Any] = {"af_undefined": int(np.sum(np.isfinite(exact) & ~np.isfinite(dp)))}
@@ -135,6 +141,13 @@ def af_errors(dp: np.ndarray, exact: np.ndarray) -> dict[str, Any]:
         out[f"af_mae{tag}"] = float(np.mean(np.abs(d))) if d.size else math.nan
         out[f"af_rmse{tag}"] = float(np.sqrt(np.mean(d * d))) if d.size else math.nan
         out[f"af_scored{tag}"] = int(d.size)
+        x = exact[sel]
+        out[f"af_mae_guess{tag}"] = float(np.mean(np.abs(x - x.mean()))) if x.size else math.nan
+        if raw is not None:
+            out[f"af_mae_raw{tag}"] = float(np.mean(np.abs(raw[sel] - x))) if x.size else math.nan
+    out["af_ratio"] = out["af_mae"] / out["af_mae_guess"] if out["af_mae_guess"] > 0 else math.nan
+    if raw is not None:
+        out["af_ratio_raw"] = out["af_mae_raw"] / out["af_mae_guess"] if out["af_mae_guess"] > 0 else math.nan
     return out
 
 
@@ -175,8 +188,8 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
     for c, in_top in zip(causal, hits(causal, top)):
         c["in_study"] = (c["chrom"], c["pos"]) in study_at
         c["in_exact_top"] = in_top
-    f_x = read_afreq(res / "freq.afreq")[1]
-    f_x = f_x[np.isfinite(f_x)]
+    keys_x, f_x = read_afreq(res / "freq.afreq")
+    ok = np.isfinite(f_x)
     ref = {
         "phenotype": pheno,
         "k": k,
@@ -186,12 +199,25 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
         "variants": int(manifest["variants"]["study"]),
         "samples": {s: int(v["samples"]) for s, v in manifest["sites"].items()},
         # for scale: the error of guessing every variant's ALT frequency as the mean one
-        "af_mae_constant": float(np.mean(np.abs(f_x - f_x.mean()))),
+        "af_mae_constant": float(np.mean(np.abs(f_x[ok] - f_x[ok].mean()))),
         "wall_seconds": wall,
     }
     path = out / "exact" / "reference.json"
     path.write_text(json.dumps(ref, indent=1))
     return ref
+
+
+def write_panel(ref: dict[str, Any], out: Path, size: int, seed: int = 1) -> Path:
+    """``<out>/panel.txt``: ``size`` study variants drawn at random (IDs, or CHROM:POS:REF:ALT where there is none)."""
+    keys, _ = read_afreq(Path(ref["afreq"]))
+    pick = np.sort(np.random.default_rng(seed).choice(len(keys), min(size, len(keys)), replace=False))
+    lines = [f"# bench_dp: {len(pick)} of the {len(keys)} study variants, drawn at random (seed {seed})"]
+    for i in pick.tolist():
+        c, p, vid, r, a = keys[i]
+        lines.append(vid if vid not in (".", "") else f"{c}:{p}:{r}:{a}")
+    path = out / "panel.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +230,10 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     ref = json.loads(Path(cfg.bench.reference).read_text())
     pheno, k = ref["phenotype"], int(ref["k"])
     job_dir = Path(HydraConfig.get().runtime.output_dir)
+    scope = str(cfg.bench.scope)
+    if scope not in ("all", "panel"):
+        raise ValueError(f"bench.scope must be all or panel, got {scope!r}")
+    cfg.study.dp.panel = str(cfg.bench.panel) if scope == "panel" else None
     plan, node_configs = build_plan(cfg)
     eps = float(plan["privacy"]["epsilon"])
     t0 = time.perf_counter()
@@ -212,9 +242,10 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     res = Path(plan["output_dir"])
     keys_x, f_x = read_afreq(Path(ref["afreq"]))
     keys_d, f_d = read_afreq(res / "freq.afreq")
-    if keys_d != keys_x:  # align by variant (same study variants, in case the order differs)
-        pos = {key: i for i, key in enumerate(keys_d)}
-        f_d = np.asarray([f_d[pos[key]] if key in pos else math.nan for key in keys_x])
+    f_raw = read_afreq(res / "freq.afreq", "ALT_FREQS_RAW")[1]
+    if keys_d != keys_x:  # score the variants the DP study released (all, or the panel's), aligned by variant
+        pos = {key: i for i, key in enumerate(keys_x)}
+        f_x = np.asarray([f_x[pos[key]] if key in pos else math.nan for key in keys_d])
     release = read_assoc(res / f"{pheno}.dp_topk.assoc")
     top_hit = hits(ref["exact_top"], release)
     causal_hit = hits(ref["causal"], release)
@@ -222,9 +253,11 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         "epsilon": eps,
         "rep": int(cfg.rep),
+        "scope": scope,
+        "variants": len(keys_d),
         "delta": float(plan["privacy"]["delta"]),
         "k": int(plan["privacy"]["topk"]),
-        **af_errors(f_d, f_x),
+        **af_errors(f_d, f_x, f_raw),
         "top_recovered": int(sum(top_hit)),
         "top_of": len(top_hit),
         "top_recovered_ids": [v["id"] for v, h in zip(ref["exact_top"], top_hit) if h],
@@ -242,8 +275,9 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
         for p in res.iterdir():
             if p.name not in ("manifest.json", f"{pheno}.dp_topk.assoc"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    log.info("eps=%g rep=%d: AF MAE %.4g, top-%d %d/%d, causal %d/%d, eps spent %s (%.1f s)", eps, metrics["rep"],
-             metrics["af_mae"], k, metrics["top_recovered"], metrics["top_of"], metrics["causal_recovered"],
+    log.info("eps=%g rep=%d %s (%d variants): AF MAE %.4g (raw %.4g, guess %.4g), top-%d %d/%d, causal %d/%d, "
+             "eps spent %s (%.1f s)", eps, metrics["rep"], scope, metrics["variants"], metrics["af_mae"],
+             metrics["af_mae_raw"], metrics["af_mae_guess"], k, metrics["top_recovered"], metrics["top_of"], metrics["causal_recovered"],
              metrics["causal_of"], ", ".join(f"{s} {v:.4g}" for s, v in metrics["epsilon_spent"].items()), wall)
     return metrics
 
@@ -275,16 +309,18 @@ def fmt(s: dict[str, float], spec: str) -> str:
     return f"{s['mean']:{spec}} ({s['min']:{spec}}-{s['max']:{spec}})"
 
 
-def summarise(jobs: list[dict[str, Any]], eps_list: list[float]) -> list[dict[str, Any]]:
+def summarise(jobs: list[dict[str, Any]], eps_list: list[float], scopes: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for e in eps_list:
-        js = [j for j in jobs if math.isclose(j["epsilon"], e)]
+    for scope, e in ((sc, e) for sc in scopes for e in eps_list):
+        js = [j for j in jobs if math.isclose(j["epsilon"], e) and j.get("scope", "all") == scope]
         sites = sorted({s for j in js for s in j["epsilon_spent"]})
         spent = {s: stats([j["epsilon_spent"].get(s, math.nan) for j in js]) for s in sites}
         rows.append({
             "epsilon": e,
+            "scope": scope,
             "reps": len(js),
-            **{m: stats([j[m] for j in js]) for m in ("af_mae", "af_rmse", "af_mae_common", "af_rmse_common",
+            **{m: stats([j[m] for j in js]) for m in ("variants", "af_mae", "af_mae_raw", "af_mae_guess", "af_ratio",
+                                                       "af_ratio_raw", "af_rmse", "af_mae_common", "af_rmse_common",
                                                        "af_undefined", "top_recovered", "causal_recovered",
                                                        "wall_seconds")},
             "epsilon_spent": spent,
@@ -297,14 +333,15 @@ def summarise(jobs: list[dict[str, Any]], eps_list: list[float]) -> list[dict[st
 def print_table(rows: list[dict[str, Any]], ref: dict[str, Any], k: int) -> None:
     n_causal = len(ref["causal"])
     sites = sorted(rows[0]["epsilon_spent"]) if rows else []
-    cols = ["eps", "AF MAE", "AF RMSE", "AF MAE (MAF>=5%)", "AF RMSE (MAF>=5%)", f"top-{k} recovered",
-            f"causal recovered (of {n_causal})", f"eps spent ({', '.join(sites)})"]
+    cols = ["eps", "released", "variants", "AF MAE shrunk", "AF MAE raw", "guess MAE", "shrunk/guess", "raw/guess",
+            "AF MAE (MAF>=5%)", f"top-{k} recovered", f"causal recovered (of {n_causal})", f"eps spent ({', '.join(sites)})"]
     table = []
     for r in rows:
         spent = ", ".join(fmt(r["epsilon_spent"][s], ".4g") for s in sites)
-        table.append([f"{r['epsilon']:g}", fmt(r["af_mae"], ".4f"), fmt(r["af_rmse"], ".4f"), fmt(r["af_mae_common"], ".4f"),
-                      fmt(r["af_rmse_common"], ".4f"), fmt(r["top_recovered"], ".3g"), fmt(r["causal_recovered"], ".3g"),
-                      spent])
+        table.append([f"{r['epsilon']:g}", r["scope"], fmt(r["variants"], ".0f"), fmt(r["af_mae"], ".4f"),
+                      fmt(r["af_mae_raw"], ".4f"), fmt(r["af_mae_guess"], ".4f"), fmt(r["af_ratio"], ".2f"),
+                      fmt(r["af_ratio_raw"], ".2f"), fmt(r["af_mae_common"], ".4f"), fmt(r["top_recovered"], ".3g"),
+                      fmt(r["causal_recovered"], ".3g"), spent])
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
     print("-+-".join("-" * w for w in widths))
@@ -312,11 +349,14 @@ def print_table(rows: list[dict[str, Any]], ref: dict[str, Any], k: int) -> None
         print(" | ".join(v.rjust(w) for v, w in zip(t, widths)))
 
 
-def plot(rows: list[dict[str, Any]], ref: dict[str, Any], k: int, path: Path) -> None:
+def plot(all_rows: list[dict[str, Any]], ref: dict[str, Any], k: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    rows = [r for r in all_rows if r["scope"] == "all"]
+    panel = [r for r in all_rows if r["scope"] == "panel"]
 
     eps = np.array([r["epsilon"] for r in rows])
 
@@ -334,6 +374,12 @@ def plot(rows: list[dict[str, Any]], ref: dict[str, Any], k: int, path: Path) ->
     band(a1, "af_rmse_common", f"RMSE, exact MAF ≥ {MAF_MIN:g}", "tab:orange", "s")
     for line in a1.get_lines()[1::2]:
         line.set_linestyle("--")
+    if panel:
+        pm = np.array([r["af_mae"]["mean"] for r in panel])
+        a1.plot([r["epsilon"] for r in panel], pm, marker="D", color="tab:purple",
+                label=f"MAE, {int(panel[0]['variants']['mean'])}-variant panel (shrunk)")
+        a1.axhline(panel[0]["af_mae_guess"]["mean"], color="tab:purple", linestyle=":", linewidth=1,
+                   label="MAE of no data on the panel")
     a1.axhline(ref["af_mae_constant"], color="grey", linestyle=":", linewidth=1,
                label="MAE of no data (every ALT freq. = their mean)")
     a1.set_xscale("log")
@@ -376,9 +422,13 @@ def main() -> None:
     ap.add_argument("--eps", default="0.1,0.5,1,2,5,10", help="comma-separated epsilons (per site)")
     ap.add_argument("--k", type=int, default=10, help="size of the DP top-k release and of the exact top list")
     ap.add_argument("--pheno", default="T2D", help="binary phenotype")
+    ap.add_argument("--panel-size", type=int, default=1000,
+                    help="also run every job with study.dp.panel = this many study variants drawn at random (0: no panel)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's full DP study folder")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    command = shlex.join(["python", *sys.argv])
+    print(f"command: {command}", flush=True)
 
     data = Path(args.data).expanduser().resolve()
     sites = sorted(p.name for p in data.iterdir() if (p / "genotypes.vcf.gz").is_file() and (p / "samples.tsv").is_file()) \
@@ -394,8 +444,8 @@ def main() -> None:
         ap.error(f"--eps: not a comma-separated list of numbers: {args.eps!r}")
     if not eps_list or any(not (math.isfinite(e) and e > 0) for e in eps_list):
         ap.error("--eps: every epsilon must be a positive number")
-    if args.reps < 1 or args.k < 1:
-        ap.error("--reps and --k must be at least 1")
+    if args.reps < 1 or args.k < 1 or args.panel_size < 0:
+        ap.error("--reps and --k must be at least 1, --panel-size at least 0")
     out = Path(args.out).expanduser().resolve()
     (out / "exact").mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -403,6 +453,8 @@ def main() -> None:
 
     print(f"exact reference (privacy=none) on {', '.join(sites)} ...", flush=True)
     ref = exact_reference(data, sites, out, args.pheno, args.k)
+    scopes = ["all", "panel"] if args.panel_size > 0 else ["all"]
+    panel = write_panel(ref, out, args.panel_size) if args.panel_size > 0 else out / "panel.txt"
 
     sweep_dir = out / "multirun"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # this run's jobs only
@@ -416,20 +468,23 @@ def main() -> None:
         f"privacy.topk={args.k}",
         f"privacy.epsilon={','.join(eps_tokens)}",
         f"rep={','.join(str(r) for r in range(args.reps))}",
+        f"bench.panel={panel}",
+        f"bench.scope={','.join(scopes)}",
     ]
-    n_jobs = len(eps_list) * args.reps
-    print(f"Hydra multirun: {len(eps_list)} epsilons x {args.reps} repetitions = {n_jobs} DP studies -> {sweep_dir}", flush=True)
+    n_jobs = len(eps_list) * args.reps * len(scopes)
+    print(f"Hydra multirun: {len(eps_list)} epsilons x {args.reps} repetitions x {len(scopes)} scopes "
+          f"({', '.join(scopes)}) = {n_jobs} DP studies -> {sweep_dir}", flush=True)
     t_sweep = time.perf_counter()
     launch_multirun(overrides)
     t_sweep = time.perf_counter() - t_sweep
 
     jobs = []
-    for p in sorted(sweep_dir.glob("*/*/metrics.json")):
+    for p in sorted(sweep_dir.glob("*/*/*/metrics.json")):
         jobs.append(json.loads(p.read_text()))
     if len(jobs) != n_jobs:
         print(f"error: {len(jobs)} of {n_jobs} jobs wrote metrics under {sweep_dir}", file=sys.stderr)
         sys.exit(1)
-    rows = summarise(jobs, eps_list)
+    rows = summarise(jobs, eps_list, scopes)
 
     n_causal = len(ref["causal"])
     ceiling = sum(c["in_exact_top"] for c in ref["causal"])
@@ -441,11 +496,14 @@ def main() -> None:
     print(f"exact (privacy=none): the top {k} by allelic P holds {ceiling} of the {n_causal} causal variants (the ceiling); "
           f"top {k}: {', '.join(v['id'] for v in ref['exact_top'])}")
     print(f"DP (study=dp privacy=dp, delta {jobs[0]['delta']:g} per site, top-{k} release); per epsilon the mean (min-max) "
-          f"over {args.reps} repetitions; AF errors of ALT_FREQS against exact")
+          f"over {args.reps} repetitions; released = all study variants, or the {args.panel_size}-variant panel "
+          f"{panel} (study.dp.panel); AF errors against exact on the released variants: ALT_FREQS (shrunk), "
+          "ALT_FREQS_RAW, and the know-nothing guess (every released variant at their mean exact frequency)")
     print()
     print_table(rows, ref, k)
     print()
-    print(f"for scale: guessing every variant's ALT frequency as the mean exact one (no data) has AF MAE {ref['af_mae_constant']:.4f}")
+    print(f"for scale: guessing every study variant's ALT frequency as the mean exact one (no data) has AF MAE "
+          f"{ref['af_mae_constant']:.4f}")
     undef = [(r["epsilon"], r["af_undefined"]["max"]) for r in rows if r["af_undefined"]["max"] > 0]
     if undef:
         print("variants without a DP frequency (all noisy counts clipped to 0; not scored): "
@@ -454,6 +512,8 @@ def main() -> None:
     print(f"eps spent per site equals the target eps in every job: {'yes' if ok else 'NO'}")
 
     summary = {
+        "command": command,
+        "panel": str(panel) if args.panel_size > 0 else None,
         "data": str(data),
         "sites": sites,
         "phenotype": args.pheno,
@@ -472,6 +532,7 @@ def main() -> None:
     summary["wall_seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {out / 'summary.json'}; plot: {out / 'dp_utility.png'}; Hydra jobs: {sweep_dir}")
+    print(f"command: {command}")
     print(f"wall time: {summary['wall_seconds']['total']:.1f} s (exact reference {ref['wall_seconds']:.1f} s, "
           f"{n_jobs} DP studies {t_sweep:.1f} s)")
     if not ok:

@@ -7,11 +7,10 @@ sites' public sizes (samples, cases, controls) and predicts, for every release:
   error of the raw and of the shrunk frequency estimate, against the know-nothing guess
   (every variant at the mean frequency). Frequencies are drawn from an assumed spectrum
   (``af_spectrum``: ``neutral``, density ∝ 1/x on [0.01, 0.99], the standard-neutral spectrum of
-  derived alleles; or ``uniform``) and the estimators are simulated exactly as the study
-  computes them: ALT allele count (het + 2 hom-ALT) over twice the public sample count, noise
-  variance 5·σ² per site; the raw estimate clamped to [0, 1], and the shrunk one: the
-  normal–normal empirical-Bayes shrinkage of the unclamped estimate towards the mean, then
-  clamped (shrinking a clamped value would misjudge the noise).
+  derived alleles; or ``uniform``), genotype counts drawn under Hardy-Weinberg at the pooled
+  size, the release's noise added, and the study's own estimator run on them
+  (:func:`fedgen.study.dpfreq.dp_alt_freq`: the raw frequency, and its empirical-Bayes
+  shrinkage towards the pooled mean).
 * **DP top-k**: the expected number of causal loci in the released top k, under a stated
   effect (``n_causal`` loci at allele frequency ``maf`` with per-allele odds ratio
   ``odds_ratio``), beside the same figure for the exact top-k and for a random pick (chance).
@@ -107,34 +106,27 @@ def rho_shares(s: Settings) -> dict[str, float]:
     return {k: rho * v / total for k, v in split.items()} | {"total": rho}
 
 
-def shrink(raw: np.ndarray, noise_var: np.ndarray | float) -> tuple[np.ndarray, float]:
-    """Normal–normal empirical Bayes towards the mean: w = τ² / (τ² + s²), τ² = var(raw) − mean s²
-    (floored). Returns the shrunk values and τ²."""
-    raw = np.asarray(raw, dtype=np.float64)
-    s2 = np.broadcast_to(np.asarray(noise_var, dtype=np.float64), raw.shape)
-    ok = np.isfinite(raw)
-    if not ok.any():
-        return raw.copy(), 0.0
-    mean = float(np.mean(raw[ok]))
-    tau2 = max(float(np.var(raw[ok])) - float(np.mean(s2[ok])), 1e-6)
-    w = tau2 / (tau2 + s2)
-    return np.where(ok, w * raw + (1.0 - w) * mean, np.nan), tau2
-
-
 def predict_af(sites: list[Site], s: Settings, *, rng: np.random.Generator, n_sim: int = 20000) -> dict[str, Any]:
+    """Simulate the genotype-count release and the study's own estimator
+    (:func:`fedgen.study.dpfreq.dp_alt_freq`) on frequencies drawn from the assumed spectrum."""
+    from fedgen.study.dpfreq import dp_alt_freq
+
     rho = rho_shares(s)["counts"]
     sigma = sigma_for_rho(math.sqrt(max(s.n_variants, 1)), rho)
     n_total = sum(x.samples for x in sites)
-    noise_var = 5.0 * len(sites) * sigma**2 / (2.0 * n_total) ** 2
     af = _draw_af(rng, n_sim, s.af_spectrum)
-    unclamped = af + rng.normal(0.0, math.sqrt(noise_var), n_sim)
-    raw = np.clip(unclamped, 0.0, 1.0)
-    shrunk = np.clip(shrink(unclamped, noise_var)[0], 0.0, 1.0)  # shrink the unclamped estimate, then clamp
-    guess = float(np.mean(np.abs(af - af.mean())))
-    mae_raw = float(np.mean(np.abs(raw - af)))
-    mae_shrunk = float(np.mean(np.abs(shrunk - af)))
+    geno = np.stack([(1 - af) ** 2, 2 * af * (1 - af), af**2], axis=1)
+    counts = np.zeros((n_sim, 4))
+    counts[:, :3] = rng.multinomial(n_total, geno / geno.sum(axis=1, keepdims=True)) if n_total else 0
+    noise_var = len(sites) * sigma**2
+    noisy = counts + rng.normal(0.0, math.sqrt(noise_var), counts.shape)
+    est = dp_alt_freq(noisy, n_total, noise_var)
+    truth = (counts[:, 1] + 2 * counts[:, 2]) / (2.0 * max(n_total, 1))
+    guess = float(np.mean(np.abs(truth - truth.mean())))
+    mae_raw = float(np.mean(np.abs(est["alt_freq_raw"] - truth)))
+    mae_shrunk = float(np.mean(np.abs(est["alt_freq"] - truth)))
     return {"release": "genotype counts (frequencies, missingness, HWE)", "variants": s.n_variants, "sigma": sigma,
-            "rho": rho, "af_se": math.sqrt(noise_var), "af_mae_raw": mae_raw, "af_mae_shrunk": mae_shrunk,
+            "rho": rho, "af_se": float(np.median(est["se"])), "af_mae_raw": mae_raw, "af_mae_shrunk": mae_shrunk,
             "af_mae_know_nothing": guess, "useful": mae_shrunk < USEFUL_AF * guess}
 
 

@@ -5,8 +5,11 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
 (``privacy.split``):
 
 * ``counts``: genotype counts of every study variant (one discrete-Gaussian release per site,
-  σ = √V / √(2ρ_counts)); ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass
-  list are computed from the pooled noisy counts (negative cells clipped to 0);
+  σ = √V / √(2ρ_counts)); ``missing.vmiss``, ``hardy.hardy`` and the QC pass list are computed
+  from the pooled noisy counts (negative cells clipped to 0); ``freq.afreq`` holds the
+  post-processed ALT frequencies of :func:`fedgen.study.dpfreq.dp_alt_freq` (projection on the
+  public sample total, empirical-Bayes shrinkage towards the pooled mean; raw estimate, its noise
+  SE and a 95 % interval in extra columns after OBS_CT);
 * per binary phenotype with ``assoc`` in the analyses, ``assoc``: noisy case/control allele
   counts of every variant passing QC (σ = 2√M / √(2ρ_assoc)) → ``<PHENO>.assoc`` (PLINK 1.9
   allelic test on the pooled noisy counts);
@@ -15,6 +18,11 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
   case/control allele counts (σ = 2√U / √(2ρ_topk)) of the U variants any site picked; the
   aggregator ranks them by the pooled noisy χ² and writes the top k as
   ``<PHENO>.dp_topk.assoc`` (PLINK 1.9 columns).
+
+With a panel (``study.dp.panel``, :mod:`fedgen.study.dpfreq`), "study variant" above means the
+panel's variants shared by all sites: V, M and the selection candidates are that set, so the
+noise scales with √(panel size). The panel changes which variants are released, nothing else:
+the sites account and refuse exactly as without it.
 
 Analyses with no DP version (regression, PCA) are refused at planning time. Each site checks
 and charges every release against its own ledger; the manifest records ε/δ per site and
@@ -74,8 +82,14 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum"})
     if unknown:
         raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} (known: n_causal, maf, odds_ratio, af_spectrum)")
-    return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k, "force": bool(p.get("force", False)),
-            "planner": planner}
+    panel = (plan.get("dp") or {}).get("panel") or p.get("panel")
+    if panel is not None:
+        from fedgen.study.dpfreq import read_panel
+
+        panel = str(panel)
+        read_panel(panel)  # readable, and lists at least one variant
+    return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k, "panel": panel,
+            "force": bool(p.get("force", False)), "planner": planner}
 
 
 def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]], *, n_variants: int, phenotypes: int,
@@ -172,6 +186,9 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         raise ConfigError(f"privacy.delta = {priv['delta']:g} differs from the δ of site polic(ies) {detail}; "
                           "set privacy.delta to the sites' δ (nothing was released)")
     rho = _budget(priv, assoc=want_assoc, topk=want_topk)
+    panel_info = None
+    if priv.get("panel"):
+        aln, panel_info = _apply_panel(ctx, aln, priv["panel"])
     V = len(aln)
     planned = _check_with_planner(ctx, info, priv, n_variants=V, tested=tested, assoc=want_assoc, topk=want_topk)
     releases: list[dict[str, Any]] = []
@@ -185,13 +202,19 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
                      "rho": rho["counts"]})
     counts = np.clip(noisy, 0, None).astype(np.int64)
     ctx.notes.append(
-        f"privacy=dp: QC files come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count per site, negative "
-        "counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated for the noise"
+        f"privacy=dp: missing.vmiss and hardy.hardy come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count "
+        "per site, negative counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated "
+        "for the noise"
     )
     results: dict[str, Any] = {}
+    freq_summary = None
     with ctx.timed("write_qc"):
-        results.update(write_qc_outputs(stage, aln, counts, analyses=list(plan.get("analyses") or []), qc=plan.get("qc") or {}))
-    results["files"] = list(results["files"])
+        results.update(write_qc_outputs(stage, aln, counts, analyses=[a for a in analyses if a != "freq"],
+                                        qc=plan.get("qc") or {}))
+        results["files"] = list(results["files"])
+        if "freq" in analyses:
+            freq_summary = _write_freq(ctx, stage, aln, info, noisy, len(aln.idx) * sigma_counts**2)
+            results["files"].insert(0, "freq.afreq")
     assoc_summary: dict[str, Any] = {}
     k = priv["topk"]
     for ph in tested:
@@ -261,7 +284,56 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
     results["association"] = {"phenotypes": assoc_summary, "files": []}
     privacy = {**priv, "rho_total": rho["total"], "releases": releases, "planner": planned,
                "public": "variant lists and numbers of samples, cases and controls per site"}
+    if panel_info is not None:
+        privacy["panel"] = panel_info
+    if freq_summary is not None:
+        privacy["frequencies"] = freq_summary
     return results, {"privacy": privacy}
+
+
+def _apply_panel(ctx: StudyContext, aln, path: str):
+    """The study variants restricted to the panel's (before any release), and the panel's manifest record."""
+    from fedgen.study.dpfreq import panel_rows, read_panel, subset_alignment
+
+    entries = read_panel(path)
+    rows, unknown = panel_rows(aln, entries)
+    if len(rows) == 0:
+        raise ConfigError(
+            f"study.dp.panel: none of the {len(entries)} variants of {path} is a study variant (shared by all "
+            f"{len(aln.idx)} sites; e.g. {', '.join(entries[:3])}); nothing was released. List VCF IDs or "
+            "CHROM:POS:REF:ALT of variants the sites have"
+        )
+    info = {"file": str(path), "entries": len(entries), "in_study": int(len(rows)), "unknown": len(unknown),
+            "unknown_examples": unknown[:5], "study_variants": len(aln)}
+    log.info("DP panel %s: %d of %d entries are study variants", path, len(rows), len(entries))
+    if unknown:
+        ctx.notes.append(
+            f"study.dp.panel: {len(unknown)} of {len(entries)} panel entries are not study variants (not shared by all "
+            f"sites, or not in the data) and were left out, e.g. {', '.join(unknown[:5])}"
+        )
+    ctx.notes.append(f"privacy=dp: every DP release covers the {len(rows)} panel variants in the study "
+                     f"({len(aln)} study variants in all)")
+    return subset_alignment(aln, rows), info
+
+
+def _write_freq(ctx: StudyContext, stage: Path, aln, info, noisy: np.ndarray, noise_var: float) -> dict[str, Any]:
+    """``freq.afreq`` from the released noisy counts and public sample counts only (post-processing)."""
+    from fedgen.study.dpfreq import dp_alt_freq, write_dp_afreq
+
+    n_total = sum(int(r.meta["counts"]["samples"]) for r in info.values())
+    est = dp_alt_freq(noisy, n_total, noise_var)
+    write_dp_afreq(stage / "freq.afreq", aln, est)
+    tau2 = est["tau2"]
+    ctx.notes.append(
+        "privacy=dp: freq.afreq ALT_FREQS are post-processed from the pooled noisy genotype counts (projection on the "
+        "public sample total, empirical-Bayes shrinkage towards the pooled mean frequency "
+        f"{est['mean']:.4g}); ALT_FREQS_RAW is the unshrunk estimate clamped to [0, 1], ALT_FREQS_SE its noise SE, "
+        "L95/U95 a 95 % interval from the known noise"
+    )
+    return {"estimator": "projection on the public total + normal-normal empirical Bayes (fedgen.study.dpfreq)",
+            "samples": n_total, "noise_var_per_cell": noise_var, "mean": est["mean"],
+            "tau2": tau2 if math.isfinite(tau2) else None,
+            "median_se": float(np.median(est["se"])) if len(est["se"]) else None}
 
 
 def _noisy_test(counts: np.ndarray, metas: dict[str, dict[str, Any]], sigma: float) -> dict[str, np.ndarray]:

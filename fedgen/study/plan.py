@@ -181,6 +181,21 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
             model["variants"] = str((base / v).expanduser().resolve())
         plan["model"] = model
     mode = plan["privacy"].get("mode", "none")
+    dp_cfg = study.get("dp") or {}
+    if not isinstance(dp_cfg, dict):
+        raise ConfigError("study.dp must be a mapping (known key: panel)")
+    unknown_dp = sorted(set(dp_cfg) - {"panel"})
+    if unknown_dp:
+        raise ConfigError(f"study.dp: unknown key(s) {', '.join(unknown_dp)} (known: panel)")
+    panel = dp_cfg.get("panel")
+    if panel is not None:
+        if not isinstance(panel, str) or not panel:
+            raise ConfigError(f"study.dp.panel must be a file of variants (one a line) or null, got {panel!r}")
+        if mode != "dp":
+            raise ConfigError("study.dp.panel restricts differentially private releases: use it with privacy=dp "
+                              "(under privacy=none every study variant is analysed exactly)")
+        panel = str((base / panel).expanduser().resolve())  # relative to where fedgen runs
+    plan["dp"] = {"panel": panel}
     if mode == "dp" and "model" in analyses:
         raise ConfigError("study.analyses: under privacy=dp the risk model's feature scan would have to be the DP top-k, "
                           "which is not wired to training yet; run study=risk_model with privacy=none (training is "
