@@ -190,7 +190,16 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
         c["in_exact_top"] = in_top
     keys_x, f_x = read_afreq(res / "freq.afreq")
     ok = np.isfinite(f_x)
+    # the planner's assumed signal, from the simulation's truth: the causal loci in the study, their
+    # median minor allele frequency and median |log OR| per allele
+    at = {(k[0], int(k[1])): i for i, k in enumerate(keys_x)}
+    cf = [f_x[at[(c["chrom"], c["pos"])]] for c in causal if (c["chrom"], c["pos"]) in at]
+    maf = [min(f, 1 - f) for f in cf if math.isfinite(f)]
+    effect = {"n_causal": max(1, sum(c["in_study"] for c in causal)),
+              "maf": float(np.median(maf)) if maf else 0.2,
+              "odds_ratio": float(math.exp(np.median([abs(c["effect"]) for c in causal]))) if causal else 1.3}
     ref = {
+        "planner_effect": effect,
         "phenotype": pheno,
         "k": k,
         "afreq": str(res / "freq.afreq"),
@@ -234,6 +243,8 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     if scope not in ("all", "panel"):
         raise ValueError(f"bench.scope must be all or panel, got {scope!r}")
     cfg.study.dp.panel = str(cfg.bench.panel) if scope == "panel" else None
+    for key, value in (ref.get("planner_effect") or {}).items():  # predict for the simulation's own signal
+        cfg.privacy.planner[key] = value
     plan, node_configs = build_plan(cfg)
     eps = float(plan["privacy"]["epsilon"])
     t0 = time.perf_counter()
@@ -270,6 +281,13 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 3),
         "results": str(res),
     }
+    # the planner's predictions for this job, made by the study before any release
+    planned = {r["release"]: r for r in ((manifest.get("privacy") or {}).get("planner") or {}).get("releases", [])}
+    af_plan = next((r for name, r in planned.items() if name.startswith("genotype counts")), {})
+    top_plan = next((r for name, r in planned.items() if name.startswith("DP top-k")), {})
+    metrics["pred_af_mae"] = af_plan.get("af_mae_shrunk", math.nan)
+    metrics["pred_af_mae_raw"] = af_plan.get("af_mae_raw", math.nan)
+    metrics["pred_causal_recovered"] = top_plan.get("expected_causal_found", math.nan)
     (job_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not cfg.bench.keep_outputs:  # keep the manifest and the top-k release, drop the bulky files
         for p in res.iterdir():
@@ -322,7 +340,7 @@ def summarise(jobs: list[dict[str, Any]], eps_list: list[float], scopes: list[st
             **{m: stats([j[m] for j in js]) for m in ("variants", "af_mae", "af_mae_raw", "af_mae_guess", "af_ratio",
                                                        "af_ratio_raw", "af_rmse", "af_mae_common", "af_rmse_common",
                                                        "af_undefined", "top_recovered", "causal_recovered",
-                                                       "wall_seconds")},
+                                                       "wall_seconds", "pred_af_mae", "pred_causal_recovered")},
             "epsilon_spent": spent,
             "epsilon_spent_ok": all(math.isclose(j["epsilon_spent"].get(s, math.nan), e, rel_tol=1e-6)
                                     for j in js for s in sites),
@@ -334,14 +352,16 @@ def print_table(rows: list[dict[str, Any]], ref: dict[str, Any], k: int) -> None
     n_causal = len(ref["causal"])
     sites = sorted(rows[0]["epsilon_spent"]) if rows else []
     cols = ["eps", "released", "variants", "AF MAE shrunk", "AF MAE raw", "guess MAE", "shrunk/guess", "raw/guess",
-            "AF MAE (MAF>=5%)", f"top-{k} recovered", f"causal recovered (of {n_causal})", f"eps spent ({', '.join(sites)})"]
+            "AF MAE (MAF>=5%)", f"top-{k} recovered", f"causal recovered (of {n_causal})", "planner: AF MAE",
+            "planner: causal", f"eps spent ({', '.join(sites)})"]
     table = []
     for r in rows:
         spent = ", ".join(fmt(r["epsilon_spent"][s], ".4g") for s in sites)
         table.append([f"{r['epsilon']:g}", r["scope"], fmt(r["variants"], ".0f"), fmt(r["af_mae"], ".4f"),
                       fmt(r["af_mae_raw"], ".4f"), fmt(r["af_mae_guess"], ".4f"), fmt(r["af_ratio"], ".2f"),
                       fmt(r["af_ratio_raw"], ".2f"), fmt(r["af_mae_common"], ".4f"), fmt(r["top_recovered"], ".3g"),
-                      fmt(r["causal_recovered"], ".3g"), spent])
+                      fmt(r["causal_recovered"], ".3g"), fmt(r["pred_af_mae"], ".4f"), fmt(r["pred_causal_recovered"], ".3g"),
+                      spent])
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
     print("-+-".join("-" * w for w in widths))

@@ -39,6 +39,11 @@ def test_run_inprocess_via_cli(tmp_path, capsys):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["config"]["study"]["qc"]["maf"] == 0.01
     assert set(m["sites"]) == {"site1", "site2"}
+    # results get the permissions of the umask (readable by the team), not the temporary files' 0600/0700
+    from fedgen.fileio import public_mode
+
+    for p in (tmp_path / "out", tmp_path / "out" / "freq.afreq", tmp_path / "out" / "manifest.json", tmp_path / "out" / "report.html"):
+        assert p.stat().st_mode & 0o777 == public_mode(directory=p.is_dir()), p
 
 
 @pytest.mark.parametrize(

@@ -79,9 +79,9 @@ def write_site_pcs(
     """Write ``<state_dir>/pca/<study_id>.eigenvec`` (and ``.json`` with ``meta``); returns the path."""
     path = pcs_path(state_dir, study_id)
     try:
-        atomic_write_text(path, format_eigenvec(list(iids), scores))
+        atomic_write_text(path, format_eigenvec(list(iids), scores), private=True)
         if meta is not None:
-            atomic_write_text(path.with_suffix(".json"), json.dumps(dict(meta), indent=2) + "\n")
+            atomic_write_text(path.with_suffix(".json"), json.dumps(dict(meta), indent=2) + "\n", private=True)
     except OSError as exc:
         raise InputError(f"{path.parent}: cannot write PC scores ({exc.strerror})") from None
     return path

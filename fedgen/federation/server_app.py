@@ -48,6 +48,9 @@ def atomic_write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Non
             json.dump(data, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
+        from fedgen.fileio import public_mode
+
+        os.chmod(tmp, public_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -129,7 +129,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.phenotype:
             metric = evaluate(model, cohort, scores, args.phenotype)
     lines = ["IID\tSCORE"] + [f"{i}\t{'NA' if not np.isfinite(s) else f'{s:.6g}'}" for i, s in zip(iids, scores)]
-    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n", private=True)
     print(f"scored {int(np.isfinite(scores).sum())} of {len(iids)} people with {len(model['variants'])} variants"
           f" and {len(model.get('covariate_columns') or [])} covariate columns -> {args.out}")
     if missing:

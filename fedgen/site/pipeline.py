@@ -526,7 +526,7 @@ class _NoisyCounts:
         noisy = int(max(0, value + int(discrete_gaussian(sigma, (1,), NoiseSource())[0])))
         book["counts"][name] = noisy
         self.state.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(book))
+        atomic_write_text(path, json.dumps(book), private=True)
         self.run.events.append(event)
         return noisy
 
@@ -572,7 +572,7 @@ def _record_policy(node_config: Mapping[str, Any], policy: Mapping[str, Any], st
             return
     except OSError:
         pass
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, private=True)
 
 
 def _release(node_config, req: SiteRequest, state, run: _Run, out, meta, policy, contributors):

@@ -270,7 +270,7 @@ class PcaRegister:
                 buf = io.BytesIO()
                 np.save(buf, np.hstack([B, new]))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, buf.getvalue())
+                atomic_write_bytes(path, buf.getvalue(), private=True)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -59,7 +59,11 @@ def staging_dir(output_dir: Path) -> Path:
     """A fresh hidden folder beside ``output_dir`` where a run writes before publishing."""
     output_dir = Path(output_dir).resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    from fedgen.fileio import public_mode
+
+    os.chmod(stage, public_mode(directory=True))  # the published folder gets the umask's permissions
+    return stage
 
 
 def publish_dir(staging: Path, output_dir: Path) -> None:
