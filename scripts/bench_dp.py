@@ -190,14 +190,15 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
         c["in_exact_top"] = in_top
     keys_x, f_x = read_afreq(res / "freq.afreq")
     ok = np.isfinite(f_x)
-    # the planner's assumed signal, from the simulation's truth: the causal loci in the study, their
-    # median minor allele frequency and median |log OR| per allele
+    # the planner's assumed signal, from the simulation's truth: each causal locus in the study with
+    # its minor allele frequency and odds ratio per allele (exp |log OR|)
     at = {(k[0], int(k[1])): i for i, k in enumerate(keys_x)}
-    cf = [f_x[at[(c["chrom"], c["pos"])]] for c in causal if (c["chrom"], c["pos"]) in at]
-    maf = [min(f, 1 - f) for f in cf if math.isfinite(f)]
-    effect = {"n_causal": max(1, sum(c["in_study"] for c in causal)),
-              "maf": float(np.median(maf)) if maf else 0.2,
-              "odds_ratio": float(math.exp(np.median([abs(c["effect"]) for c in causal]))) if causal else 1.3}
+    for c in causal:
+        i = at.get((c["chrom"], c["pos"]))
+        f = f_x[i] if i is not None else math.nan
+        c["maf"] = float(min(f, 1 - f)) if math.isfinite(f) else None
+        c["odds_ratio"] = float(math.exp(abs(c["effect"]))) if math.isfinite(c["effect"]) else None
+    effect = planner_effect(causal)
     ref = {
         "planner_effect": effect,
         "phenotype": pheno,
@@ -214,6 +215,14 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
     path = out / "exact" / "reference.json"
     path.write_text(json.dumps(ref, indent=1))
     return ref
+
+
+def planner_effect(causal: list[dict[str, Any]], ids: set[str] | None = None) -> dict[str, Any]:
+    """``privacy.planner`` settings for the causal loci with a frequency (and, with ``ids``, in that set)."""
+    use = [c for c in causal if c.get("maf") and c.get("odds_ratio") and (ids is None or c["id"] in ids)]
+    if not use:
+        return {"n_causal": 0, "maf": 0.2, "odds_ratio": 1.0}
+    return {"n_causal": len(use), "maf": [c["maf"] for c in use], "odds_ratio": [c["odds_ratio"] for c in use]}
 
 
 def write_panel(ref: dict[str, Any], out: Path, size: int, seed: int = 1) -> Path:
@@ -243,7 +252,11 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     if scope not in ("all", "panel"):
         raise ValueError(f"bench.scope must be all or panel, got {scope!r}")
     cfg.study.dp.panel = str(cfg.bench.panel) if scope == "panel" else None
-    for key, value in (ref.get("planner_effect") or {}).items():  # predict for the simulation's own signal
+    effect = ref.get("planner_effect") or {}
+    if scope == "panel":  # only the causal loci the panel holds can be found
+        entries = {ln.split()[0] for ln in Path(cfg.bench.panel).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+        effect = planner_effect(ref["causal"], entries)
+    for key, value in effect.items():  # predict for the simulation's own signal
         cfg.privacy.planner[key] = value
     plan, node_configs = build_plan(cfg)
     eps = float(plan["privacy"]["epsilon"])

@@ -56,11 +56,28 @@ class Site:
 
 @dataclass(frozen=True)
 class Effect:
-    """The signal a top-k is asked to find (an assumption the plan states)."""
+    """The signal a top-k is asked to find (an assumption the plan states): ``n_causal`` loci at
+    allele frequency ``maf`` with per-allele odds ratio ``odds_ratio``; either may also be a list
+    with one value per locus."""
 
     n_causal: int = 10
-    maf: float = 0.2
-    odds_ratio: float = 1.3
+    maf: float | tuple[float, ...] | list[float] = 0.2
+    odds_ratio: float | tuple[float, ...] | list[float] = 1.3
+
+    def per_locus(self) -> tuple[np.ndarray, np.ndarray]:
+        """(allele frequency, frequency in cases) of each causal locus."""
+        n = int(self.n_causal)
+        f0 = np.broadcast_to(np.asarray(self.maf, dtype=np.float64), (n,)).copy() if n else np.zeros(0)
+        orr = np.broadcast_to(np.asarray(self.odds_ratio, dtype=np.float64), (n,)).copy() if n else np.zeros(0)
+        f0 = np.clip(f0, 1e-4, 0.5)
+        return f0, f0 * orr / (1.0 - f0 + f0 * orr)
+
+    def describe(self) -> str:
+        def one(v: Any) -> str:
+            a = np.atleast_1d(np.asarray(v, dtype=np.float64))
+            return f"{a[0]:g}" if a.size == 1 or np.all(a == a[0]) else f"{np.median(a):.3g} (median of {a.size})"
+
+        return f"{self.n_causal} loci at MAF {one(self.maf)}, OR {one(self.odds_ratio)}"
 
 
 @dataclass
@@ -132,11 +149,10 @@ def predict_af(sites: list[Site], s: Settings, *, rng: np.random.Generator, n_si
 
 def _site_scores(rng, m_null: int, eff: Effect, site: Site, reps: int) -> np.ndarray:
     """(reps, n_causal + m_null) site selection scores: causal loci first."""
-    f0 = eff.maf
-    f1 = f0 * eff.odds_ratio / (1.0 - f0 + f0 * eff.odds_ratio)
+    f0, f1 = eff.per_locus()
     R, S = max(site.cases, 1), max(site.controls, 1)
     sd = math.sqrt(1.0 / (8.0 * R) + 1.0 / (8.0 * S))
-    delta = float(_stabilised(np.array([f1]))[0] - _stabilised(np.array([f0]))[0])
+    delta = _stabilised(f1) - _stabilised(f0)
     z = rng.normal(0.0, sd, (reps, eff.n_causal + m_null))
     z[:, : eff.n_causal] += delta
     return np.abs(z)
@@ -167,13 +183,14 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     R = sum(x.cases for x in sites)
     S_ = sum(x.controls for x in sites)
     sd_pool = math.sqrt(1.0 / (8.0 * max(R, 1)) + 1.0 / (8.0 * max(S_, 1)))
-    f0 = eff.maf
-    f1 = f0 * eff.odds_ratio / (1.0 - f0 + f0 * eff.odds_ratio)
-    delta = float(_stabilised(np.array([f1]))[0] - _stabilised(np.array([f0]))[0])
+    f0, f1 = eff.per_locus()
+    f0, f1 = f0[:n_causal], f1[:n_causal]
+    delta = _stabilised(f1) - _stabilised(f0)
     U = picks.sum(axis=1)
     sigma_top = np.array([sigma_for_rho(2.0 * math.sqrt(max(u, 1)), rho_top) for u in U])
     # noise of a frequency difference: Σ_sites σ² on each count, over (2R)² and (2S)²; h' ≈ 1/(2√(f(1−f)))
-    hprime2 = 1.0 / (4.0 * f0 * (1.0 - f0))
+    f_typ = float(np.median(f0)) if f0.size else 0.2
+    hprime2 = 1.0 / (4.0 * f_typ * (1.0 - f_typ))
     noise_sd = np.sqrt(len(sites) * sigma_top**2 * (1.0 / (2.0 * max(R, 1)) ** 2 + 1.0 / (2.0 * max(S_, 1)) ** 2) * hprime2)
     pooled = rng.normal(0.0, sd_pool, (reps, M))
     pooled[:, :n_causal] += delta
@@ -195,7 +212,8 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
             "expected_causal_found": dp_mean, "expected_causal_found_exact": exact_mean,
             "expected_causal_found_chance": chance,
             "expected_recall_of_exact": dp_mean / exact_mean if exact_mean > 0 else float("nan"),
-            "assumed_effect": asdict(eff), "simulations": reps,
+            "assumed_effect": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(eff).items()},
+            "assumed_effect_text": eff.describe(), "simulations": reps,
             "useful": dp_mean - chance >= USEFUL_LOCI}
 
 
@@ -267,11 +285,10 @@ def describe(plan: dict[str, Any]) -> str:
                          f"{r['af_se']:.3f}; expected MAE {r['af_mae_shrunk']:.3f} shrunk, {r['af_mae_raw']:.3f} raw, "
                          f"against {r['af_mae_know_nothing']:.3f} for the know-nothing guess")
         else:
-            e = r["assumed_effect"]
             lines.append(f"    top-{r['k']} of {r['candidates']} variants, ε₀ = {r['epsilon_per_pick']:.3g} per pick; expected "
                          f"causal loci found {r['expected_causal_found']:.2f} (exact top-{r['k']}: "
                          f"{r['expected_causal_found_exact']:.2f}, chance: {r['expected_causal_found_chance']:.2f}) for "
-                         f"{e['n_causal']} loci at MAF {e['maf']:g}, OR {e['odds_ratio']:g}")
+                         f"{r['assumed_effect_text']}")
         if not r["useful"]:
             eps_at, size_at = r.get("useful_at_epsilon"), r.get("useful_at_site_size")
             lines.append("    useful from ε ≈ " + (f"{eps_at:.3g}" if eps_at else "> 1000×") + " per site at these sizes, or "
