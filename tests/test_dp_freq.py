@@ -57,7 +57,7 @@ def _afreq(path: Path) -> tuple[list[tuple[str, str]], dict[str, np.ndarray]]:
 def _dp_plan(out: Path, sites: list[str], *, panel: Path | None, eps: float = 1.0):
     plan = qc_plan(out, sites, analyses=["freq", "missing", "hardy", "topk"], phenotypes=["CC"], covariates=[],
                    qc={"maf": None, "geno": None, "hwe": None}, pca=None, pcs=0, block_size=65536)
-    plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 10}
+    plan["privacy"] = {"mode": "dp", "epsilon": eps, "delta": 1e-6, "topk": 10, "force": True}
     plan["dp"] = {"panel": None if panel is None else str(panel)}
     return plan
 
@@ -210,6 +210,11 @@ def test_panel_frequencies_beat_guessing_and_the_genome_wide_release(cohort, dp_
     assert g_shrunk > 1.5 * shrunk, (g_shrunk, shrunk)
     g_truth = g["truth"]
     assert _mae(g["est"]["ALT_FREQS"], g_truth) > _mae(p["est"]["ALT_FREQS"], truth)
+    # the planner's prediction, made before any release, is within 20 % of what was measured
+    for run, truth_, est in ((p, truth, p["est"]), (g, g["truth"], g["est"])):
+        planned = next(r for r in run["manifest"]["privacy"]["planner"]["releases"] if r["release"].startswith("genotype"))
+        measured = _mae(est["ALT_FREQS"], truth_)
+        assert planned["af_mae_shrunk"] == pytest.approx(measured, rel=0.2), (planned, measured)
     # manifest: the panel, its size and the intersection
     rec = p["manifest"]["privacy"]["panel"]
     assert rec["file"] == str(cohort["panel"]) and rec["entries"] == PANEL and rec["in_study"] == PANEL
