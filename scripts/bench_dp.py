@@ -105,7 +105,9 @@ def read_assoc(path: Path) -> list[dict[str, Any]]:
             if not f:
                 continue
             p = float(f["P"]) if f["P"] not in ("NA", "nan") else math.nan
-            rows.append({"chrom": norm_chrom(f["CHR"]), "id": f["SNP"], "pos": int(f["BP"]), "p": p})
+            num = {k: (float(f[k]) if f.get(k) not in (None, "NA", "nan") else math.nan) for k in ("F_U", "OR")}
+            rows.append({"chrom": norm_chrom(f["CHR"]), "id": f["SNP"], "pos": int(f["BP"]), "p": p,
+                         "f_u": num["F_U"], "or": num["OR"]})
     return rows
 
 
@@ -190,14 +192,15 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
         c["in_exact_top"] = in_top
     keys_x, f_x = read_afreq(res / "freq.afreq")
     ok = np.isfinite(f_x)
-    # the planner's assumed signal, from the simulation's truth: each causal locus in the study with
-    # its minor allele frequency and odds ratio per allele (exp |log OR|)
-    at = {(k[0], int(k[1])): i for i, k in enumerate(keys_x)}
+    # the planner's assumed signal: each causal locus in the study with its marginal effect as the
+    # pooled exact allelic test sees it (A1 frequency in controls, allelic OR); the simulation's
+    # per-allele effects are conditional on covariates and ancestry, so they overstate it
+    by_pos = {(r["chrom"], r["pos"]): r for r in assoc}
     for c in causal:
-        i = at.get((c["chrom"], c["pos"]))
-        f = f_x[i] if i is not None else math.nan
-        c["maf"] = float(min(f, 1 - f)) if math.isfinite(f) else None
-        c["odds_ratio"] = float(math.exp(abs(c["effect"]))) if math.isfinite(c["effect"]) else None
+        r = by_pos.get((c["chrom"], c["pos"]))
+        ok = r is not None and math.isfinite(r["f_u"]) and math.isfinite(r["or"]) and r["or"] > 0
+        c["maf"] = float(r["f_u"]) if ok else None
+        c["odds_ratio"] = float(r["or"]) if ok else None
     effect = planner_effect(causal)
     ref = {
         "planner_effect": effect,
@@ -458,6 +461,8 @@ def main() -> None:
     ap.add_argument("--panel-size", type=int, default=1000,
                     help="also run every job with study.dp.panel = this many study variants drawn at random (0: no panel)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep every job's full DP study folder")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every DP study, e.g. privacy.select_k=30 "
+                                                 "privacy.split.select=0.7")
     args = ap.parse_args()
     t_start = time.perf_counter()
     command = shlex.join(["python", *sys.argv])
@@ -503,6 +508,7 @@ def main() -> None:
         f"rep={','.join(str(r) for r in range(args.reps))}",
         f"bench.panel={panel}",
         f"bench.scope={','.join(scopes)}",
+        *args.overrides,
     ]
     n_jobs = len(eps_list) * args.reps * len(scopes)
     print(f"Hydra multirun: {len(eps_list)} epsilons x {args.reps} repetitions x {len(scopes)} scopes "

@@ -231,3 +231,19 @@ def test_dp_plan_command(capsys):
     top = plan["releases"][1]
     assert top["expected_causal_found"] >= 0.8 * top["expected_causal_found_exact"]
     assert main(["dp", "plan", "--sites", "hk=abc", "--variants", "10"]) == 2
+
+
+def test_select_k_picks_more_candidates_per_site_and_is_validated(tmp_path):
+    """privacy.select_k: each site picks that many (at the matching ε₀ = √(8ρ/select_k)); the release is still top k."""
+    data = make_synth(n_samples=400, n_variants=300, seed=72)
+    nodes = split_sites(data, tmp_path / "sites", [0.5, 0.5])
+    plan = _dp_plan(tmp_path / "out", list(nodes), 4.0, select_k=25)
+    m = run_plan(plan, InProcessTransport(nodes))
+    sel = next(r for r in m["privacy"]["releases"] if r["release"].endswith("top-k selection"))
+    assert sel["k"] == 25
+    assert sel["epsilon_per_pick"] == pytest.approx(math.sqrt(8 * sel["rho"] / 25))
+    assert len((tmp_path / "out" / "BIN.dp_topk.assoc").read_text().strip().splitlines()) == 1 + 5
+    from fedgen.study.dp import check_dp_plan
+
+    with pytest.raises(ConfigError, match="select_k"):
+        check_dp_plan({**plan, "privacy": {**plan["privacy"], "select_k": 3}})

@@ -45,9 +45,10 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--epsilon", type=float, default=1.0, help="ε per site for the whole study (default 1)")
     q.add_argument("--delta", type=float, default=1e-6)
     q.add_argument("--topk", type=int, default=10)
+    q.add_argument("--select-k", type=int, default=None, help="candidates each site picks (privacy.select_k; default --topk)")
     q.add_argument("--no-topk", action="store_true", help="no top-k release (frequencies only)")
     q.add_argument("--assoc", action="store_true", help="also the allelic test of every variant (study analyses: assoc)")
-    q.add_argument("--split", default=None, help="counts=0.2,assoc=0.2,select=0.3,topk=0.3 (privacy.split)")
+    q.add_argument("--split", default=None, help="counts=0.2,assoc=0.2,select=0.5,topk=0.1 (privacy.split)")
     q.add_argument("--phenotypes", type=int, default=1)
     q.add_argument("--causal", type=int, default=10, help="causal loci assumed for the top-k prediction (default 10)")
     q.add_argument("--maf", type=float, default=0.2, help="their allele frequency (default 0.2)")
@@ -74,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise FedgenError(f"--split: {part!r} is not NAME=NUMBER") from None
     if not (args.epsilon > 0 and 0 < args.delta < 1 and args.variants >= 1 and args.topk >= 1):
         raise FedgenError("--epsilon must be > 0, --delta in (0, 1), --variants and --topk at least 1")
-    priv = {"epsilon": args.epsilon, "delta": args.delta, "split": split, "topk": args.topk,
+    priv = {"epsilon": args.epsilon, "delta": args.delta, "split": split, "topk": args.topk, "select_k": args.select_k,
             "planner": {"n_causal": args.causal, "maf": args.maf, "odds_ratio": args.odds_ratio, "af_spectrum": args.af_spectrum}}
     sites, settings, eff = planner_inputs(priv, _sites(args.sites), n_variants=args.variants, phenotypes=args.phenotypes,
                                           assoc=args.assoc, topk=not args.no_topk)

@@ -84,8 +84,9 @@ class Effect:
 class Settings:
     epsilon: float
     delta: float = 1e-6
-    split: dict[str, float] = field(default_factory=lambda: {"counts": 0.2, "assoc": 0.2, "select": 0.3, "topk": 0.3})
+    split: dict[str, float] = field(default_factory=lambda: {"counts": 0.2, "assoc": 0.2, "select": 0.5, "topk": 0.1})
     topk: int = 10
+    select_k: int | None = None      # candidates each site picks (default topk)
     n_variants: int = 10000          # variants in the genotype-count release (the panel's size with a panel)
     n_candidates: int | None = None  # variants the top-k ranks (default n_variants)
     phenotypes: int = 1
@@ -163,12 +164,13 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     shares = rho_shares(s)
     M = int(s.n_candidates or s.n_variants)
     k = min(s.topk, M)
+    ks = min(int(s.select_k or k), M)
     n_causal = min(eff.n_causal, M)
     m_null = M - n_causal
     reps = reps or int(max(3, min(30, 3e7 / max(M * len(sites), 1))))
     rho_sel = shares["select"] / s.phenotypes
     rho_top = shares["topk"] / s.phenotypes
-    eps0 = math.sqrt(8.0 * rho_sel / k)
+    eps0 = math.sqrt(8.0 * rho_sel / ks)
     picks = np.zeros((reps, M), dtype=bool)
     site_scores = []
     for site in sites:
@@ -176,7 +178,7 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
         site_scores.append(sc)
         scale = 2.0 * (LIPSCHITZ / max(min(site.cases, site.controls), 1)) / eps0
         noisy = sc + rng.gumbel(0.0, scale, sc.shape)
-        top = np.argpartition(-noisy, k - 1, axis=1)[:, :k]
+        top = np.argpartition(-noisy, ks - 1, axis=1)[:, :ks]
         np.put_along_axis(picks, top, True, axis=1)
     # pooled test of the union with the released noise: the sites' score noise pooled by their
     # information (1 / sd²), plus the counts' noise on the stabilised scale

@@ -46,7 +46,7 @@ from fedgen.study.writers import atomic_write_text
 log = logging.getLogger("fedgen.study")
 
 DP_ANALYSES = ("freq", "missing", "hardy", "assoc", "topk")
-DEFAULT_SPLIT = {"counts": 0.2, "assoc": 0.2, "select": 0.3, "topk": 0.3}
+DEFAULT_SPLIT = {"counts": 0.2, "assoc": 0.2, "select": 0.5, "topk": 0.1}
 
 
 def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +78,9 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     k = int(p.get("topk", 10))
     if not 1 <= k <= 1000:
         raise ConfigError("privacy.topk must be between 1 and 1000")
+    select_k = p.get("select_k")
+    if select_k is not None and not (isinstance(select_k, int) and k <= select_k <= 1000):
+        raise ConfigError(f"privacy.select_k must be a whole number from privacy.topk ({k}) to 1000, or null (= topk)")
     planner = dict(p.get("planner") or {})
     unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum"})
     if unknown:
@@ -89,7 +92,7 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
         panel = str(panel)
         read_panel(panel)  # readable, and lists at least one variant
     return {"mode": "dp", "epsilon": eps, "delta": delta, "split": split, "topk": k, "panel": panel,
-            "force": bool(p.get("force", False)), "planner": planner}
+            "select_k": select_k, "force": bool(p.get("force", False)), "planner": planner}
 
 
 def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]], *, n_variants: int, phenotypes: int,
@@ -100,6 +103,7 @@ def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]],
     pl = priv.get("planner") or {}
     eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio") if k in pl})
     settings = Settings(epsilon=priv["epsilon"], delta=priv["delta"], split=dict(priv["split"]), topk=priv["topk"],
+                        select_k=priv.get("select_k"),
                         n_variants=n_variants, phenotypes=max(phenotypes, 1), assoc=assoc, select=topk,
                         af_spectrum=str(pl.get("af_spectrum", "neutral")))
     sites = [Site(name, n, c, ctl) for name, (n, c, ctl) in sizes.items()]
@@ -246,9 +250,10 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         rho_sel = rho["select"] / len(tested)
         rho_top = rho["topk"] / len(tested)
         kk = min(k, len(rows))
-        eps0 = math.sqrt(8 * rho_sel / kk)
+        ks = min(int(priv.get("select_k") or kk), len(rows))  # candidates each site picks (>= k)
+        eps0 = math.sqrt(8 * rho_sel / ks)
         with ctx.timed(f"dp_topk_select.{ph}"):
-            picked, scales = _select(ctx, aln, rows, params, kk, eps0)
+            picked, scales = _select(ctx, aln, rows, params, ks, eps0)
         union = np.unique(np.concatenate(list(picked.values())))
         U = len(union)
         sigma_top = sigma_for_rho(2 * math.sqrt(U), rho_top)
@@ -264,7 +269,7 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         atomic_write_text(stage / name, assoc_text(aln, sel_rows, a1_ref[union][order], rr))
         results["files"].append(name)
         releases += [
-            {"release": f"{ph}: top-k selection", "phenotype": ph, "k": kk, "epsilon_per_pick": eps0, "rho": rho_sel,
+            {"release": f"{ph}: top-k selection", "phenotype": ph, "k": ks, "epsilon_per_pick": eps0, "rho": rho_sel,
              "gumbel_scale": scales},
             {"release": f"{ph}: case/control allele counts of selected variants", "phenotype": ph, "variants": U,
              "sigma": sigma_top, "l2_sensitivity": 2 * math.sqrt(U), "rho": rho_top},
