@@ -105,18 +105,11 @@ def table(
         body.append(list(values))
 
     c = set(cols)
-    if "chrom" in c:
-        add("CHROM", chrom)
-    if "pos" in c:
-        add("POS", pos)
-    add("ID", ids)
-    if "ref" in c:
-        add("REF", ref)
-    if "alt1" in c:
-        add("ALT1", alt)
-    if "alt" in c:
-        add("ALT", alt)
-    add("A1", a1)
+    # the variant columns in PLINK's order; ID and A1 are always present (key None)
+    for key, name, values in (("chrom", "CHROM", chrom), ("pos", "POS", pos), (None, "ID", ids), ("ref", "REF", ref),
+                              ("alt1", "ALT1", alt), ("alt", "ALT", alt), (None, "A1", a1)):
+        if key is None or key in c:
+            add(name, values)
     if "ax" in c:
         add("AX", [r if x == a else a for r, a, x in zip(ref, alt, a1)])
     if c & COUNT_SETS:
