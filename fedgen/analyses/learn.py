@@ -380,19 +380,21 @@ def _eval(cohort: Any, req: AnalysisRequest, *, dp: bool):
 def coarsen(hist: np.ndarray, min_cell: int) -> tuple[np.ndarray, int]:
     """Merge adjacent bins (left to right) until every bin's per-class cells are 0 or >= min_cell.
 
-    A merged group's counts go to its first bin (the others hold 0), so the AUC computed from
+    A merged group's counts go to its first non-empty bin (the others hold 0), so the AUC computed from
     the result treats the group as one bin (its pairs count one half: the tie bound grows).
     Returns the histogram and the number of bins merged away.
     """
     h = np.asarray(hist, dtype=np.int64)
     out = np.zeros_like(h)
     ok = lambda c: bool(np.all((c == 0) | (c >= min_cell)))  # noqa: E731
-    start, acc, groups = 0, np.zeros(h.shape[0], dtype=np.int64), []
+    start, acc, groups = None, np.zeros(h.shape[0], dtype=np.int64), []
     for b in range(h.shape[1]):
+        if h[:, b].any() and start is None:
+            start = b  # a group's counts go to its first non-empty bin
         acc = acc + h[:, b]
         if acc.any() and ok(acc):
             groups.append((start, acc))
-            start, acc = b + 1, np.zeros_like(acc)
+            start, acc = None, np.zeros_like(acc)
     if acc.any():  # a tail that fails the rule joins the last group
         if not groups:
             raise FedgenError("the held-out histograms would rest on a class cell of fewer than min_cell people")
