@@ -9,6 +9,13 @@ steps) is declared and charged to the site's ledger before training, like any DP
 computed on (gradient inversion, membership inference), so it is not in the default policy; a
 site opts in with ``extra_analyses = ["model_update"]``.
 
+``dp_model_eval`` / ``model_eval_exact``: the model at the aggregator's weights on this site's
+held-out people (the study's split, :func:`holdout`): per-class histograms of the logit (binary)
+or Σ(y − ŷ)², Σ(y − c), Σ(y − c)², n (quantitative), with discrete Gaussian noise of L2
+sensitivity 1 (charged like any DP release), or exact with small cells merged (opt-in: at chosen
+weights exact scores single people out; see ``tests/adversarial/test_model_eval_attack.py``).
+Training uses only the people outside the split.
+
 Features: the requested variants' dosages of the scored allele, standardised with the study's
 allele frequencies, (g − 2f)/√(2f(1 − f)); a missing call is 0 (the mean) on that scale; then the
 design's covariates (standardised with the study's pooled mean and SD, indicators for levels).

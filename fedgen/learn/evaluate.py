@@ -59,7 +59,8 @@ def bin_index(logit: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray:
 def histogram_auc(h0: np.ndarray, h1: np.ndarray) -> tuple[float, float]:
     """(AUC, tie bound) from per-class histograms over the same ordered bins (controls h0, cases h1).
 
-    Counts below 0 (DP noise) are taken as 0. AUC = Σ_b h1[b] (Σ_{b'<b} h0[b'] + ½ h0[b]) / (n1 n0).
+    Counts below 0 (DP noise) are taken as 0, which keeps the AUC in [0, 1] but, where noise
+    dominates (many near-empty cells), adds mass to empty bins and pulls the AUC towards ½. AUC = Σ_b h1[b] (Σ_{b'<b} h0[b'] + ½ h0[b]) / (n1 n0).
     """
     h0 = np.clip(np.asarray(h0, dtype=np.float64), 0, None)
     h1 = np.clip(np.asarray(h1, dtype=np.float64), 0, None)
