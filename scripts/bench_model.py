@@ -5,7 +5,9 @@ age and sex), writes two training sites and an external cohort, trains the study
 FedAvg for each ε per site (DP-SGD with Opacus; ∞ = plain SGD at sites that allow it), scores
 the external cohort with the same code as ``fedgen score``, and prints the AUC next to a pooled
 non-private scikit-learn logistic regression on the same features and training people, plus
-training time and bytes per round per site.
+training time and bytes per round per site. Beside it, the federated AUC on the sites' held-out
+people (``study.model.holdout``; from the summed histograms, ± the SE of the DP noise, and the
+tie bound of the binning), per round: under DP it costs ``eval_share`` of each site's ε.
 
 Run: ``python scripts/bench_model.py [--sites 1400,2000] [--external 1500] [--eps 1,3,8,inf]``
 """
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=400)
     ap.add_argument("--eps", default="1,3,8,inf")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--holdout", type=float, default=0.2)
+    ap.add_argument("--eval-share", type=float, default=0.1)
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -64,20 +68,23 @@ def main() -> None:
     y_ext = ext.sample_values("CC")
 
     print(f"training sites {sizes}, external cohort {args.external}, {len(feats)} variants + age, sex; "
-          f"{args.rounds} FedAvg rounds")
-    print(f"{'epsilon/site':>12} {'AUC fedgen':>11} {'AUC pooled sklearn':>19} {'gap':>7} {'train s':>8} {'bytes/round/site':>17}")
+          f"{args.rounds} FedAvg rounds; {100 * args.holdout:.0f}% of each site held out for the federated evaluation")
+    print(f"{'epsilon/site':>12} {'AUC fedgen':>11} {'AUC pooled sklearn':>19} {'gap':>7} {'train s':>8} {'bytes/round/site':>17}"
+          f" {'held-out AUC (last round) ± SE':>31} {'tie bound':>9}")
+    curves = {}
     pooled_auc = None
     for eps_text in args.eps.split(","):
         eps = math.inf if eps_text.strip() in ("inf", "∞") else float(eps_text)
         run = tmp / f"eps-{eps_text}"
         nodes = {s: {**files[s], "state_dir": str(run / s), "policy":
-                     '{"extra_analyses": ["model_update"], "min_count": 5}'} for s in files if s != "external"}
-        plan = {"name": "bench", "output_dir": str(run / "out"), "sites": list(nodes), "federation": "inprocess",
+                     '{"extra_analyses": ["model_update", "model_eval_exact"], "min_count": 5}'} for s in files if s != "external"}
+        plan = {"name": "bench", "study_id": "bench-model", "output_dir": str(run / "out"), "sites": list(nodes), "federation": "inprocess",
                 "analyses": ["freq", "missing", "hardy", "model"], "phenotypes": [], "covariates": [],
                 "qc": {"maf": None, "geno": None, "hwe": None}, "block_size": 65536, "missing": "impute",
                 "model": model_settings({"phenotype": "CC", "covariates": ["age", "sex"], "variants": str(tmp / "features.txt"),
                                          "rounds": args.rounds, "dp": math.isfinite(eps),
-                                         "epsilon": eps if math.isfinite(eps) else 1.0, "lr": 0.5, "batch": 256})}
+                                         "epsilon": eps if math.isfinite(eps) else 1.0, "lr": 0.5, "batch": 256,
+                                         "holdout": args.holdout, "eval_share": args.eval_share})}
         t0 = time.perf_counter()
         m = run_plan(plan, InProcessTransport(nodes))
         secs = time.perf_counter() - t0
@@ -88,13 +95,23 @@ def main() -> None:
         if pooled_auc is None:
             pooled_auc = _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score)
         per_round = int(np.mean([len(model["weights"]) * 8 for _ in nodes]))
-        print(f"{eps_text:>12} {auc:>11.4f} {pooled_auc:>19.4f} {auc - pooled_auc:>+7.4f} {secs:>8.1f} {per_round:>17d}")
+        curve = model["training"]["curve"]
+        curves[eps_text] = curve
+        last = curve[-1]
+        fed = f"{last['auc']:.4f} ± {last['auc_se']:.4f}" if "auc" in last else "not evaluated"
+        tie = f"{last['auc_tie_bound']:.4f}" if "auc" in last else ""
+        print(f"{eps_text:>12} {auc:>11.4f} {pooled_auc:>19.4f} {auc - pooled_auc:>+7.4f} {secs:>8.1f} {per_round:>17d}"
+              f" {fed:>31} {tie:>9}")
+    print("\nper-round federated AUC on the held-out people (± SE of the DP noise; exact where ε = inf):")
+    for eps_text, curve in curves.items():
+        print(f"{eps_text:>12}: " + "  ".join(f"r{c['round']} {c['auc']:.3f}±{c['auc_se']:.3f}" for c in curve if "auc" in c))
     print(f"(data and results in {tmp})", file=sys.stderr)
 
 
 def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score) -> float:
     """Pooled non-private scikit-learn model on the same features (same standardisation), same people."""
     from fedgen.cohort.cohort import load_cohort
+    from fedgen.learn.evaluate import holdout_mask
     from fedgen.learn.score import feature_matrix
 
     X, y = [], []
@@ -104,7 +121,9 @@ def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_s
         c = load_cohort({**files[s], "state_dir": str(Path(files[s]["vcf"]).parent / "pooled-state")})
         Xs, keep, _ = feature_matrix(model, c)
         ys = c.sample_values("CC")
-        ok = keep & np.isfinite(ys)
+        ids = [c.vcf_samples[j] for j in c.sample_cols.tolist()]
+        held = holdout_mask(ids, "bench-model", float(model["training"].get("holdout") or 0.0))
+        ok = keep & np.isfinite(ys) & ~held  # the people fedgen trained on
         X.append(Xs[ok])
         y.append(ys[ok])
     clf = LogisticRegression(C=1e6, max_iter=5000).fit(np.vstack(X), np.concatenate(y))

@@ -48,12 +48,16 @@ class Results:
     pca_variants: pd.DataFrame | None = None
 
     def model_curve(self) -> pd.DataFrame:
-        """Per FedAvg round of the risk model: the weights' norm and the bytes each site sent."""
+        """Per FedAvg round of the risk model: the weights' norm, the bytes each site sent and the
+        evaluation on the sites' held-out people (``auc``, ``auc_se`` (noise SE), ``auc_tie_bound``,
+        or ``r2``, ``r2_se``; ``n_eval``), where the study evaluated."""
         if not self.model:
             return pd.DataFrame()
         rows = []
         for r in self.model.get("training", {}).get("curve", []):
-            rows.append({"round": r["round"], "weight_norm": r["weight_norm"], **{f"bytes_{s}": b for s, b in r["bytes"].items()}})
+            ev = {k: r[k] for k in ("auc", "auc_se", "auc_tie_bound", "r2", "r2_se", "n_eval") if k in r}
+            rows.append({"round": r["round"], "weight_norm": r["weight_norm"], **ev,
+                         **{f"bytes_{s}": b for s, b in r["bytes"].items()}})
         return pd.DataFrame(rows).set_index("round") if rows else pd.DataFrame()
 
     def model_weights(self) -> pd.DataFrame:

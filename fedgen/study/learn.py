@@ -19,7 +19,7 @@ import numpy as np
 
 from fedgen.errors import ConfigError, FedgenError
 from fedgen.federation.transport import Request
-from fedgen.learn import models
+from fedgen.learn import evaluate, models
 from fedgen.learn.train import steps_per_epoch
 from fedgen.stats.qc import variant_alt_freq
 from fedgen.study.writers import atomic_write_text
@@ -41,7 +41,15 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "dp": True,
     "epsilon": 3.0,
     "seed": 1,
+    # evaluation on each site's held-out people, after every round (issue 15 §3)
+    "holdout": 0.2,
+    "eval_share": 0.1,
+    "eval_bins": None,  # None: 20 under DP (fewer noisy cells), 200 for exact evaluation
+    "eval_range": None,  # quantitative trait: [lo, hi] y and ŷ are clipped to (None: pooled mean ± 4 SD)
 }
+
+#: bins of the held-out histograms when study.model.eval_bins is not set
+DP_BINS, EXACT_BINS = 20, 200
 
 
 def model_settings(m: Any) -> dict[str, Any]:
@@ -64,6 +72,21 @@ def model_settings(m: Any) -> dict[str, Any]:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(float(v)) and float(v) > 0):
             raise ConfigError(f"study.model.{key} must be a positive number, got {v!r}")
+    h = cfg["holdout"]
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not (float(h) == 0 or 0.01 <= float(h) <= 0.9):
+        raise ConfigError(f"study.model.holdout must be 0 (no evaluation) or a fraction in [0.01, 0.9], got {h!r}")
+    e = cfg["eval_share"]
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < float(e) < 1:
+        raise ConfigError(f"study.model.eval_share must be a fraction in (0, 1), got {e!r}")
+    b = cfg["eval_bins"]
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 1000):
+        raise ConfigError(f"study.model.eval_bins must be a whole number in [2, 1000], got {b!r}")
+    r = cfg["eval_range"]
+    if r is not None:
+        r = list(r)
+        if len(r) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) or not r[0] < r[1]:
+            raise ConfigError(f"study.model.eval_range must be [lo, hi] with lo < hi, got {cfg['eval_range']!r}")
+        cfg["eval_range"] = [float(r[0]), float(r[1])]
     if not isinstance(cfg["variants"], str) or not cfg["variants"]:
         raise ConfigError("study.model.variants must be 'top:N' or a variant-list file")
     cfg["covariates"] = [str(c) for c in cfg["covariates"] or []]
@@ -158,10 +181,17 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
     steps = {s: cfg["local_epochs"] * steps_per_epoch(q[s]) for s in sizes}
     delta = {s: float((r.meta.get("policy") or {}).get("delta", 1e-6)) for s, r in info.items()}
     train: dict[str, Any] = {"epochs": cfg["local_epochs"], "sample_rate": q, "lr": float(cfg["lr"])}
+    params = {"phenotype": cfg["phenotype"], "kind": kind, "covariates": covs, "missing": "impute",
+              "model": {"kind": cfg["kind"], "hidden": int(cfg["hidden"])}, "holdout": float(cfg["holdout"])}
+    ev = _evaluation_plan(ctx, cfg, kind, delta, info)
     if cfg["dp"]:
-        z = {s: noise_multiplier_for(float(cfg["epsilon"]), delta[s], sample_rate=q[s], steps=steps[s] * cfg["rounds"])
-             for s in sizes}
+        extra = [] if ev["analysis"] != "dp_model_eval" else [
+            {"type": "gaussian", "sigma": ev["sigma"], "l2": 1.0, "count": cfg["rounds"]}]
+        z = {s: noise_multiplier_for(float(cfg["epsilon"]), delta[s], sample_rate=q[s], steps=steps[s] * cfg["rounds"],
+                                     extra=extra) for s in sizes}
         train.update(clip=float(cfg["clip"]), noise_multiplier=z)
+        if extra:
+            train["eval_sigma"] = ev["sigma"]  # the sites check the evaluation releases against their budget too
         analysis = "dp_model_update"
     else:
         refusing = ctx.sites_not_allowing("model_update")
@@ -169,23 +199,40 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
             raise ConfigError(f"study.model.dp = false needs sites that allow non-private model updates; the policy of "
                               f"site(s) {', '.join(refusing)} does not (extra_analyses = [\"model_update\"])")
         analysis = "model_update"
-    params = {"phenotype": cfg["phenotype"], "kind": kind, "covariates": covs, "missing": "impute",
-              "model": {"kind": cfg["kind"], "hidden": int(cfg["hidden"])}}
     weights = models.initial_weights(cfg["kind"], n_features, hidden=int(cfg["hidden"]), seed=int(cfg["seed"]))
     per_site = {s: {"idx": aln.idx[s][rows], "flip": (aln.flip[s][rows] ^ flip).astype(np.uint8)} for s in aln.idx}
     curve: list[dict[str, Any]] = []
     spent: dict[str, float] = {}
     n_site: dict[str, int] = {}
-    log.info("model: %s on %d features (%d variants, %d covariate columns), %d rounds, %s", cfg["kind"], n_features,
-             len(rows), n_cov, cfg["rounds"], "DP-SGD" if cfg["dp"] else "no DP")
+    log.info("model: %s on %d features (%d variants, %d covariate columns), %d rounds, %s; evaluation: %s", cfg["kind"],
+             n_features, len(rows), n_cov, cfg["rounds"], "DP-SGD" if cfg["dp"] else "no DP", ev["analysis"] or ev["note"])
     from fedgen.progress import Progress
+
+    def eval_request(w: np.ndarray) -> Request:
+        p = {k: v for k, v in params.items()}
+        if kind == "binary":
+            lo, hi = evaluate.window(w, cfg["kind"], n_features)
+            p["bins"] = {"lo": lo, "hi": hi, "n": ev["bins"]}
+        elif ev["range"] is not None:
+            p["range"] = ev["range"]
+        if ev["analysis"] == "dp_model_eval":
+            p["sigma"] = ev["sigma"]
+        return Request(ev["analysis"], params=p, arrays={"freq": freq, "weights": w}, per_site_arrays=per_site)
+
+    def record(entry: dict[str, Any], replies: dict[str, Any]) -> None:
+        entry.update(_evaluate(kind, replies, ev))
+        entry["eval_bytes"] = {s: int(rep.nbytes) for s, rep in replies.items()}
 
     progress = Progress("model training", cfg["rounds"], unit="rounds", every=0.0)
     for r in range(cfg["rounds"]):
         req = Request(analysis, params={**params, "train": {**train, "remaining_rounds": cfg["rounds"] - r}},
                       arrays={"freq": freq, "weights": weights}, per_site_arrays=per_site)
+        batch = [req] + ([eval_request(weights)] if r > 0 and ev["analysis"] else [])
         with ctx.timed(f"model_round_{r + 1}"):
-            replies = ctx.query(req)
+            answered = ctx.query_many(batch)  # the previous round's evaluation travels with this round's training
+        replies = answered[0]
+        if len(answered) > 1:
+            record(curve[-1], answered[1])
         n_site = {s: int(rep.meta["n"]) for s, rep in replies.items()}
         total = sum(n_site.values())
         if total <= 0:
@@ -198,6 +245,14 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
         curve.append({"round": r + 1, "weight_norm": float(np.linalg.norm(weights)),
                       "bytes": {s: int(rep.nbytes) for s, rep in replies.items()}})
         progress.update(r + 1)
+    if ev["analysis"]:  # the last round's model: one more message round
+        with ctx.timed("model_eval_final"):
+            last = ctx.query(eval_request(weights))
+        record(curve[-1], last)
+        for s, rep in last.items():
+            pv = rep.meta.get("privacy") or {}
+            if "site_epsilon_spent" in pv:
+                spent[s] = float(pv["site_epsilon_spent"])
     features = [{"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]), "ref": str(aln.ref[i]),
                  "alt": str(aln.alt[i]), "scored_allele": str(aln.ref[i] if fl else aln.alt[i]), "freq": float(fr)}
                 for i, fl, fr in zip(rows.tolist(), flip.tolist(), freq.tolist())]
@@ -212,14 +267,82 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
                 "dp": cfg["dp"], "sites": n_site, "sample_rate": q, "steps_per_round": steps,
                 "clip": cfg["clip"] if cfg["dp"] else None, "noise_multiplier": train.get("noise_multiplier"),
                 "epsilon_target": cfg["epsilon"] if cfg["dp"] else None, "delta": delta if cfg["dp"] else None,
-                "site_epsilon_spent": spent, "curve": curve}
+                "site_epsilon_spent": spent, "curve": curve,
+                "holdout": float(cfg["holdout"]), "evaluation": dict(ev)}
     model["training"] = training
     folder = stage / "model"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "model.json", json.dumps(model, indent=1))
     atomic_write_text(folder / "card.md", model_card(model))
+    per_round = [{k: c[k] for k in c if k in EVAL_KEYS or k == "round"} for c in curve]
     return {"files": ["model/model.json", "model/card.md"], "summary": {k: v for k, v in training.items() if k != "curve"}
-            | {"features": len(features), "covariate_columns": cov_columns, "features_chosen": how}}
+            | {"features": len(features), "covariate_columns": cov_columns, "features_chosen": how,
+               "evaluation_per_round": per_round if ev["analysis"] else []}}
+
+
+#: the evaluation figures a training-curve entry may carry
+EVAL_KEYS = ("auc", "auc_se", "auc_tie_bound", "r2", "r2_se", "n_eval")
+
+
+def _evaluation_plan(ctx: Any, cfg: dict[str, Any], kind: str, delta: dict[str, float], info: dict[str, Any]) -> dict[str, Any]:
+    """How the held-out people are evaluated: the analysis, its noise, bins or range (or why not at all)."""
+    from fedgen.privacy.accounting import rho_for_epsilon
+
+    ev: dict[str, Any] = {"analysis": None, "note": "", "sigma": None, "bins": None, "range": cfg["eval_range"],
+                          "epsilon": None, "holdout": float(cfg["holdout"])}
+    if float(cfg["holdout"]) == 0:
+        ev["note"] = "no held-out split (study.model.holdout = 0)"
+        return ev
+    if cfg["dp"]:
+        # a share of each site's ε: `rounds` releases of unit L2 sensitivity compose (zCDP/RDP) to
+        # eval_share × ε at the smallest δ of the sites; DP-SGD gets the rest (noise_multiplier_for)
+        eps_eval = float(cfg["eval_share"]) * float(cfg["epsilon"])
+        rho = rho_for_epsilon(eps_eval, min(delta.values())) / cfg["rounds"]
+        ev.update(analysis="dp_model_eval", sigma=1.0 / math.sqrt(2.0 * rho), epsilon=eps_eval,
+                  bins=int(cfg["eval_bins"] or DP_BINS))
+    else:
+        refusing = ctx.sites_not_allowing("model_eval_exact")
+        if refusing:
+            ev["note"] = (f"skipped: exact evaluation of a non-private model needs sites that opt in (extra_analyses = "
+                          f"[\"model_eval_exact\"]); {', '.join(refusing)} did not")
+            log.warning("model: evaluation %s", ev["note"])
+            return ev
+        ev.update(analysis="model_eval_exact", bins=int(cfg["eval_bins"] or EXACT_BINS))
+    if kind != "binary":
+        ev["bins"] = None
+        if ev["range"] is None and cfg["dp"]:
+            ev["range"] = _phenotype_range(ctx, cfg["phenotype"])
+    return ev
+
+
+def _phenotype_range(ctx: Any, phenotype: str) -> list[float]:
+    """Pooled mean ± 4 SD of a quantitative phenotype (the clipping range of the DP R² sums)."""
+    from fedgen.study.engine import sum_replies
+
+    mom = sum_replies(ctx.query(Request("covar_moments", params={"names": [phenotype]})))["moments"][0]
+    sx, sxx, n = (float(x) for x in mom)
+    mean = sx / max(n, 1.0)
+    sd = math.sqrt(max((sxx - n * mean * mean) / max(n - 1, 1.0), 1e-12))
+    return [mean - 4 * sd, mean + 4 * sd]
+
+
+def _evaluate(kind: str, replies: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+    """Pooled AUC (summed histograms) or R² (summed sums) of one evaluation round, with the noise SE."""
+    from fedgen.learn import evaluate as E
+
+    if kind == "binary":
+        hist = sum(np.asarray(rep.arrays["hist"], dtype=np.float64) for rep in replies.values())
+        auc, tie = E.histogram_auc(hist[0], hist[1])
+        sigmas = [float(rep.meta.get("sigma") or 0.0) for rep in replies.values()]
+        se = E.histogram_auc_se(hist[0], hist[1], sum(x * x for x in sigmas))
+        return {"auc": auc, "auc_se": se, "auc_tie_bound": tie, "n_eval": float(np.clip(hist, 0, None).sum())}
+    sums = sum(np.asarray(rep.arrays["sums"], dtype=np.float64) for rep in replies.values())
+    var = [0.0] * 4
+    for rep in replies.values():
+        for k, sd in enumerate(rep.meta.get("noise_sd") or [0.0] * 4):
+            var[k] += float(sd) ** 2
+    srr, sy, syy, n = (float(x) for x in sums)
+    return {"r2": E.pooled_r2(srr, sy, syy, n), "r2_se": E.pooled_r2_se(srr, sy, syy, n, tuple(var)), "n_eval": n}
 
 
 def model_card(model: dict[str, Any]) -> str:
@@ -249,8 +372,41 @@ def model_card(model: dict[str, Any]) -> str:
         "", "## Intended use",
         "Risk stratification research at the contributing hospitals: a site scores its own patients with "
         "`fedgen score`. Not validated for clinical decisions; check calibration on each population before use.",
-        "", "## Evaluation",
-        "Each site evaluates the model on its own patients (`fedgen score`, then AUC / R² locally); no "
-        "per-person prediction leaves a site.", "",
+        "", "## Evaluation", *evaluation_lines(t), "",
+        "A site can also evaluate the model on its own patients (`fedgen score --phenotype`); no per-person "
+        "prediction leaves a site.", "",
     ]
     return "\n".join(lines)
+
+
+def evaluation_lines(t: dict[str, Any]) -> list[str]:
+    """The card's per-round evaluation on the sites' held-out people."""
+    ev = t.get("evaluation") or {}
+    if not ev.get("analysis"):
+        return [f"No federated evaluation: {ev.get('note') or 'not run'}."]
+    binary = any("auc" in c for c in t["curve"])
+    what = "AUC" if binary else "R²"
+    out = [f"Each site held out {100 * ev['holdout']:.0f}% of its people (keyed hash of sample ID and study id; never "
+           "trained on) and, after every round, scored them with the current weights."]
+    if binary:
+        out.append(f"It sent per-class histograms of the logit ({ev['bins']} equal bins on a window set from the weights); "
+                   "the AUC is computed from the histograms summed over sites, pairs within a bin counting one half. Its "
+                   "difference from the exact AUC of the pooled held-out people is at most the tie bound.")
+    else:
+        out.append("It sent Σ(y−ŷ)², Σy, Σy² and n" + (f" (y and ŷ clipped to [{ev['range'][0]:.4g}, {ev['range'][1]:.4g}])"
+                                                       if ev.get("range") else "") + "; R² is computed from their sums.")
+    if ev["analysis"] == "dp_model_eval":
+        out.append(f"Differentially private: discrete Gaussian noise σ = {ev['sigma']:.4g} per cell/sum at each site "
+                   f"(L2 sensitivity 1), ε = {ev['epsilon']:.3g} of each site's ε for all rounds together; the SE is the "
+                   "noise's.")
+    else:
+        out.append("Exact (sites that opted in to model_eval_exact); histogram bins with a class cell of 1..min_cell−1 "
+                   "people are merged.")
+    out += ["", f"| round | {what} | noise SE |" + (" tie bound |" if binary else "") + " people |",
+            "| --- | --- | --- |" + (" --- |" if binary else "") + " --- |"]
+    for c in t["curve"]:
+        if what == "AUC" and "auc" in c:
+            out.append(f"| {c['round']} | {c['auc']:.4f} | {c['auc_se']:.4f} | {c['auc_tie_bound']:.4f} | {c['n_eval']:.0f} |")
+        elif what == "R²" and "r2" in c:
+            out.append(f"| {c['round']} | {c['r2']:.4f} | {c['r2_se']:.4f} | {c['n_eval']:.0f} |")
+    return out
