@@ -123,7 +123,7 @@ def write_vcf(
     swap_rows: np.ndarray | None = None,
     shuffle_samples: int | None = None,
     compress: str = "bgzip",
-    with_multiallelic: bool = True,
+    with_multiallelic: bool = False,
     contig_lengths: dict[str, int] | None = None,
     seed: int = 0,
 ) -> list[str]:
@@ -131,6 +131,9 @@ def write_vcf(
 
     ``fmt`` is ``"GT"`` or ``"GT:AD:DP:GQ:PL"``; ``compress`` is ``"bgzip"``, ``"gzip"``, ``"none"``
     or ``"bcf"``. ``swap_rows`` lists variants written with REF and ALT exchanged.
+    ``with_multiallelic`` adds a tri-allelic record after each of ``data.multiallelic`` with random
+    calls drawn per file (not part of the pooled truth: sites split them into two variants each,
+    which then differ from any pooled reference; off by default).
     """
     rng = np.random.default_rng(seed)
     cols = np.arange(len(data.samples)) if cols is None else np.asarray(cols)

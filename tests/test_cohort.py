@@ -70,15 +70,15 @@ def test_general_path_for_odd_records(tmp_path):
         "1\t10\ta\tA\tG\t.\t.\t.\tDP:GT\t3:0/1\t4:1|1\t2:.\n"  # GT not first
         "1\t20\tb\tA\tG\t.\t.\t.\tGT:DP\t00/1:3\t1:4\t./.:2\n"  # zero-padded allele -> general path
         "1\t30\tc\tA\tG\t.\t.\t.\tDP\t3\t4\t5\n"  # no GT at all: missing
-        "1\t40\td\tA\tG,T\t.\t.\t.\tGT\t0/2\t1/1\t0/0\n"  # multi-allelic: skipped
+        "1\t40\td\tA\tG,T\t.\t.\t.\tGT\t0/2\t1/1\t0/0\n"  # multi-allelic: split into A>G and A>T
         "1\t50\te\tA\tG\t.\t.\t.\tGT\t1\t0/.\t.\n"  # haploid, half call, haploid missing
     )
     p = tmp_path / "odd.vcf"
     p.write_text(text)
     header, blocks, stats = read_vcf(p)
     d = np.concatenate([b.dosage for b in blocks])
-    np.testing.assert_array_equal(d, [[1, 2, -1], [1, 2, -1], [-1, -1, -1], [2, -1, -1]])
-    assert stats.multiallelic == 1
+    np.testing.assert_array_equal(d, [[1, 2, -1], [1, 2, -1], [-1, -1, -1], [0, 2, 0], [1, 0, 0], [2, -1, -1]])
+    assert stats.multiallelic == 1 and stats.split_variants == 2
     assert stats.general_path >= 2
 
 

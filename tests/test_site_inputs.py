@@ -22,13 +22,15 @@ def write_pgen(cohort, prefix: Path, *, extra_multiallelic: bool = False) -> Non
     g = np.asarray(cohort.dosage, dtype=np.int8)
     rows = list(zip(cohort.chrom.tolist(), cohort.pos.tolist(), cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist()))
     n_var = len(rows) + (1 if extra_multiallelic else 0)
-    w = pgenlib.PgenWriter(str(prefix.with_suffix(".pgen")).encode(), len(cohort.vcf_samples), n_var, False)
+    w = pgenlib.PgenWriter(str(prefix.with_suffix(".pgen")).encode(), len(cohort.vcf_samples), n_var, False,
+                           allele_ct_limit=3 if extra_multiallelic else 2)
     lines = [f"##contig=<ID={c},length={n}>" for c, n in cohort.contigs.items() if n] + ["#CHROM\tPOS\tID\tREF\tALT"]
     for k, (c, p, i, r, a) in enumerate(rows):
         w.append_biallelic(np.where(g[k] < 0, -9, g[k]).astype(np.int8))
         lines.append(f"{c}\t{p}\t{i}\t{r}\t{a}")
-        if extra_multiallelic and k == 3:  # a multi-allelic record in the middle: skipped and counted
-            w.append_biallelic(np.zeros(g.shape[1], dtype=np.int8))
+        if extra_multiallelic and k == 3:  # a multi-allelic record in the middle: split (at this site only)
+            codes = np.tile(np.array([0, 1, 1, 2, 2, 2, 0, 0], dtype=np.int32), -(-2 * g.shape[1] // 8))[: 2 * g.shape[1]]
+            w.append_alleles(np.ascontiguousarray(codes), allele_ct=3)
             lines.append(f"{c}\t{p + 1}\tmulti\tA\tC,G")
     w.close()
     prefix.with_suffix(".pvar").write_text("\n".join(lines) + "\n")
@@ -70,9 +72,15 @@ def test_pgen_and_bed_sites_give_the_vcf_results(tmp_path):
         mixed[site] = nc2
         if k < 2:
             c2 = load_cohort(nc2)
-            np.testing.assert_array_equal(np.asarray(c2.dosage), np.asarray(cohort.dosage))
-            assert c2.vcf_samples == cohort.vcf_samples and c2.ids.tolist() == cohort.ids.tolist()
-    assert load_cohort(mixed[list(mixed)[0]]).counts["multiallelic_skipped"] == 1
+            rest = np.flatnonzero(c2.ids != "multi")  # the pgen's extra (split) record aside
+            np.testing.assert_array_equal(np.asarray(c2.dosage)[rest], np.asarray(cohort.dosage))
+            assert c2.vcf_samples == cohort.vcf_samples and c2.ids[rest].tolist() == cohort.ids.tolist()
+    c0 = load_cohort(mixed[list(mixed)[0]])
+    assert c0.counts["multiallelic_split"] == 1 and c0.counts["split_variants"] == 2
+    j = c0.ids.tolist().index("multi")
+    assert c0.alt[j : j + 2].tolist() == ["C", "G"] and c0.ids[j + 1] == "multi"
+    # calls 0/1, 1/2, 2/2, 0/0 repeating: copies of C, then of G
+    np.testing.assert_array_equal(np.asarray(c0.dosage[j : j + 2, :4]), [[1, 1, 0, 0], [0, 1, 2, 0]])
     run_plan(qc_plan(tmp_path / "mixed", list(mixed)), InProcessTransport(mixed))
     for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "variants.tsv"):
         assert (tmp_path / "mixed" / name).read_text() == (tmp_path / "vcf" / name).read_text(), name

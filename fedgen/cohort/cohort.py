@@ -27,7 +27,7 @@ from fedgen.errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: unusable (polyploid) calls counted
+CACHE_VERSION = 3  # 2: unusable (polyploid) calls counted; 3: multi-allelic records split (bcftools norm -m-any)
 
 
 @dataclass
@@ -278,7 +278,8 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
         "n_variants": n_var,
         "stats": {
             "records": stats.records,
-            "multiallelic_skipped": stats.multiallelic,
+            "multiallelic_split": stats.multiallelic,  # records split (was multiallelic_skipped: records skipped)
+            "split_variants": stats.split_variants,  # the biallelic variants they gave
             "general_path_records": stats.general_path,
             "records_without_gt": stats.no_gt,
             "unusable_calls": int(stats.extra.get("unusable_calls", 0)),
@@ -287,8 +288,8 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
     }
     (out / "meta.json").write_text(json.dumps(meta))
     log.info(
-        "%s: cached %d variants x %d samples in %.1f s (%d multi-allelic records skipped)",
-        vcf.name, n_var, n, meta["seconds"], stats.multiallelic,
+        "%s: cached %d variants x %d samples in %.1f s (%d multi-allelic records split into %d variants)",
+        vcf.name, n_var, n, meta["seconds"], stats.multiallelic, stats.split_variants,
     )
 
 

@@ -6,8 +6,12 @@ feeds the same genotype cache, harmonisation and analyses; the same data gives t
 results from VCF, BCF, pgen or bed.
 
 Conventions: hard calls counted as ALT dosage (``-1`` = missing). In a ``.bim`` the 5th column
-is ALT (PLINK's A1) and the 6th REF (A2), as PLINK 2 reads it. Variants with more than one ALT
-(``.pvar`` ``A,C``) are skipped and counted, as VCF multi-allelic records are. Samples are
+is ALT (PLINK's A1) and the 6th REF (A2), as PLINK 2 reads it. A ``.pgen`` variant with more
+than one ALT (``.pvar`` ``C,G``) is split into one biallelic variant per ALT, as VCF multi-allelic
+records are (``bcftools norm -m-any``): each counts the copies of its ALT (pgenlib reads the
+count of one allele index), the other ALTs count as REF; the allele counts are taken from the
+``.pvar``, as PLINK 2 does. A ``.bim`` allele with a comma is refused (PLINK 1 filesets are
+biallelic). Samples are
 named by IID (``.psam``: the ``IID`` column; ``.fam``: the 2nd column). ``.pvar`` contig
 lengths (``##contig=<ID=…,length=…>``) are kept for the genome-build check.
 """
@@ -106,8 +110,21 @@ def read_fileset(prefix: str | Path, kind: str) -> tuple[VcfHeader, Iterator[Rec
     samples = _samples(sam_path, kind)
     contigs, variants = _variants(var_path, kind)
     stats = ParseStats()
+    offsets = None  # allele counts from the .pvar (as PLINK 2 passes them), needed for multi-allelic variants
+    if kind == "bed":
+        bad = next((k for k, v in enumerate(variants) if "," in v[3] or "," in v[4]), None)
+        if bad is not None:
+            raise InputError(f"{var_path}: variant {bad + 1} ({variants[bad][2]}) has a comma in an allele; a PLINK 1 "
+                             "fileset is biallelic (write multi-allelic variants as a .pgen or VCF)")
+    elif any("," in v[4] for v in variants):
+        offsets = np.zeros(len(variants) + 1, dtype=np.uintp)
+        offsets[1:] = np.cumsum([1 + len(v[4].split(",")) for v in variants])
     try:
-        reader = pgenlib.PgenReader(str(geno).encode(), raw_sample_ct=len(samples))
+        if offsets is None:
+            reader = pgenlib.PgenReader(str(geno).encode(), raw_sample_ct=len(samples))
+        else:  # with the variant count, so pgenlib checks it against the file before taking the offsets
+            reader = pgenlib.PgenReader(str(geno).encode(), raw_sample_ct=len(samples), variant_ct=len(variants),
+                                        allele_idx_offsets=offsets)
     except Exception as exc:  # noqa: BLE001 - pgenlib raises plain RuntimeError on bad files
         raise InputError(f"{geno}: not a readable {kind} file ({exc})") from None
     n_var = reader.get_variant_ct()
@@ -122,19 +139,37 @@ def read_fileset(prefix: str | Path, kind: str) -> tuple[VcfHeader, Iterator[Rec
     def blocks() -> Iterator[RecordBlock]:
         try:
             buf = np.empty((BLOCK, len(samples)), dtype=np.int8)
+            one = np.empty(len(samples), dtype=np.int8)
             for s in range(0, n_var, BLOCK):
                 e = min(n_var, s + BLOCK)
                 part = variants[s:e]
                 stats.records += e - s
-                keep = np.array([("," not in v[4]) and v[4] not in (".", "*") for v in part], dtype=bool)
-                stats.multiallelic += int((~keep).sum())
+                keep = np.array([v[4] not in (".", "*") for v in part], dtype=bool)
                 if not keep.any():
                     continue
                 out = buf[: e - s]
-                reader.read_range(s, e, out)
-                g = out[keep].copy()
+                reader.read_range(s, e, out)  # copies of ALT 1 (allele index 1)
+                nalt = [len(v[4].split(",")) if k else 0 for v, k in zip(part, keep.tolist())]
+                rows: list[tuple[str, int, str, str, str]] = []
+                pieces: list[np.ndarray] = []
+                for j, (v, k) in enumerate(zip(part, nalt)):
+                    if k == 0:
+                        continue
+                    if k == 1:
+                        rows.append(v)
+                        pieces.append(out[j])
+                        continue
+                    stats.multiallelic += 1  # split: one variant per ALT, as bcftools norm -m-any
+                    stats.split_variants += k
+                    for a, alt in enumerate(v[4].split(","), start=1):
+                        rows.append((v[0], v[1], v[2], v[3], alt))
+                        if a == 1:
+                            pieces.append(out[j])
+                        else:
+                            reader.read(s + j, one, a)  # copies of ALT a; the other alleles count as REF
+                            pieces.append(one.copy())
+                g = np.stack(pieces) if len(pieces) != e - s else out.copy()
                 g[g < 0] = -1  # pgenlib: -9 = missing
-                rows = [v for v, k in zip(part, keep.tolist()) if k]
                 yield RecordBlock(
                     chrom=[r[0] for r in rows], pos=np.array([r[1] for r in rows], dtype=np.int64),
                     ids=[r[2] for r in rows], ref=[r[3] for r in rows], alt=[r[4] for r in rows], dosage=g,

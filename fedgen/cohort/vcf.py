@@ -11,8 +11,14 @@ Two paths share one output format (int8 ALT dosage per call: 0, 1, 2, or -1 = mi
 
 Genotype semantics follow PLINK 2's VCF import (plink-ng ``plink2_import.cc``: ``VcfToPgen``): phased ``|`` and
 unphased ``/`` are the same; a half-call (``./1``) is missing; a haploid call on an autosome
-(``1``) counts as a homozygote (2 ALT alleles). Multi-allelic records are skipped and counted
-(never mis-coded as biallelic).
+(``1``) counts as a homozygote (2 ALT alleles).
+
+Multi-allelic records are split into biallelic ones exactly as ``bcftools norm -m-any`` does
+(without ``-f``: no left-alignment or trimming): a record with ALT ``C,G`` becomes two variants
+at the same CHROM/POS/ID, REF>C and REF>G; in each, a call counts the copies of that ALT and
+every other ALT allele counts as REF (``1/2`` gives ``0/1`` and ``0/1``, ``2/2`` gives ``0/0`` and
+``1/1``), a missing allele stays missing (so a half-call stays a half-call, i.e. missing), and
+phase and ploidy are kept. Split records are counted in :class:`ParseStats`.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ class VcfHeader:
 
 @dataclass
 class RecordBlock:
-    """Parsed biallelic records of one chunk.
+    """Parsed biallelic records of one chunk (a multi-allelic record gives one per ALT allele).
 
     ``dosage`` has shape (records, samples), int8, -1 = missing.
     """
@@ -64,10 +70,12 @@ class RecordBlock:
 
 @dataclass
 class ParseStats:
-    """Counts of records the reader did not turn into biallelic variants."""
+    """Counts of what the reader met: ``records`` read, ``multiallelic`` records split into
+    ``split_variants`` biallelic variants, records that took the general path or have no GT."""
 
     records: int = 0
     multiallelic: int = 0
+    split_variants: int = 0
     general_path: int = 0
     no_gt: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -274,11 +282,25 @@ def _split_meta(body: str) -> Iterator[tuple[str, str]]:
 
 
 _FIXED_RE = re.compile(rb"([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t([^\t\n]*)\t[^\t\n]*\t[^\t\n]*\t[^\t\n]*\t([^\t\n]*)\t")
-# allele character -> value: '0' -> 0, '1' -> 1, '.' -> very negative (missing), other -> invalid (> 2)
-_ALLELE = np.full(256, 64, dtype=np.int16)
-_ALLELE[ord("0")] = 0
-_ALLELE[ord("1")] = 1
-_ALLELE[_DOT] = -256
+# allele character -> allele index: '0'..'9' -> 0..9, '.' -> -1 (missing), other -> 99 (invalid)
+_IDX = np.full(256, 99, dtype=np.int16)
+_IDX[ord("0") : ord("9") + 1] = np.arange(10)
+_IDX[_DOT] = -1
+
+
+def _expand(a0: np.ndarray, a1: np.ndarray, k: int) -> np.ndarray:
+    """ALT dosages (k, samples) int8 of a record with ``k`` ALT alleles from its calls' two allele
+    indices (-1 = missing; a haploid call passes its allele twice, a homozygote as PLINK counts
+    it): row ``j`` counts copies of ALT ``j + 1``, the other ALTs count as REF (``bcftools norm
+    -m-any``); a call with a missing allele is missing in every row."""
+    miss = (a0 < 0) | (a1 < 0)
+    out = np.empty((k,) + a0.shape, dtype=np.int8)
+    for j in range(1, k + 1):
+        d = (a0 == j).astype(np.int8)
+        d += a1 == j
+        d[miss] = -1
+        out[j - 1] = d
+    return out
 
 
 def parse_records(
@@ -296,8 +318,9 @@ def parse_records(
     Per record, a regex finds the fixed columns; genotype calls are decoded with numpy: all
     records whose calls are fixed-width (``0/1``, ``1|1``, ``./.``) are copied into one
     (records, samples, 4) byte array and decoded at once; other records are split on tabs
-    with numpy; anything unusual takes the per-record general path. Multi-allelic records
-    are counted in ``stats`` and dropped.
+    with numpy; anything unusual takes the per-record general path. A multi-allelic record
+    gives one output row per ALT allele (split as ``bcftools norm -m-any`` does), counted in
+    ``stats``.
     """
     n = n_samples
     chrom: list[str] = []
@@ -305,8 +328,8 @@ def parse_records(
     ids: list[str] = []
     ref: list[str] = []
     alt: list[str] = []
-    fixed_rows: list[tuple[int, int]] = []  # (output row, region start)
-    other_rows: list[tuple[int, int, int, bool]] = []  # (row, region start, region end, gt_first)
+    fixed_rows: list[tuple[int, int, int]] = []  # (first output row, region start, ALT count)
+    other_rows: list[tuple[int, int, int, bool, int]] = []  # (row, region start, region end, gt_first, ALT count)
     p = start
     end_all = len(chunk) if end is None else end
     line_no = first_line
@@ -330,71 +353,87 @@ def parse_records(
             )
         stats.records += 1
         a = m.group(5).decode()
-        if "," in a:
-            stats.multiallelic += 1
-            p = e + 1
-            line_no += 1
-            continue
         try:
             position = int(m.group(2))
         except ValueError:
             raise InputError(f"{path}: line {line_no}: POS {m.group(2)[:20]!r} is not an integer") from None
         row = len(pos)
-        chrom.append(m.group(1).decode())
-        pos.append(position)
-        ids.append(m.group(3).decode())
-        ref.append(m.group(4).decode())
-        alt.append(a)
+        if "," in a:  # split as bcftools norm -m-any: one record per ALT, same CHROM/POS/ID/REF
+            alts = a.split(",")
+            stats.multiallelic += 1
+            stats.split_variants += len(alts)
+        else:
+            alts = [a]
+        k = len(alts)
+        c, i, r = m.group(1).decode(), m.group(3).decode(), m.group(4).decode()
+        chrom.extend([c] * k)
+        pos.extend([position] * k)
+        ids.extend([i] * k)
+        ref.extend([r] * k)
+        alt.extend(alts)
         fmt = m.group(6)
         s0 = m.end()
         gt_first = fmt[:2] == b"GT" and (len(fmt) == 2 or fmt[2] == _COLON)
         if gt_first and le - s0 == width:
-            fixed_rows.append((row, s0))
+            fixed_rows.append((row, s0, k))
         else:
             if not gt_first and b"GT" not in fmt.split(b":"):
                 stats.no_gt += 1
-            other_rows.append((row, s0, le, gt_first))
+            other_rows.append((row, s0, le, gt_first, k))
         p = e + 1
         line_no += 1
     dosage = np.full((len(pos), n), -1, dtype=np.int8)
-    slow: list[tuple[int, int, int]] = []
+    slow: list[tuple[int, int, int, int]] = []
     if fixed_rows:
         buf = np.empty((len(fixed_rows), n, 4), dtype=np.uint8)
         flat = buf.reshape(len(fixed_rows), 4 * n)
         src = np.frombuffer(chunk, dtype=np.uint8)
-        for k, (_, s0) in enumerate(fixed_rows):
-            flat[k, :width] = src[s0 : s0 + width]
+        for j, (_, s0, _) in enumerate(fixed_rows):
+            flat[j, :width] = src[s0 : s0 + width]
         flat[:, width] = _TAB
         sep = buf[:, :, 1]
         ok = (buf[:, :, 3] == _TAB) & ((sep == _SLASH) | (sep == _PIPE))
-        d = _ALLELE[buf[:, :, 0]] + _ALLELE[buf[:, :, 2]]
-        ok &= d <= 2
+        a0 = _IDX[buf[:, :, 0]]
+        a1 = _IDX[buf[:, :, 2]]
+        rows = np.fromiter((r for r, _, _ in fixed_rows), dtype=np.int64, count=len(fixed_rows))
+        nalt = np.fromiter((k for _, _, k in fixed_rows), dtype=np.int16, count=len(fixed_rows))
+        ok &= (a0 <= nalt[:, None]) & (a1 <= nalt[:, None])
         row_ok = ok.all(axis=1)
-        rows = np.fromiter((r for r, _ in fixed_rows), dtype=np.int64, count=len(fixed_rows))
-        good = rows[row_ok]
-        dosage[good] = np.maximum(d[row_ok], -1).astype(np.int8)
-        for k in np.flatnonzero(~row_ok).tolist():
-            r, s0 = fixed_rows[k]
-            other_rows.append((r, s0, s0 + width, True))
-    for r, s0, s1, gt_first in other_rows:
-        got = _parse_split(chunk, s0, s1, n) if gt_first else None
+        miss = (a0 < 0) | (a1 < 0)
+        for j in range(1, int(nalt[row_ok].max(initial=0)) + 1):  # ALT j of every record that has it
+            sel = row_ok & (nalt >= j)
+            if sel.all():
+                d = (a0 == j).astype(np.int8)
+                d += a1 == j
+                d[miss] = -1
+            else:
+                d = (a0[sel] == j).astype(np.int8)
+                d += a1[sel] == j
+                d[miss[sel]] = -1
+            dosage[rows[sel] + (j - 1)] = d
+        for j in np.flatnonzero(~row_ok).tolist():
+            r, s0, k = fixed_rows[j]
+            other_rows.append((r, s0, s0 + width, True, k))
+    for r, s0, s1, gt_first, k in other_rows:
+        got = _parse_split(chunk, s0, s1, n, k) if gt_first else None
         if got is None:
-            slow.append((r, s0, s1))
+            slow.append((r, s0, s1, k))
         else:
-            dosage[r] = got
-    for r, s0, s1 in slow:
+            dosage[r : r + k] = got
+    for r, s0, s1, k in slow:
         stats.general_path += 1
         line_start = chunk.rfind(b"\n", 0, s0) + 1
         fmt_text = chunk[line_start:s0].split(b"\t")[8]
         line_no_r = first_line + chunk.count(b"\n", start, s0)
-        dosage[r] = _parse_general(fmt_text, chunk[s0:s1], n, path=path, line_no=line_no_r, stats=stats)
+        dosage[r : r + k] = _parse_general(fmt_text, chunk[s0:s1], n, k, path=path, line_no=line_no_r, stats=stats)
     blk = RecordBlock(chrom=chrom, pos=np.asarray(pos, dtype=np.int64), ids=ids, ref=ref, alt=alt, dosage=dosage)
     blk.lines = line_no - first_line
     return blk
 
 
-def _parse_split(chunk: bytes, s0: int, s1: int, n: int) -> np.ndarray | None:
-    """GT-first record with any field widths: split calls on tabs with numpy. None = unusual."""
+def _parse_split(chunk: bytes, s0: int, s1: int, n: int, k: int = 1) -> np.ndarray | None:
+    """GT-first record (``k`` ALT alleles) with any field widths: split calls on tabs with numpy;
+    (k, n) dosages, or None when a call is unusual (multi-digit allele, polyploid, ...)."""
     r = np.frombuffer(chunk, dtype=np.uint8, count=s1 - s0, offset=s0)
     tabs = np.flatnonzero(r == _TAB)
     if len(tabs) != n - 1:
@@ -410,29 +449,30 @@ def _parse_split(chunk: bytes, s0: int, s1: int, n: int) -> np.ndarray | None:
     c0, c1, c2, c3 = pad[S], pad[S + 1], pad[S + 2], pad[S + 3]
     dip = ((c1 == _SLASH) | (c1 == _PIPE)) & ((flen == 3) | (c3 == _COLON))
     hap = (flen == 1) | (c1 == _COLON)
-    v0 = _ALLELE[c0]
-    v2 = _ALLELE[c2]
-    d = np.where(dip, v0 + v2, 2 * v0)
-    ok = (dip & (v0 <= 1) & (v2 <= 1)) | (hap & (v0 <= 1))
+    v0 = _IDX[c0]
+    v2 = _IDX[c2]
+    ok = (dip & (v0 <= k) & (v2 <= k)) | (hap & (v0 <= k))
     if not ok.all():
         return None
-    return np.maximum(d, -1).astype(np.int8)
+    return _expand(v0, np.where(dip, v2, v0), k)  # a haploid call counts as a homozygote
 
 
 def _empty_block(n: int) -> RecordBlock:
     return RecordBlock([], np.empty(0, np.int64), [], [], [], np.empty((0, n), np.int8))
 
 
-def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, *, path: Path, line_no: int,
+def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, k: int = 1, *, path: Path, line_no: int,
                    stats: ParseStats | None = None) -> np.ndarray:
-    """Parse one biallelic record with any FORMAT layout (per-record path).
+    """Parse one record with ``k`` ALT alleles and any FORMAT layout (per-record path) into
+    (k, samples) dosages, split as :func:`_expand` does.
 
     A call fedgen cannot use (more than two alleles, e.g. ``1/1/1``) counts as missing and as an
     ``unusable_calls`` in ``stats``; it does not stop the read."""
     fmt = fmt_text.decode("utf-8", "replace").split(":")
-    out = np.full(n_samples, -1, dtype=np.int8)
+    a0 = np.full(n_samples, -1, dtype=np.int16)
+    a1 = np.full(n_samples, -1, dtype=np.int16)
     if "GT" not in fmt:
-        return out
+        return _expand(a0, a1, k)
     gi = fmt.index("GT")
     fields = calls.decode("utf-8", "replace").split("\t")
     if len(fields) != n_samples:
@@ -447,18 +487,18 @@ def _parse_general(fmt_text: bytes, calls: bytes, n_samples: int, *, path: Path,
             idx = [int(a) for a in alleles]
         except ValueError:
             raise InputError(f"{path}: line {line_no}: malformed GT {gt!r} in sample column {s + 1}") from None
-        if any(a > 1 or a < 0 for a in idx):
+        if any(a > k or a < 0 for a in idx):
             raise InputError(
                 f"{path}: line {line_no}: GT {gt!r} in sample column {s + 1} names allele "
-                f"{max(idx)} but the record has only one ALT allele"
+                f"{max(idx)} but the record has only {'one ALT allele' if k == 1 else f'{k} ALT alleles'}"
             )
-        if len(idx) == 1:
-            out[s] = 2 * idx[0]
+        if len(idx) == 1:  # haploid: a homozygote
+            a0[s] = a1[s] = idx[0]
         elif len(idx) == 2:
-            out[s] = idx[0] + idx[1]
+            a0[s], a1[s] = idx
         elif stats is not None:  # polyploid: missing, and counted
             stats.extra["unusable_calls"] = stats.extra.get("unusable_calls", 0) + 1
-    return out
+    return _expand(a0, a1, k)
 
 
 # ----------------------------------------------------------------------------- whole files
@@ -517,7 +557,7 @@ def read_vcfs(paths: list[Path], *, threads: int = 2) -> tuple[VcfHeader, Iterat
     def blocks() -> Iterator[RecordBlock]:
         for _, it, st in opened:
             yield from it
-            for k in ("records", "multiallelic", "general_path", "no_gt"):
+            for k in ("records", "multiallelic", "split_variants", "general_path", "no_gt"):
                 setattr(stats, k, getattr(stats, k) + getattr(st, k))
             for k, v in st.extra.items():
                 stats.extra[k] = stats.extra.get(k, 0) + v

@@ -70,7 +70,10 @@ class Results:
         return pd.DataFrame({"feature": [*names, "(intercept)"], "weight": [*w[:-1], w[-1]]}).set_index("feature")
 
     def site_summary(self) -> pd.DataFrame:
-        """One row per site: samples, variants, harmonisation counts, bytes sent, ε spent."""
+        """One row per site: samples, variants, harmonisation counts, multi-allelic records split
+        (``multiallelic_split``) and the biallelic variants they gave (``split_variants``), bytes
+        sent, ε spent. A manifest written before fedgen split multi-allelic records has
+        ``multiallelic_skipped`` (records skipped) instead; it is shown when present."""
         rows = []
         for site, s in self.manifest.get("sites", {}).items():
             h = s.get("harmonisation", {})
@@ -83,11 +86,14 @@ class Results:
                     "variants": s.get("variants"),
                     "shared_variants": h.get("shared"),
                     "ref_alt_swapped": h.get("ref_alt_swapped"),
-                    "multiallelic_skipped": s.get("multiallelic_skipped"),
+                    "multiallelic_split": s.get("multiallelic_split"),  # multi-allelic records split
+                    "split_variants": s.get("split_variants"),  # the biallelic variants they gave
                     "bytes_sent": s.get("bytes_sent"),
                     "epsilon_spent": s.get("epsilon_spent"),
                 }
             )
+            if "multiallelic_skipped" in s:  # manifests before fedgen split them: records skipped
+                rows[-1]["multiallelic_skipped"] = s["multiallelic_skipped"]
         return pd.DataFrame(rows).set_index("site") if rows else pd.DataFrame()
 
     def privacy_spent(self) -> pd.DataFrame:

@@ -300,13 +300,16 @@ def _div(fig, div_id: str) -> str:
 
 
 def _site_rows(manifest: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    header = ["site", "samples", "variants", "shared variants", "REF/ALT swapped", "multiallelic skipped",
-              "bytes sent", "messages", "ε spent", "δ spent"]
+    header = ["site", "samples", "variants", "shared variants", "REF/ALT swapped", "multi-allelic records split",
+              "split variants", "bytes sent", "messages", "ε spent", "δ spent"]
     rows = []
     for site, s in (manifest.get("sites") or {}).items():
         h = s.get("harmonisation") or {}
         rows.append([site, s.get("samples"), s.get("variants"), h.get("shared"), h.get("ref_alt_swapped"),
-                     s.get("multiallelic_skipped"), s.get("bytes_sent"), s.get("messages"), s.get("epsilon_spent"),
+                     # a manifest from before multi-allelic records were split: "N skipped"
+                     s.get("multiallelic_split", None if s.get("multiallelic_skipped") is None
+                           else f"{s['multiallelic_skipped']} skipped"),
+                     s.get("split_variants"), s.get("bytes_sent"), s.get("messages"), s.get("epsilon_spent"),
                      s.get("delta_spent")])
     return header, rows
 
