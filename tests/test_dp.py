@@ -46,7 +46,7 @@ def test_dp_study_spends_exactly_its_budget_at_each_site(nodes, tmp_path):
     n_assoc = len((out / "BIN.assoc").read_text().splitlines()) - 1  # every QC-passing variant, noisy counts
     assert n_assoc == manifest["qc"]["pass"]
     rows = (out / "BIN.dp_topk.assoc").read_text().splitlines()
-    assert rows[0].split() == ["CHR", "SNP", "BP", "A1", "F_A", "F_U", "A2", "CHISQ", "P", "OR"] and len(rows) == 6
+    assert rows[0].split() == ["CHR", "SNP", "BP", "A1", "F_A", "F_U", "A2", "CHISQ", "P", "OR", "SE", "L95", "U95"] and len(rows) == 6
     priv = manifest["privacy"]
     assert priv["mode"] == "dp" and priv["epsilon"] == eps
     assert math.isclose(priv["rho_total"], rho_for_epsilon(eps, 1e-6))

@@ -114,6 +114,10 @@ def allelic_assoc(a: Any, b: Any, c: Any, d: Any) -> dict[str, np.ndarray]:
     return {"f_a": f_a, "f_u": f_u, "chisq": chisq, "p": p, "or_": or_}
 
 
+#: two-sided 95 % normal quantile
+Z95 = 1.959963984540054
+
+
 def noisy_allelic_assoc(a: Any, b: Any, c: Any, d: Any, *, noise_var: float, case_alleles: float,
                         control_alleles: float) -> dict[str, np.ndarray]:
     """Allelic association test on differentially private counts, with the noise in its variance.
@@ -132,7 +136,9 @@ def noisy_allelic_assoc(a: Any, b: Any, c: Any, d: Any, *, noise_var: float, cas
     -------
     dict of (V,) float, NaN = ``NA``
         ``f_a`` = a/n_A and ``f_u`` = c/n_U (clipped to [0, 1]), ``chisq`` = z², ``p`` (χ²₁ upper
-        tail) and ``or_`` (NA with a non-positive cell), where
+        tail), ``or_`` (NA with a non-positive cell) and, as PLINK 1.9's ``--ci 0.95`` prints them,
+        ``se`` (of ln OR: √Σ (n + σ²)/n² over the four cells, sampling plus noise) with the 95 %
+        interval ``l95``, ``u95`` of the OR, where
         z = (a/n_A − c/n_U) / √(f̄(1 − f̄)(1/n_A + 1/n_U) + σ²(1/n_A² + 1/n_U²)),
         f̄ = (a + c)/(n_A + n_U): the binomial variance under no association plus the noise's.
 
@@ -156,16 +162,25 @@ def noisy_allelic_assoc(a: Any, b: Any, c: Any, d: Any, *, noise_var: float, cas
         z = np.where(var > 0, (fa - fu) / np.sqrt(np.where(var > 0, var, 1.0)), np.nan)
         chisq = z * z
         p = np.where(np.isfinite(chisq), chisq1_p(np.where(np.isfinite(chisq), chisq, 0.0)), np.nan)
-        or_ = np.where((a > 0) & (b > 0) & (c > 0) & (d > 0), (a * d) / (b * c), np.nan)
-    return {"f_a": np.clip(fa, 0, 1), "f_u": np.clip(fu, 0, 1), "chisq": chisq, "p": p, "or_": or_}
+        pos = (a > 0) & (b > 0) & (c > 0) & (d > 0)
+        or_ = np.where(pos, (a * d) / (b * c), np.nan)
+        # SE of ln OR by the delta method, each cell's variance its count plus the noise's
+        se = np.where(pos, np.sqrt(sum((x + s2) / np.where(x > 0, x, 1.0) ** 2 for x in (a, b, c, d))), np.nan)
+        lo, hi = np.exp(np.log(or_) - Z95 * se), np.exp(np.log(or_) + Z95 * se)
+    return {"f_a": np.clip(fa, 0, 1), "f_u": np.clip(fu, 0, 1), "chisq": chisq, "p": p, "or_": or_,
+            "se": se, "l95": lo, "u95": hi}
 
 
 def format_assoc_columns(res: dict[str, np.ndarray]) -> dict[str, list[str]]:
-    """PLINK 1.9's fixed-width text of F_A, F_U (width 8) and CHISQ, P, OR (width 12)."""
-    return {
+    """PLINK 1.9's fixed-width text of F_A, F_U (width 8) and CHISQ, P, OR (width 12); with
+    ``se`` in ``res`` also SE, L95, U95 (width 12), the columns ``--ci 0.95`` adds."""
+    out = {
         "F_A": format_g4(res["f_a"], width=8, nan="NA"),
         "F_U": format_g4(res["f_u"], width=8, nan="NA"),
         "CHISQ": format_g4(res["chisq"], width=12, nan="NA"),
         "P": format_g4(res["p"], width=12, nan="NA"),
         "OR": format_g4(res["or_"], width=12, nan="NA"),
     }
+    if "se" in res:
+        out.update({k.upper(): format_g4(res[k], width=12, nan="NA") for k in ("se", "l95", "u95")})
+    return out

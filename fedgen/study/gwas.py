@@ -432,10 +432,13 @@ def format_assoc(chrom: list[str], snp: list[str], bp: list[int], a1: list[str],
     cols = assocstats.format_assoc_columns(r)
     maxlen = max((len(x) for x in snp), default=0)
     w = 4 if maxlen <= 4 else maxlen + 2  # PLINK 1.9's SNP column width
-    lines = [f" CHR {'SNP':>{w}} {'BP':>10} {'A1':>4} {'F_A':>8} {'F_U':>8} {'A2':>4} {'CHISQ':>12} {'P':>12} {'OR':>12} "]
+    ci = [k for k in ("SE", "L95", "U95") if k in cols]  # PLINK 1.9 --ci 0.95 columns (DP studies)
+    lines = [f" CHR {'SNP':>{w}} {'BP':>10} {'A1':>4} {'F_A':>8} {'F_U':>8} {'A2':>4} {'CHISQ':>12} {'P':>12} {'OR':>12} "
+             + "".join(f"{k:>12} " for k in ci)]
     for i in range(len(snp)):
         lines.append(
             f"{chrom[i]:>4} {snp[i]:>{w}} {bp[i]:>10} {a1[i]:>4} {cols['F_A'][i]:>8} {cols['F_U'][i]:>8} "
             f"{a2[i]:>4} {cols['CHISQ'][i]:>12} {cols['P'][i]:>12} {cols['OR'][i]:>12} "
+            + "".join(f"{cols[k][i]:>12} " for k in ci)
         )
     return "\n".join(lines) + "\n"
