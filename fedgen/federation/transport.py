@@ -84,3 +84,67 @@ class InProcessTransport:
 
     def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
         return [self.query(r) for r in requests]
+
+
+def _canonical_json(obj: Any) -> bytes:
+    import json
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+        if isinstance(o, np.bool_):
+            return bool(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default, allow_nan=True).encode()
+
+
+def _update_framed(h: Any, data: bytes | memoryview) -> None:
+    """One length-prefixed field: no two different field sequences hash the same bytes."""
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def _update_arrays(h: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    _update_framed(h, str(len(arrays)).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        if a.dtype.hasobject:
+            raise ValueError(f"array {name!r}: object arrays have no canonical encoding")
+        _update_framed(h, _canonical_json([name, a.dtype.str, list(a.shape)]))
+        _update_framed(h, memoryview(a).cast("B") if a.size else b"")
+
+
+def request_digest(analysis: str, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray], study_id: str,
+                   *, extra: Any = None) -> str:
+    """SHA-256 (hex) of a request's canonical encoding: analysis, params (sorted-key JSON), every
+    array (name, dtype, shape, raw bytes), study id and ``extra``, each field length-prefixed.
+
+    Two requests share a digest only if they ask the same question of the same study (or if
+    SHA-256 collides). Used by the aggregator's journal and by a site's replay of DP releases."""
+    import hashlib
+
+    h = hashlib.sha256(b"fedgen-request-v1")
+    _update_framed(h, str(analysis).encode())
+    _update_framed(h, _canonical_json(dict(params)))
+    _update_arrays(h, arrays)
+    _update_framed(h, str(study_id).encode())
+    _update_framed(h, _canonical_json(extra))
+    return h.hexdigest()
+
+
+def batch_digest(requests: list[Request], *, single: bool) -> str:
+    """SHA-256 (hex) of one message round as the aggregator sends it (every request, with its
+    per-site arrays; ``single``: sent with :meth:`Transport.query` rather than ``query_many``)."""
+    import hashlib
+
+    h = hashlib.sha256(b"fedgen-round-v1")
+    _update_framed(h, b"query" if single else f"query_many:{len(requests)}".encode())
+    for r in requests:
+        per_site = {s: request_digest("", {}, a, "") for s, a in sorted(r.per_site_arrays.items())}
+        _update_framed(h, request_digest(r.analysis, r.params, r.arrays, r.study_id, extra=per_site).encode())
+    return h.hexdigest()

@@ -161,6 +161,9 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "poll": float(fed.get("poll") or (0.005 if fed.get("mode", "local") == "local" else 0.05)),
         "max_poll": float(fed.get("max_poll") or 0.5),
         "federation": fed.get("mode", "local"),
+        # resume an interrupted study with the same output_dir and plan from its journal
+        # (fedgen.study.journal); false: move an old journal aside and start afresh
+        "resume": bool(fed.get("resume", True)),
         "privacy": resolved.get("privacy") or {"mode": "none"},
         "config": resolved,
     }

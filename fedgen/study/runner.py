@@ -209,11 +209,25 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
     the staging folder is removed and an earlier results folder stays as it was.
     """
     t_start = time.time()
+    journal = None
+    if plan.get("journal", True):
+        # a study killed mid-way and relaunched with the same output folder and plan resumes
+        # from its journal (fedgen.study.journal): same study id, answered rounds not asked again
+        from fedgen.study.journal import JournalTransport, open_journal
+
+        journal = open_journal(plan)
+        plan = {**plan, "study_id": journal.study_id}
+        transport = JournalTransport(transport, journal)
     if not plan.get("study_id"):
         plan = {**plan, "study_id": uuid.uuid4().hex}
     ctx = StudyContext(plan, transport)
     out = Path(plan["output_dir"]).resolve()
-    stage = staging_dir(out)
+    try:
+        stage = staging_dir(out)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
     try:
         with ctx.timed("describe_sites"):
             info, aln = describe_sites(ctx)
@@ -223,6 +237,8 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
 
             results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
         manifest = {**build_manifest(plan, ctx, info, aln, results, t_start), **extra}
+        if journal is not None:
+            manifest["resumed"] = journal.summary()
         from fedgen.results.report import write_study_report
 
         write_study_report(stage, manifest)  # report.html, listed in manifest["files"]
@@ -230,7 +246,14 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
         publish_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if journal is not None:
+            journal.close()  # kept: a relaunch resumes from it
         raise
+    if journal is not None:
+        journal.remove()
+        if journal.rounds_replayed:
+            log.info("resumed: %d round(s) replayed from the journal, %d asked live", journal.rounds_replayed,
+                     journal.rounds_live)
     log.info("results written to %s", out)
     return manifest
 
