@@ -149,6 +149,12 @@ class _Run:
     reservations: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     last_reservation: Any = None
+    #: digest of a DP request (study, analysis, params, arrays, site, cohort version)
+    request_key: str | None = None
+    #: SHA-256 of the earlier payload this request is answered with (a replayed DP release)
+    replay_of: str | None = None
+    #: why an earlier release of the same request could not be replayed (answered afresh, charged)
+    replay_note: str | None = None
 
 
 def handle(
@@ -227,6 +233,14 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     areq = AnalysisRequest(analysis=analysis, params=req.params, arrays=req.arrays, rules=rules, study_id=req.study_id)
     if spec.validate is not None:
         spec.validate(cohort, areq)
+    if spec.dp_cost is not None and state is not None and req.study_id:
+        # the same DP request of the same study (an aggregator that resumed after a crash) gets
+        # the payload this site already released, uncharged: a fresh noisy answer would be a
+        # second release. Only after the policy and validation checks above.
+        hit = _earlier_release(state, req, cohort, run)
+        if hit is not None:
+            out, meta = hit
+            return out, meta, policy, None
     # ---------------------------------------------------------------- disclosure rules
     # (the sample-set register is consulted and written at egress, once the reply is final:
     # a refused request leaves no set behind)
@@ -575,9 +589,61 @@ def _record_policy(node_config: Mapping[str, Any], policy: Mapping[str, Any], st
     atomic_write_text(path, text, private=True)
 
 
+def _earlier_release(state: Path, req: SiteRequest, cohort, run: _Run):
+    """(arrays, meta) this site sent for the same DP request of the same study, or None.
+
+    The key is a SHA-256 over the canonical encoding of the analysis, params, arrays, study id,
+    site and cohort version (:func:`fedgen.federation.transport.request_digest`). The payload is
+    the one kept in ``audit-payloads/`` (checked against its hash); without it (``audit_payloads
+    = false``, or pruned) the request is answered as a new, charged release and the audit entry
+    says why."""
+    from fedgen.federation.transport import request_digest
+
+    try:
+        run.request_key = request_digest(req.analysis, req.params, req.arrays, req.study_id,
+                                         extra={"site": req.site, "cohort": _fingerprint(cohort) if cohort is not None else ""})
+    except (TypeError, ValueError):
+        return None
+    try:
+        earlier = next((e for e in audit.read(state) if e.get("decision") == "sent" and e.get("sha256")
+                        and e.get("request_sha256") == run.request_key and e.get("study_id") == req.study_id
+                        and e.get("analysis") == req.analysis), None)
+    except (OSError, ValueError):
+        earlier = None
+    if earlier is None:
+        return None
+    digest = str(earlier["sha256"])
+    stored = state / audit.PAYLOAD_DIR / f"{digest}.npz"
+    try:
+        arrays, meta = audit.load_payload(stored)
+        if audit.payload_digest(arrays, meta)[0] != digest:
+            raise ValueError("hash differs")
+    except (OSError, ValueError, KeyError) as exc:
+        reason = "not kept" if isinstance(exc, FileNotFoundError) else f"unusable ({exc})"
+        run.replay_note = (f"this request was answered before (payload {digest}) but that payload is {reason} "
+                           "(audit_payloads = false, or pruned): answered as a new release, charged")
+        log.warning("%s: %s", req.analysis, run.replay_note)
+        return None
+    run.replay_of = digest
+    log.info("%s: same request as release %s of study %s; its payload sent again, not charged", req.analysis,
+             digest[:12], req.study_id)
+    return arrays, meta
+
+
 def _release(node_config, req: SiteRequest, state, run: _Run, out, meta, policy, contributors):
     from fedgen.privacy.accounting import compose_epsilon
 
+    if run.replay_of is not None:
+        digest, nbytes = audit.payload_digest(out, meta)
+        if state is not None:
+            audit.append(state, {
+                **req.audit_entry(), "decision": "sent", "reason": None, "arrays": audit.describe_arrays(out),
+                "bytes": nbytes, "sha256": digest, "epsilon": 0.0, "delta": 0.0, "events": None,
+                "contributors": None, "request_sha256": run.request_key, "replay_of": run.replay_of,
+                "note": "replay: the same request of the same study was answered before; that payload was sent "
+                        "again and not charged (no new noise)",
+            })
+        return out, meta
     events = run.events
     eps_release = compose_epsilon(events, float(policy["delta"])) if events else 0.0
     if events and run.reservations:
@@ -608,6 +674,8 @@ def _release(node_config, req: SiteRequest, state, run: _Run, out, meta, policy,
                 "delta": float(policy["delta"]) if events else 0.0,
                 "events": events or None,
                 "contributors": contributors,
+                **({"request_sha256": run.request_key} if run.request_key and events else {}),
+                **({"replay_unavailable": run.replay_note} if run.replay_note else {}),
             },
         )
     for rid in run.reservations:
