@@ -258,3 +258,67 @@ def test_journal_is_locked_against_a_second_aggregator(nodes, tmp_path):
             run_plan(dict(plan), Recording(nodes))
     finally:
         j.close()
+
+
+@pytest.mark.slow
+def test_fedgen_run_on_flower_killed_by_pid_resumes(tmp_path):
+    """A real `fedgen run` (SuperLink + SuperNodes on loopback) killed mid-study, then rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    from fedgen.study.journal import _scan
+
+    data = make_synth(300, 400, seed=8, missing_rate=0.01)
+    nodes = split_sites(data, tmp_path / "sites", [0.6, 0.4], seed=1)
+    cfg = tmp_path / "cfg" / "sites"
+    cfg.mkdir(parents=True)
+    (cfg / "mine.yaml").write_text(yaml.safe_dump({s: {"vcf": c["vcf"], "samples": c["samples"]} for s, c in nodes.items()}))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "fedgen.cli", "run", "sites=mine", f"hydra.searchpath=[file://{tmp_path / 'cfg'}]",
+            "study=qc", f"output_dir={out}", "study.block_size=1"]
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's fedgen in every process
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = journal_dir(out) / LOG
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and len(_scan(log)[0]) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)  # the launcher and every process it started, by pid
+        for child in tree:
+            try:
+                child.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(30)
+        psutil.wait_procs(tree, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "manifest.json").exists()
+    done = len(_scan(log)[0])
+    assert done >= 3
+    res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["resumed"]["rounds_replayed"] >= 3 and m["resumed"]["rounds_replayed"] + m["resumed"]["rounds_live"] == m["rounds"]
+    assert not journal_dir(out).exists()
+    ref = tmp_path / "ref"
+    from fedgen.federation.transport import InProcessTransport as IPT  # noqa: N814
+
+    plan = qc_plan(ref, list(nodes), analyses=["freq", "missing", "hardy"], qc=m["qc"]["filters"], block_size=50,
+                   missing=m["config"]["study"].get("glm", {}).get("missing", "impute"))
+    run_plan(plan, IPT(nodes))
+    for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "variants.tsv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
