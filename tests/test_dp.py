@@ -112,8 +112,8 @@ def test_repeated_dp_query_is_refused_when_the_budget_runs_out(nodes, tmp_path):
     idx = {s: {"idx": np.arange(50, dtype=np.int64)} for s in nodes}
     ok = 0
     with pytest.raises(SiteError, match=r"privacy budget exhausted: this release would bring the site's ε to [\d.]+ .* allows 3"):
-        for _ in range(100):
-            tr.query(Request("dp_genotype_counts", params={"sigma": 20.0}, per_site_arrays=idx, study_id="curious"))
+        for i in range(100):  # a new study each time: the same request of the same study is replayed, uncharged
+            tr.query(Request("dp_genotype_counts", params={"sigma": 20.0}, per_site_arrays=idx, study_id=f"curious{i}"))
             ok += 1
     assert 1 <= ok < 100
     for site, nc in nodes.items():

@@ -209,6 +209,13 @@ class Journal:
                 os.close(self._lock_fd)
             self._lock_fd = -1
 
+    def abandon(self) -> None:
+        """The study failed: keep the journal for a relaunch, unless it holds no round at all."""
+        if self._end == 0:
+            self.remove()
+        else:
+            self.close()
+
     def remove(self) -> None:
         """The study was published: the journal is no longer needed."""
         self.close()

@@ -247,7 +247,7 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if journal is not None:
-            journal.close()  # kept: a relaunch resumes from it
+            journal.abandon()  # kept if it holds any round: a relaunch resumes from it
         raise
     if journal is not None:
         journal.remove()
