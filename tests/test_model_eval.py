@@ -194,7 +194,7 @@ def test_dp_evaluation_noise_has_its_stated_sigma(data, tmp_path, monkeypatch):
     for k in range(300):
         monkeypatch.setattr(L, "_noise_source", lambda k=k: NoiseSource(1000 + k))
         out, m = execute(nc, "dp_model_eval", _params("QT", "quantitative", range=rng, sigma=sigma), arrays,
-                         context={"study_id": "noise"})
+                         context={"study_id": f"noise{k}"})  # one study each: a repeat within one is replayed
         draws.append(out["sums"] - ex["sums"])
     sd = np.asarray(m["noise_sd"])
     q = evaluate.R2_QUANTA
