@@ -30,7 +30,7 @@ STUDY_ONLY = ["msprime", "tskit", "matplotlib", "hydra", "omegaconf", "sklearn",
 #: the torch a venv here must get first (a CPU wheel of exactly this version is on disk)
 TORCH = "torch==2.13.0"
 #: analyses whose replies carry fresh noise (values differ run to run; shapes do not)
-RANDOMISED = {"dp_genotype_counts", "dp_assoc_counts", "dp_topk_select", "dp_model_update"}
+RANDOMISED = {"dp_genotype_counts", "dp_assoc_counts", "dp_topk_select", "dp_model_update", "dp_model_eval"}
 #: the node image runs as this user; compose's FEDGEN_UID/GID example and the runbook use it too
 NODE_UID = 10001
 
@@ -196,7 +196,7 @@ def _record_site_requests(tmp: Path) -> tuple[list[dict], dict[str, str], Path]:
             return replies
 
     data = make_synth(300, 150, seed=5, missing_rate=0.01, extremes=False)
-    extra = [*PLINK_EXACT_POLICY["extra_analyses"], "pca_histograms", "covar_ranges", "model_update"]
+    extra = [*PLINK_EXACT_POLICY["extra_analyses"], "pca_histograms", "covar_ranges", "model_update", "model_eval_exact"]
     policy = {**PLINK_EXACT_POLICY, "epsilon_budget": 100, "extra_analyses": extra}
     nodes = split_sites(data, tmp / "sites", [0.5, 0.5], seed=1, policy=policy, conventions=CONVENTIONS[:2])
     tr = Recording(nodes)
