@@ -89,16 +89,7 @@ class InProcessTransport:
 def _canonical_json(obj: Any) -> bytes:
     import json
 
-    def default(o: Any) -> Any:
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o)
-        if isinstance(o, np.bool_):
-            return bool(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return str(o)
+    from fedgen.fileio import json_default as default
 
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default, allow_nan=True).encode()
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from fedgen.errors import FedgenError
 from fedgen.federation.transport import Reply, Request, batch_digest
+from fedgen.fileio import json_default
 
 log = logging.getLogger("fedgen.study")
 
@@ -70,20 +71,6 @@ def plan_hash(plan: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    return str(o)
-
-
 def encode_round(digest: str, replies: list[dict[str, Reply]]) -> bytes:
     """One round's replies → bytes (a JSON head with the metadata, then an npz of the arrays)."""
     arrays: dict[str, np.ndarray] = {}
@@ -100,7 +87,7 @@ def encode_round(digest: str, replies: list[dict[str, Reply]]) -> bytes:
         head.append(row)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    h = json.dumps({"digest": digest, "replies": head}, separators=(",", ":"), default=_json_default).encode()
+    h = json.dumps({"digest": digest, "replies": head}, separators=(",", ":"), default=json_default).encode()
     return len(h).to_bytes(8, "little") + h + buf.getvalue()
 
 
