@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/fedgen simulate --out $(DEMO_DIR)/data --seed 1
-	$(VENV)/bin/fedgen run output_dir=$(DEMO_DIR)/results
+	FEDGEN_DEMO_DIR=$(DEMO_DIR) $(VENV)/bin/fedgen run output_dir=$(DEMO_DIR)/results
 	@echo "Hong Kong scores its own patients with the federated T2D model:"
 	$(VENV)/bin/fedgen score --model $(DEMO_DIR)/results/model --vcf $(DEMO_DIR)/data/hk/genotypes.vcf.gz \
 	    --samples $(DEMO_DIR)/data/hk/samples.tsv --out $(DEMO_DIR)/results/hk.scores.tsv --phenotype T2D
