@@ -53,7 +53,9 @@ def main(grid: Grid, context: Context) -> None:
         ("foreign", "train", lambda: RecordDict()),
         ("per_sample", "query.fedgen", lambda: query("genotype_counts", {"per_sample": True}, {"idx": idx})),
         ("min_count", "query.fedgen", lambda: query("glm_linear", {"phenotype": "RARE", "kind": "quantitative", "covariates": []}, {"idx": idx})),
-    ] + [("dp", "query.fedgen", lambda: query("dp_genotype_counts", {"sigma": 20.0}, {"idx": np.arange(50, dtype=np.int64)}))] * 6
+    ] + [("dp", "query.fedgen", lambda s=s: query("dp_genotype_counts", {"sigma": s}, {"idx": np.arange(50, dtype=np.int64)}))
+          # six different releases (an identical repeat would get the same payload back, at no cost)
+          for s in (20.0, 20.1, 20.2, 20.3, 20.4, 20.5)]
     record = []
     for name, mtype, make in probes:
         msgs = [Message(make(), n, mtype, ttl=60) for n in nodes]
