@@ -95,10 +95,12 @@ def test_site_code_path_imports_without_study_packages(tmp_path):
         from fedgen.cli import main
         print("run", main(["run", "study=qc"]))
         print("simulate", main(["simulate", "--out", "x"]))
+        print("aggregator", main(["aggregator", "start", "--config", "nowhere.toml"]))
         main(["node", "--help"])
     """, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "run 2" in r.stdout and "simulate 2" in r.stdout and "fedgen node init" in r.stdout
+    assert "run 2" in r.stdout and "simulate 2" in r.stdout and "aggregator 2" in r.stdout and "fedgen node init" in r.stdout
+    assert "fedgen aggregator start needs the study extra (module 'hydra'" in r.stderr
     assert "fedgen run needs the study extra (module 'hydra' is not installed): pip install 'fedgen[study]'" in r.stderr
     assert "fedgen simulate needs the study extra (module 'msprime'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -194,6 +194,14 @@ def _agg_init(args: argparse.Namespace) -> int:
 
 
 def _agg_start(args: argparse.Namespace) -> int:
+    try:  # the aggregator runs studies (Hydra configs, plots, the report): it needs the study extra
+        import hydra  # noqa: F401
+        import matplotlib  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError as exc:
+        from fedgen.cli import _need_study_extra
+
+        raise _need_study_extra(exc, "aggregator start") from None
     from fedgen.node.ops import start_aggregator
 
     sys.stdout.flush()
