@@ -71,7 +71,11 @@ def add_columns(samples: Path, seed: int, case_rate: float | None) -> None:
 
 def pooled_inputs(data: Path, sites: list[str], tmp: Path, binary: str) -> None:
     vcfs = [str(data / s / "genotypes.vcf.gz") for s in sites]
-    subprocess.run(["bcftools", "merge", "-Oz", "-o", str(tmp / "pooled.vcf.gz"), *vcfs], check=True, capture_output=True)
+    # pooled data as fedgen reads it: multi-allelic records split like `bcftools norm -m-any`
+    merged = tmp / "merged.vcf.gz"
+    subprocess.run(["bcftools", "merge", "-Oz", "-o", str(merged), *vcfs], check=True, capture_output=True)
+    subprocess.run(["bcftools", "norm", "-m-any", "-Oz", "-o", str(tmp / "pooled.vcf.gz"), str(merged)],
+                   check=True, capture_output=True)
     rows = []
     for s in sites:
         lines = (data / s / "samples.tsv").read_text().splitlines()
@@ -98,12 +102,17 @@ def read_table(path: Path) -> dict[str, list[str]]:
 
 
 def compare(fed: Path, plink: Path) -> tuple[int, float]:
-    """Rows compared and the largest |log10 P| difference between two glm tables (by ID)."""
+    """Rows compared and the largest |log10 P| difference between two glm tables, matched by
+    CHROM:POS:REF:ALT (split multi-allelic records share their ID)."""
     a, b = read_table(fed), read_table(plink)
-    pb = dict(zip(b["ID"], b["P"]))
+
+    def keys(t):
+        return list(zip(t["#CHROM"], t["POS"], t["REF"], t["ALT"]))
+
+    pb = dict(zip(keys(b), b["P"]))
     worst, n = 0.0, 0
-    for vid, p in zip(a["ID"], a["P"]):
-        q = pb.get(vid)
+    for key, p in zip(keys(a), a["P"]):
+        q = pb.get(key)
         if q is None or p == "NA" or q == "NA":
             continue
         n += 1
@@ -176,7 +185,7 @@ def main() -> None:
     pooled_inputs(data, sites, tmp, binary)
     exe = "/usr/lib/plink2/plink2-avx2" if Path("/usr/lib/plink2/plink2-avx2").exists() else "plink2"
     t0 = time.perf_counter()
-    subprocess.run([exe, "--vcf", str(tmp / "pooled.vcf.gz"), "--keep", str(tmp / "keep.txt"), "--max-alleles", "2",
+    subprocess.run([exe, "--vcf", str(tmp / "pooled.vcf.gz"), "--keep", str(tmp / "keep.txt"),
                     "--maf", str(mode["maf"]), "--geno", "0.1", "--hwe", "1e-6", "--pheno", str(tmp / "pheno.tsv"),
                     "--covar", str(tmp / "covar.tsv"), "--covar-variance-standardize", "--glm", "hide-covar",
                     "--threads", str(args.threads), "--out", str(tmp / "plink")], check=True, capture_output=True)
@@ -218,7 +227,7 @@ def bench_pca(args, mode, tmp: Path, data: Path, sites: list[str], fedgen: list[
          "+study.pca={ld_prune:{window:50,step:5,r2:0.2}}"], tmp / "results-running", data, sites)
     pooled_inputs(data, sites, tmp, mode["binary"])
     exe = "/usr/lib/plink2/plink2-avx2" if Path("/usr/lib/plink2/plink2-avx2").exists() else "plink2"
-    common = [exe, "--vcf", str(tmp / "pooled.vcf.gz"), "--keep", str(tmp / "keep.txt"), "--max-alleles", "2",
+    common = [exe, "--vcf", str(tmp / "pooled.vcf.gz"), "--keep", str(tmp / "keep.txt"),
               "--geno", "0.1", "--hwe", "1e-6", "--maf", "0.05", "--threads", str(args.threads)]
     t0 = time.perf_counter()
     subprocess.run([*common, "--indep-pairwise", "50", "5", "0.2", "--out", str(tmp / "prune")], check=True, capture_output=True)
