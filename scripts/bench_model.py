@@ -86,7 +86,7 @@ def main() -> None:
                                          "epsilon": eps if math.isfinite(eps) else 1.0, "lr": 0.5, "batch": 256,
                                          "holdout": args.holdout, "eval_share": args.eval_share})}
         t0 = time.perf_counter()
-        m = run_plan(plan, InProcessTransport(nodes))
+        run_plan(plan, InProcessTransport(nodes))
         secs = time.perf_counter() - t0
         model = load_model(run / "out" / "model")
         _, scores, _ = score_cohort(model, ext)
