@@ -10,7 +10,11 @@ from fedgen.results import load_results
 from fedgen.results.plots import lambda_gc, manhattan_qq, mlog10p_from_text
 from fedgen.stats.plinkfmt import format_g6_from_ln
 from fedgen.study.gwas import mlog10p_from_ln
-from fedgen.study.runner import _p_text
+from fedgen.stats.pvalues import p_text
+
+
+def _p_text(log10p: float) -> str:  # the top-hits text, from log10 P
+    return p_text(-log10p)
 
 
 def test_printed_p_below_double_range_keeps_its_size():

@@ -36,12 +36,11 @@ from typing import Any
 
 import numpy as np
 
+# the site selection score's transform and sensitivity, as the sites compute them
+from fedgen.analyses.dp import selection_sensitivity, stabilised
 from fedgen.privacy.accounting import rho_for_epsilon
 from fedgen.privacy.mechanisms import sigma_for_rho
 
-#: the variance-stabilising transform of the site selection score (fedgen.analyses.dp)
-STABILISE_EDGE = 0.05
-LIPSCHITZ = 1.0 / (2.0 * math.sqrt(STABILISE_EDGE * (1.0 - STABILISE_EDGE)))
 USEFUL_AF = 0.9        # shrunk MAE below this share of the know-nothing guess's MAE
 USEFUL_LOCI = 0.5      # top-k: at least this many causal loci more than chance
 
@@ -95,14 +94,6 @@ class Settings:
     af_spectrum: str = "neutral"
 
 
-def _stabilised(x: np.ndarray) -> np.ndarray:
-    c = STABILISE_EDGE
-    x = np.clip(x, 0.0, 1.0)
-    lo, hi = math.asin(math.sqrt(c)), math.asin(math.sqrt(1.0 - c))
-    mid = np.arcsin(np.sqrt(np.clip(x, c, 1.0 - c)))
-    return np.where(x < c, lo - LIPSCHITZ * (c - x), np.where(x > 1.0 - c, hi + LIPSCHITZ * (x - (1.0 - c)), mid))
-
-
 def _draw_af(rng: np.random.Generator, n: int, spectrum: str) -> np.ndarray:
     if spectrum == "uniform":
         return rng.uniform(0.01, 0.99, n)
@@ -153,7 +144,7 @@ def _site_scores(rng, m_null: int, eff: Effect, site: Site, reps: int) -> np.nda
     f0, f1 = eff.per_locus()
     R, S = max(site.cases, 1), max(site.controls, 1)
     sd = math.sqrt(1.0 / (8.0 * R) + 1.0 / (8.0 * S))
-    delta = _stabilised(f1) - _stabilised(f0)
+    delta = stabilised(f1) - stabilised(f0)
     z = rng.normal(0.0, sd, (reps, eff.n_causal + m_null))
     z[:, : eff.n_causal] += delta
     return np.abs(z)
@@ -176,7 +167,7 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     for site in sites:
         sc = _site_scores(rng, m_null, eff, site, reps)
         site_scores.append(sc)
-        scale = 2.0 * (LIPSCHITZ / max(min(site.cases, site.controls), 1)) / eps0
+        scale = 2.0 * selection_sensitivity(max(site.cases, 1), max(site.controls, 1)) / eps0
         noisy = sc + rng.gumbel(0.0, scale, sc.shape)
         top = np.argpartition(-noisy, ks - 1, axis=1)[:, :ks]
         np.put_along_axis(picks, top, True, axis=1)
@@ -187,7 +178,7 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     sd_pool = math.sqrt(1.0 / (8.0 * max(R, 1)) + 1.0 / (8.0 * max(S_, 1)))
     f0, f1 = eff.per_locus()
     f0, f1 = f0[:n_causal], f1[:n_causal]
-    delta = _stabilised(f1) - _stabilised(f0)
+    delta = stabilised(f1) - stabilised(f0)
     U = picks.sum(axis=1)
     sigma_top = np.array([sigma_for_rho(2.0 * math.sqrt(max(u, 1)), rho_top) for u in U])
     # noise of a frequency difference: Σ_sites σ² on each count, over (2R)² and (2S)²; h' ≈ 1/(2√(f(1−f)))

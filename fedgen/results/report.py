@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedgen.stats.pvalues import p_text  # noqa: F401 - used here and by fedgen plot
 import pandas as pd
 
 from fedgen.errors import FedgenError
@@ -55,18 +57,6 @@ SITE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
 
 
 # --------------------------------------------------------------------------- tables
-
-def p_text(mlog10p: float) -> str:
-    """A P value as text from −log10 P, also below 1e-308: ``1.00e-400``."""
-    if not np.isfinite(mlog10p):
-        return "0" if mlog10p == np.inf else "NA"
-    log10p = -float(mlog10p)
-    e = int(np.floor(log10p))
-    mant = 10.0 ** (log10p - e)
-    if mant >= 9.995:
-        mant, e = 1.0, e + 1
-    return f"{mant:.2f}e{e:+03d}"
-
 
 def _mlog10p(text: pd.Series) -> np.ndarray:
     """−log10 P of printed P values; the digits are parsed only where float() underflows."""

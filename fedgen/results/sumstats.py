@@ -49,12 +49,10 @@ def _read_glm(path: Path) -> dict[str, list[str]]:
 
 
 def _p_from_mlog10(m: float) -> str:
-    """P as text from −log10 P, also below 1e-308 (``3.1e-400``)."""
-    e = math.floor(-m)
-    mant = 10.0 ** (-m - e)
-    if mant >= 9.9995:
-        mant, e = 1.0, e + 1
-    return f"{mant:.4g}e{e:+03d}" if e < -4 else f"{10.0 ** -m:.6g}"
+    """P as text from −log10 P, also below 1e-308 (``3.1e-400``); plain ``%g`` above 1e-4."""
+    from fedgen.stats.pvalues import p_text
+
+    return p_text(m, sig=4, trim=True) if m > 4 else f"{10.0 ** -m:.6g}"
 
 
 def _g(x: float) -> str:

@@ -524,3 +524,19 @@ def t_ln_p(t: Any, df: Any) -> np.ndarray:
     out = _ibeta_imp2_ln_1(d1, d2, x, first)
     out[np.isnan(tt)] = np.nan
     return out.reshape(shape)
+
+
+def p_text(mlog10p: float, *, sig: int = 3, trim: bool = False) -> str:
+    """A P value as text from −log10 P, also below 1e-308 (where ``10 ** -x`` underflows to 0).
+
+    ``sig`` significant digits in e-notation: ``1.00e-400`` (``trim``: ``1e-400``, ``3.1e-400``,
+    as ``%g`` prints). −log10 P = inf prints ``0``; NaN prints ``NA``.
+    """
+    m = float(mlog10p)
+    if not np.isfinite(m):
+        return "0" if m == np.inf else "NA"
+    e = int(np.floor(-m))
+    mant = 10.0 ** (-m - e)
+    if mant >= 10.0 - 0.5 * 10.0 ** (1 - sig):  # rounds up to 10.0: carry into the exponent
+        mant, e = 1.0, e + 1
+    return f"{mant:.{sig}g}e{e:+03d}" if trim else f"{mant:.{sig - 1}f}e{e:+03d}"

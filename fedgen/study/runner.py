@@ -23,6 +23,7 @@ from fedgen.analyses.qc import decode_variant_table
 from fedgen.errors import FedgenError
 from fedgen.federation.transport import Reply, Request, Transport
 from fedgen.stats import qc as qcstats
+from fedgen.stats.pvalues import p_text
 from fedgen.study.align import Alignment, SiteVariants, align_variants, check_genome_builds
 from fedgen.study.writers import atomic_write_json, publish_dir, staging_dir, write_tsv
 
@@ -328,7 +329,7 @@ def run_association_step(
                          entry["lambda_gc"], int(ctx.plan.get("pcs") or 0))
             log.info(
                 "%s (%s): λGC = %.3f; top hits: %s", pheno, r["kind"], entry["lambda_gc"],
-                ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={_p_text(h['log10p'])})" for h in top),
+                ", ".join(f"{h['id'] if h['id'] != '.' else h['chrom'] + ':' + str(h['pos'])} (P={p_text(-h['log10p'])})" for h in top),
             )
         summary[pheno] = entry
     if res.get("rows") is not None and ctx.plan.get("sumstats", True):
@@ -370,15 +371,6 @@ def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info:
         summary.setdefault(pheno, {})["sumstats"] = f"sumstats/{written[0].name}"
     return files
 
-
-
-def _p_text(log10p: float) -> str:
-    """A P value from its log10, also below 1e-308: 3.1e-400."""
-    e = int(np.floor(log10p))
-    mant = 10.0 ** (log10p - e)
-    if mant >= 9.995:
-        mant, e = 1.0, e + 1
-    return f"{mant:.2f}e{e:+03d}"
 
 
 def write_qc_outputs(
