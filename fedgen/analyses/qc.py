@@ -80,7 +80,11 @@ def site_info(cohort: Any, req: AnalysisRequest):
                 from fedgen.cohort.phenotypes import phenotype_values
 
                 y = phenotype_values(vals, kind="binary", name=col, where=str(cohort.table.path))
-                columns[col]["cases"] = req.rules.public_count(cohort, f"column_cases:{col}", int(np.nansum(y == 1)))
+                cases = int(np.nansum(y == 1))
+                # a rare flag (fewer than min_count people on either side) would name how many carry it,
+                # and who, once people join or leave: such a count does not leave the site
+                if min(cases, int(np.sum(~np.isnan(y))) - cases) >= req.rules.min_count:
+                    columns[col]["cases"] = req.rules.public_count(cohort, f"column_cases:{col}", cases)
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
     counts = dict(cohort.counts)
     if req.rules.dp_only:  # no exact count of people leaves a DP-only site

@@ -520,3 +520,21 @@ def test_a_binary_column_summed_under_either_kind_is_checked_on_its_ones(site, o
     both = ~(first["withheld"].astype(bool) | second["withheld"].astype(bool))
     carried = (g[:, cases_f] > 0).sum(1)
     assert p >= 3 and not np.any(both & (carried > 0) & (carried < 5)), "a row over the few cases in F left both releases"
+
+
+def test_site_info_case_counts_name_no_rare_flag_carrier(tmp_path):
+    """site_info reports the cases of a binary column (the DP planner uses them). For RARE, carried by
+    one person, that count would say so, and asked before and after that person joins (under any
+    study id) it would give their flag. The attack: count, let the person join, count again, difference."""
+    site = Site(tmp_path / "hk")
+    agg = HostileAggregator(site.node_config)
+    site.write_samples(drop=site.rare)
+    seen = []
+    for study in ("s1", "s2", "s3"):
+        got = agg.try_ask("site_info", {"phenotypes": ["RARE", "D"]}, study_id=study)
+        seen.append(None if got is None else got[1]["columns"])
+        site.write_samples()  # the carrier joins after the first count
+    rare_counts = [c["RARE"].get("cases") for c in seen if c is not None]
+    assert seen[0] is not None and all(n is None for n in rare_counts), rare_counts
+    # a common binary column's case count is released (what any GWAS publishes), exactly
+    assert seen[0]["D"]["cases"] == int(site.d.sum()) - site.d[site.rare]
