@@ -312,3 +312,21 @@ def test_polyploid_calls_are_missing_and_counted_not_fatal(tmp_path):
     c = load_cohort({"site": "s", "vcf": str(vcf), "samples": str(tmp_path / "s.tsv"), "state_dir": str(tmp_path / "st")})
     assert np.asarray(c.dosage).tolist() == [[1, -1, 0], [-1, 2, 0], [1, -1, 2]]
     assert c.counts["unusable_calls"] == 1 and c.counts["variants"] == 3
+
+
+def test_read_rows_from_the_cache_file_equal_indexing_the_mapping(tmp_path):
+    """Blocks are read with preadv (bounded resident memory); any index order gives the rows
+    that indexing the memory map gives, and an index past the end is an error."""
+    from fedgen.cohort.cohort import read_rows
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-1, 3, size=(500, 37)).astype(np.int8)
+    (tmp_path / "d.i8").write_bytes(b"\0" * 11 + a.tobytes())
+    mm = np.memmap(tmp_path / "d.i8", dtype=np.int8, mode="r", offset=11, shape=a.shape)
+    for idx in (np.arange(10, 400), np.array([5, 3, 4, 499, 498, 0]), np.array([], np.int64),
+                rng.choice(500, 300), np.arange(500)[::-1]):
+        got = read_rows(mm, np.asarray(idx, np.int64))
+        assert got.dtype == np.int8 and np.array_equal(got, a[idx])
+    assert np.array_equal(read_rows(a, np.array([2, 1])), a[[2, 1]])  # in-memory matrices too
+    with pytest.raises(IndexError):
+        read_rows(mm, np.array([500]))

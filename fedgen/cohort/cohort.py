@@ -69,7 +69,7 @@ class Cohort:
 
         ``flip`` marks variants whose REF/ALT are swapped relative to the study's alleles.
         """
-        g = np.asarray(self.dosage[np.asarray(idx, dtype=np.int64)])
+        g = read_rows(self.dosage, np.asarray(idx, dtype=np.int64))
         if len(self.sample_cols) != g.shape[1] or not self._all_cols:
             g = g[:, self.sample_cols]
         if flip is not None and np.any(flip):
@@ -83,6 +83,44 @@ class Cohort:
         return len(self.sample_cols) == len(self.vcf_samples) and bool(
             np.all(self.sample_cols == np.arange(len(self.vcf_samples)))
         )
+
+
+def read_rows(matrix: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a (variants, samples) matrix, as a new in-memory array.
+
+    For the memory-mapped genotype cache the rows are read with ``os.preadv`` (one call per run
+    of consecutive rows) instead of through the mapping: pages read through a mapping stay
+    mapped into the process and count in its resident memory, so a site that swept its whole
+    cache would peak at the cache's size. Read this way, a site's resident memory is its
+    current block's, whatever the number of variants (issue: bounded memory per site).
+    """
+    filename = getattr(matrix, "filename", None)
+    if not isinstance(matrix, np.memmap) or filename is None or not hasattr(os, "preadv"):
+        return np.asarray(matrix[idx])
+    n_rows, width = matrix.shape
+    out = np.empty((idx.size, width), dtype=matrix.dtype)
+    if idx.size == 0:
+        return out
+    if idx.min() < 0 or idx.max() >= n_rows:
+        raise IndexError(f"variant index out of range 0..{n_rows - 1}")
+    row_bytes = width * matrix.dtype.itemsize
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], breaks]).tolist()
+    ends = np.concatenate([breaks, [idx.size]]).tolist()
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        for a, b in zip(starts, ends):
+            view = memoryview(out[a:b]).cast("B")
+            off = int(matrix.offset) + int(idx[a]) * row_bytes
+            done = 0
+            while done < view.nbytes:  # preadv may return short reads
+                n = os.preadv(fd, [view[done:]], off + done)
+                if n <= 0:
+                    raise OSError(f"genotype cache {filename} is shorter than its index says")
+                done += n
+    finally:
+        os.close(fd)
+    return out
 
 
 _COHORTS: dict[str, Cohort] = {}
