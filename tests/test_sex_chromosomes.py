@@ -1,0 +1,129 @@
+"""chrX / chrY / MT counted by the samples' sex exactly as pooled PLINK 2 (2 sites, males and
+females at both, male het calls, samples of unknown sex): --freq, --missing, --hardy (.hardy.x),
+--glm linear and logistic; the sex-split counts' disclosure rules (differencing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PLINK_EXACT_POLICY, qc_plan
+from fedgen.federation.transport import InProcessTransport
+from fedgen.study.runner import run_plan
+
+HAVE_PLINK2 = shutil.which("plink2") is not None
+needs_plink2 = pytest.mark.skipif(not HAVE_PLINK2, reason="plink2 is the reference")
+NO_QC = {"maf": None, "geno": None, "hwe": None}
+CONTIGS = ("1", "X", "Y", "MT")
+
+
+def make_data(n: int = 240, seed: int = 3, n_unknown: int = 8):
+    """Samples with sex (1/2, some unknown), a QT and a binary trait, age, and calls on 1, X, Y, MT:
+    males haploid on X/Y (a few diploid het calls), females diploid on X (and stray calls on Y),
+    everyone haploid on MT (a few hets), missing calls everywhere."""
+    r = np.random.default_rng(seed)
+    sex = r.choice([1, 2], n)
+    sex[r.choice(n, n_unknown, replace=False)] = 0
+    age = np.round(r.normal(50, 10, n), 1)
+    rows = []  # (chrom, pos, calls)
+    dos = {}
+    for chrom, k in (("1", 6), ("X", 30), ("Y", 5), ("MT", 5)):
+        for v in range(k):
+            p = r.uniform(0.05, 0.6)
+            a = (r.random((n, 2)) < p).astype(int)
+            hap = np.isin(sex, [1]) if chrom in ("X", "Y") else np.ones(n, bool) if chrom == "MT" else np.zeros(n, bool)
+            calls = np.where(hap, np.where(a[:, 0] == 1, "1", "0"),
+                             np.array(["0/0", "0/1", "1/1"])[a.sum(1)]).astype(object)
+            het = hap & (r.random(n) < 0.04)  # a diploid het call where the sample is haploid
+            calls[het] = "0/1"
+            if chrom == "X":  # a few females with a haploid call: PLINK counts them as homozygous
+                calls[(sex == 2) & (r.random(n) < 0.02)] = "1"
+            miss = r.random(n) < 0.05
+            calls[miss & hap] = "."
+            calls[miss & ~hap] = "./."
+            g = np.where(np.isin(calls, [".", "./."]), -1, np.where(hap & ~het, 2 * a[:, 0], 0))
+            rows.append((chrom, (3_000_000 if chrom == "X" else 1000) + 17 * v, calls))
+            if chrom == "X" and v == 0:
+                dos["x0"] = g
+    ymale = np.nan_to_num(np.where(sex == 1, 0.4, 0.0)) + 0.03 * (age - 50)
+    qt = np.round(ymale + r.normal(0, 1, n), 4)
+    bin_ = (r.random(n) < 1 / (1 + np.exp(-(qt - qt.mean())))).astype(int)
+    ids = [f"S{i:04d}" for i in range(n)]
+    return ids, sex, age, qt, bin_, rows
+
+
+HEADER = ("##fileformat=VCFv4.2\n##FORMAT=<ID=GT,Number=1,Type=String,Description=\"Genotype\">\n"
+          + "".join(f"##contig=<ID={c}>\n" for c in CONTIGS))
+
+
+def write_vcf(path: Path, ids, rows, cols) -> None:
+    lines = [HEADER + "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + "\t".join(ids[i] for i in cols)]
+    for chrom, pos, calls in rows:
+        lines.append(f"{chrom}\t{pos}\t{chrom}_{pos}\tA\tG\t.\t.\t.\tGT\t" + "\t".join(calls[cols].tolist()))
+    path.write_text("\n".join(lines) + "\n")
+
+
+SEX_TEXT = {0: ["NA", "0", "", "-9"], 1: ["1", "M", "male"], 2: ["2", "F", "female"]}
+
+
+def write_samples(path: Path, ids, sex, age, qt, bin_, cols) -> None:
+    out = ["IID\tsex\tage\tQT\tBIN"]
+    for k, i in enumerate(cols):
+        s = SEX_TEXT[int(sex[i])][k % len(SEX_TEXT[int(sex[i])])]  # every PLINK spelling of a sex code
+        out.append(f"{ids[i]}\t{s}\t{age[i]}\t{qt[i]}\t{bin_[i] + 1}")
+    path.write_text("\n".join(out) + "\n")
+
+
+def make_sites(tmp: Path, data, fractions=(0.6, 0.4), policy=PLINK_EXACT_POLICY, seed=1):
+    ids, sex, age, qt, bin_, rows = data
+    n = len(ids)
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.split(perm, np.cumsum(np.round(np.asarray(fractions)[:-1] * n).astype(int)))
+    nodes = {}
+    for k, cols in enumerate(parts):
+        d = tmp / f"site{k + 1}"
+        d.mkdir(parents=True)
+        write_vcf(d / "g.vcf", ids, rows, np.sort(cols))
+        write_samples(d / "samples.tsv", ids, sex, age, qt, bin_, cols)
+        nodes[f"site{k + 1}"] = {"site": f"site{k + 1}", "vcf": str(d / "g.vcf"), "samples": str(d / "samples.tsv"),
+                                 "state_dir": str(d / "state"), "policy": json.dumps(policy)}
+    return nodes
+
+
+def pooled_reference(tmp: Path, data, args: list[str]) -> None:
+    ids, sex, age, qt, bin_, rows = data
+    write_vcf(tmp / "pooled.vcf", ids, rows, np.arange(len(ids)))
+    (tmp / "sex.txt").write_text("#IID\tSEX\n" + "".join(f"{i}\t{s}\n" for i, s in zip(ids, sex)))
+    (tmp / "p.pheno").write_text("#IID\tQT\tBIN\n" + "".join(f"{i}\t{q}\t{b + 1}\n" for i, q, b in zip(ids, qt, bin_)))
+    (tmp / "p.covar").write_text("#IID\tage\n" + "".join(f"{i}\t{a}\n" for i, a in zip(ids, age)))
+    subprocess.run(["plink2", "--vcf", "pooled.vcf", "--update-sex", "sex.txt", *args, "--out", "ref"], cwd=tmp,
+                   check=True, capture_output=True)
+
+
+def _read(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def assert_same(ours: Path, ref: Path) -> None:
+    a, b = _read(ours), _read(ref)
+    assert a[0] == b[0], f"header differs: {a[0]} vs {b[0]}"
+    assert len(a) == len(b), f"{ours.name}: {len(a) - 1} rows, PLINK has {len(b) - 1}"
+    bad = [(x, y) for x, y in zip(a, b) if x != y]
+    assert not bad, f"{ours.name}: {len(bad)} rows differ from PLINK, e.g. {bad[:3]}"
+
+
+@needs_plink2
+def test_sex_chromosome_qc_equals_pooled_plink2(tmp_path):
+    data = make_data()
+    pooled_reference(tmp_path, data, ["--freq", "cols=+pos", "--missing", "variant-only", "vcols=+pos",
+                                      "--hardy", "cols=+pos"])
+    nodes = make_sites(tmp_path / "sites", data)
+    run_plan(qc_plan(tmp_path / "out", list(nodes), qc=NO_QC), InProcessTransport(nodes))
+    for ours, ref in (("freq.afreq", "ref.afreq"), ("missing.vmiss", "ref.vmiss"), ("hardy.hardy", "ref.hardy"),
+                      ("hardy.x", "ref.hardy.x")):
+        assert_same(tmp_path / "out" / ours, tmp_path / ref)
