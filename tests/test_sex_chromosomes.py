@@ -71,15 +71,16 @@ def write_vcf(path: Path, ids, rows, cols) -> None:
 SEX_TEXT = {0: ["NA", "0", "", "-9"], 1: ["1", "M", "male"], 2: ["2", "F", "female"]}
 
 
-def write_samples(path: Path, ids, sex, age, qt, bin_, cols) -> None:
+def write_samples(path: Path, ids, sex, age, qt, bin_, cols, *, spellings: bool = True) -> None:
     out = ["IID\tsex\tage\tQT\tBIN"]
     for k, i in enumerate(cols):
-        s = SEX_TEXT[int(sex[i])][k % len(SEX_TEXT[int(sex[i])])]  # every PLINK spelling of a sex code
+        texts = SEX_TEXT[int(sex[i])] if spellings else ["NA", "1", "2"][int(sex[i]):][:1]
+        s = texts[k % len(texts)]  # every PLINK spelling of a sex code
         out.append(f"{ids[i]}\t{s}\t{age[i]}\t{qt[i]}\t{bin_[i] + 1}")
     path.write_text("\n".join(out) + "\n")
 
 
-def make_sites(tmp: Path, data, fractions=(0.6, 0.4), policy=PLINK_EXACT_POLICY, seed=1):
+def make_sites(tmp: Path, data, fractions=(0.6, 0.4), policy=PLINK_EXACT_POLICY, seed=1, spellings=True):
     ids, sex, age, qt, bin_, rows = data
     n = len(ids)
     perm = np.random.default_rng(seed).permutation(n)
@@ -89,18 +90,22 @@ def make_sites(tmp: Path, data, fractions=(0.6, 0.4), policy=PLINK_EXACT_POLICY,
         d = tmp / f"site{k + 1}"
         d.mkdir(parents=True)
         write_vcf(d / "g.vcf", ids, rows, np.sort(cols))
-        write_samples(d / "samples.tsv", ids, sex, age, qt, bin_, cols)
+        write_samples(d / "samples.tsv", ids, sex, age, qt, bin_, cols, spellings=spellings)
         nodes[f"site{k + 1}"] = {"site": f"site{k + 1}", "vcf": str(d / "g.vcf"), "samples": str(d / "samples.tsv"),
                                  "state_dir": str(d / "state"), "policy": json.dumps(policy)}
     return nodes
 
 
-def pooled_reference(tmp: Path, data, args: list[str]) -> None:
+def pooled_reference(tmp: Path, data, args: list[str], *, sex_covariate: bool = False) -> None:
     ids, sex, age, qt, bin_, rows = data
     write_vcf(tmp / "pooled.vcf", ids, rows, np.arange(len(ids)))
     (tmp / "sex.txt").write_text("#IID\tSEX\n" + "".join(f"{i}\t{s}\n" for i, s in zip(ids, sex)))
     (tmp / "p.pheno").write_text("#IID\tQT\tBIN\n" + "".join(f"{i}\t{q}\t{b + 1}\n" for i, q, b in zip(ids, qt, bin_)))
-    (tmp / "p.covar").write_text("#IID\tage\n" + "".join(f"{i}\t{a}\n" for i, a in zip(ids, age)))
+    if sex_covariate:  # the samples table's sex column as a covariate: unknown sex is a missing covariate
+        (tmp / "p.covar").write_text("#IID\tage\tsex\n" + "".join(
+            f"{i}\t{a}\t{s if s else 'NA'}\n" for i, a, s in zip(ids, age, sex)))
+    else:
+        (tmp / "p.covar").write_text("#IID\tage\n" + "".join(f"{i}\t{a}\n" for i, a in zip(ids, age)))
     subprocess.run(["plink2", "--vcf", "pooled.vcf", "--update-sex", "sex.txt", *args, "--out", "ref"], cwd=tmp,
                    check=True, capture_output=True)
 
@@ -127,3 +132,30 @@ def test_sex_chromosome_qc_equals_pooled_plink2(tmp_path):
     for ours, ref in (("freq.afreq", "ref.afreq"), ("missing.vmiss", "ref.vmiss"), ("hardy.hardy", "ref.hardy"),
                       ("hardy.x", "ref.hardy.x")):
         assert_same(tmp_path / "out" / ours, tmp_path / ref)
+
+
+def glm_plan(out: Path, sites, covariates=("age",)):
+    return qc_plan(out, list(sites), analyses=["freq", "glm"], phenotypes=["QT", "BIN"], covariates=list(covariates),
+                   qc=NO_QC)
+
+
+@needs_plink2
+@pytest.mark.parametrize("with_sex_covariate", [False, True])
+def test_sex_chromosome_glm_equals_pooled_plink2(tmp_path, with_sex_covariate):
+    """chrX: PLINK 2's default model (males 0/2, unknown sex left out, sex added as a covariate);
+    with sex already a covariate PLINK stops (VIF), fedgen adds nothing, as ``--glm no-x-sex``.
+    chrY: males only, haploid 0/1; MT: everyone haploid."""
+    from test_gwas import compare_linear, compare_logistic
+
+    data = make_data()
+    covs = ["age", "sex"] if with_sex_covariate else ["age"]
+    glm = ["--glm", "hide-covar", *(["no-x-sex"] if with_sex_covariate else [])]
+    pooled_reference(tmp_path, data, ["--pheno", "p.pheno", "--covar", "p.covar", "--covar-variance-standardize", *glm],
+                     sex_covariate=with_sex_covariate)
+    # as a covariate the column must be numeric (M/F text would make it a categorical covariate)
+    nodes = make_sites(tmp_path / "sites", data, spellings=not with_sex_covariate)
+    run_plan({**glm_plan(tmp_path / "out", nodes, covs), "missing": "drop"}, InProcessTransport(nodes))
+    compare_linear(tmp_path / "out" / "QT.glm.linear", tmp_path / "ref.QT.glm.linear")
+    compare_logistic(tmp_path / "out" / "BIN.glm.logistic.hybrid", tmp_path / "ref.BIN.glm.logistic.hybrid")
+    chroms = {r.split("\t")[0] for r in (tmp_path / "out" / "QT.glm.linear").read_text().splitlines()[1:]}
+    assert chroms == set(CONTIGS)
