@@ -255,6 +255,12 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]), state_dir=rules.state_dir if rules else None)
         C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
     C, keep = _sex_design(cohort, params, C, keep)
+    if rules is not None and params.get("sex_model") == "X":
+        # the female column sums genotypes over the women: both sexes must clear min_count
+        n_f = int(C[keep, -1].sum())
+        if 0 < n_f < rules.min_count or 0 < int(keep.sum()) - n_f < rules.min_count:
+            raise FedgenError("chrX regression: fewer than the site's min_count women or men among the samples used; "
+                              "sex as a covariate would single them out")
     if rules is not None:
         _check_indicator_cells(params, C, keep, rules.min_count)
         _check_rare_values(params, y, C, keep, rules.min_count)
