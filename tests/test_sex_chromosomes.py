@@ -22,7 +22,7 @@ NO_QC = {"maf": None, "geno": None, "hwe": None}
 CONTIGS = ("1", "X", "Y", "MT")
 
 
-def make_data(n: int = 240, seed: int = 3, n_unknown: int = 8):
+def make_data(n: int = 200, seed: int = 3, n_unknown: int = 8):
     """Samples with sex (1/2, some unknown), a QT and a binary trait, age, and calls on 1, X, Y, MT:
     males haploid on X/Y (a few diploid het calls), females diploid on X (and stray calls on Y),
     everyone haploid on MT (a few hets), missing calls everywhere."""
@@ -32,7 +32,7 @@ def make_data(n: int = 240, seed: int = 3, n_unknown: int = 8):
     age = np.round(r.normal(50, 10, n), 1)
     rows = []  # (chrom, pos, calls)
     dos = {}
-    for chrom, k in (("1", 6), ("X", 30), ("Y", 5), ("MT", 5)):
+    for chrom, k in (("1", 4), ("X", 16), ("Y", 4), ("MT", 4)):
         for v in range(k):
             p = r.uniform(0.05, 0.6)
             a = (r.random((n, 2)) < p).astype(int)

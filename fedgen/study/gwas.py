@@ -156,8 +156,12 @@ def run_association(
     out: Path,
     *,
     pca: dict[str, Any] | None = None,
+    allele_counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Association for every phenotype of the plan on the variants passing QC."""
+    """Association for every phenotype of the plan on the variants passing QC.
+
+    ``allele_counts`` (ALT count, allele observations per study variant), when given, choose A1
+    instead of ``counts`` (chrX/chrY/MT counted by sex, as PLINK 2 chooses A1 there)."""
     plan = ctx.plan
     phenos = list(plan.get("phenotypes") or [])
     analyses = set(plan.get("analyses") or [])
@@ -169,6 +173,8 @@ def run_association(
     c = np.asarray(counts, dtype=np.int64)[rows]
     alt_ct = c[:, 1] + 2 * c[:, 2]
     obs = 2 * (c[:, 0] + c[:, 1] + c[:, 2])
+    if allele_counts is not None:
+        alt_ct, obs = (np.asarray(a, dtype=np.float64)[rows] for a in allele_counts)
     a1_ref = assocstats.a1_is_ref(alt_ct, obs - alt_ct)
     covs, site_cols, cov_columns = prepare_covariates(ctx, info)
     n_pcs = int(plan.get("pcs") or 0)

@@ -276,7 +276,8 @@ def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Al
         with ctx.timed("pca"):
             results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"] & autosomal(aln), stage, info=info)
         results["files"] += results["pca"]["files"]
-    association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
+    association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"),
+                                       allele_counts=results.pop("allele_counts", None))
     results["files"] += association.pop("files")
     raw = association.pop("_raw", None)
     results["association"] = association
@@ -300,12 +301,13 @@ def run_association_step(
     stage: Path,
     *,
     pca: dict[str, Any] | None = None,
+    allele_counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Association tests (if the plan asks for them), plots, λGC and the top hits."""
     from fedgen.results.plots import lambda_gc, manhattan_qq
     from fedgen.study.gwas import run_association
 
-    res = run_association(ctx, aln, counts, qc_pass, info, stage, pca=pca)
+    res = run_association(ctx, aln, counts, qc_pass, info, stage, pca=pca, allele_counts=allele_counts)
     summary: dict[str, Any] = {}
     rows = res.get("rows")
     for pheno, r in res["association"].items():
@@ -472,7 +474,10 @@ def write_qc_outputs(
     }
     log.info("QC: %d of %d variants pass (%s)", qc_summary["pass"], len(aln),
              ", ".join(f"{k}: {qc_summary[k]}" for k in fails) or "no filters")
-    return {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
+    out_ = {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
+    if sex is not None:  # ALT count and allele observations as PLINK 2 counts them (A1 choice of --glm)
+        out_["allele_counts"] = (np.where(np.isnan(f), 0.0, f * obs), obs.astype(np.float64))
+    return out_
 
 
 def _privacy_spent(plan: dict[str, Any], ctx: StudyContext) -> dict[str, dict[str, Any]]:
