@@ -127,11 +127,19 @@ def test_sex_chromosome_qc_equals_pooled_plink2(tmp_path):
     data = make_data()
     pooled_reference(tmp_path, data, ["--freq", "cols=+pos", "--missing", "variant-only", "vcols=+pos",
                                       "--hardy", "cols=+pos"])
+    qc = {"maf": 0.15, "geno": 0.05, "hwe": 0.2}
+    subprocess.run(["plink2", "--vcf", "pooled.vcf", "--update-sex", "sex.txt", "--maf", "0.15", "--geno", "0.05",
+                    "--hwe", "0.2", "--write-snplist", "--out", "filt"], cwd=tmp_path, check=True, capture_output=True)
     nodes = make_sites(tmp_path / "sites", data)
-    run_plan(qc_plan(tmp_path / "out", list(nodes), qc=NO_QC), InProcessTransport(nodes))
+    run_plan(qc_plan(tmp_path / "out", list(nodes), qc=qc), InProcessTransport(nodes))
     for ours, ref in (("freq.afreq", "ref.afreq"), ("missing.vmiss", "ref.vmiss"), ("hardy.hardy", "ref.hardy"),
                       ("hardy.x", "ref.hardy.x")):
         assert_same(tmp_path / "out" / ours, tmp_path / ref)
+    # --maf/--geno/--hwe: chrX/chrY/MT filtered on the sex-aware statistics (chrY/MT: no HWE filter)
+    rows = _read(tmp_path / "out" / "variants.tsv")[1:]
+    kept = set((tmp_path / "filt.snplist").read_text().split())
+    assert {r[2] for r in rows if r[5] == "1"} == kept
+    assert 0 < len(kept) < len(rows) and any(k.startswith("X_") for k in kept) and any(k.startswith(("Y_", "MT_")) for k in kept)
 
 
 def glm_plan(out: Path, sites, covariates=("age",)):
