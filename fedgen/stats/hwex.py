@@ -7,8 +7,9 @@ probabilities and stopping rules as PLINK's ``HweXchrP``, so the doubles agree; 
 calls it is the autosomal test (:func:`fedgen.stats.hwe.hwe_exact_p`).
 
 The walk is sequential per variant (each row of tables starts where the previous one stopped),
-so it runs one variant at a time; its cost is the number of male allele splits times the tail
-lengths, small next to reading the genotypes.
+so it runs one variant at a time in Python, at the aggregator: about 7 ms per variant with
+5,000 women and 5,000 men (2,000 variants in 14 s), growing with the number of male allele
+splits walked.
 """
 
 from __future__ import annotations
