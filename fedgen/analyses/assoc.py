@@ -96,6 +96,10 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
         if any(float(x) <= 0 for x in pcs["sd"]):
             raise ValueError("'pcs.sd' must be positive")
         p += n
+    sm = params.get("sex_model")
+    if sm not in SEX_MODELS:
+        raise ValueError("'sex_model' must be one of X, X_nosex, Y, MT (or absent)")
+    p += sm == "X"  # chrX: sex joins the covariates
     if p > MAX_PREDICTORS:
         raise ValueError(f"the model would have {p} predictors (at most {MAX_PREDICTORS})")
     if params.get("missing", "impute") not in MISSING_MODES:
@@ -107,6 +111,45 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
 
 
 MISSING_MODES = ("impute", "drop")
+
+#: ``sex_model`` of a design (PLINK 2's default ``--xchr-model 2``): ``X`` keeps samples of known sex,
+#: codes male calls 0/2 as stored and adds a female indicator column; ``X_nosex`` (the study already
+#: has sex as a covariate; PLINK's ``--glm no-x-sex``) codes calls the same way without the extra
+#: column; ``Y`` keeps males and codes calls haploid (0/1); ``MT`` codes everyone's calls haploid.
+SEX_MODELS = (None, "X", "X_nosex", "Y", "MT")
+
+
+def _sex_design(cohort: Any, params: Mapping[str, Any], C: np.ndarray, keep: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The design's rows and columns for the contig class of ``params['sex_model']``."""
+    from fedgen.cohort.sex import FEMALE, MALE, UNKNOWN, cohort_sex
+
+    sm = params.get("sex_model")
+    if sm is None:
+        return C, keep
+    sex = cohort_sex(cohort)
+    if sm == "X":
+        keep = keep & (sex != UNKNOWN)
+        C = np.hstack([C, (sex == FEMALE).astype(np.float64)[:, None]])
+    elif sm == "Y":
+        keep = keep & (sex == MALE)
+    return C, keep
+
+
+def check_sex_model_variants(cohort: Any, req: AnalysisRequest) -> None:
+    """Every requested variant lies on the contig class the request's ``sex_model`` is for
+    (chrX/chrY/MT variants only with their model, other variants only without one)."""
+    from fedgen.cohort.sex import contig_class
+
+    idx = np.asarray(req.arrays.get("idx", []), dtype=np.int64)
+    if not len(idx) or idx.min() < 0 or idx.max() >= len(cohort.chrom):
+        return  # the variant checks report it
+    sm = req.params.get("sex_model")
+    want = "A" if sm is None else sm.split("_")[0]
+    classes = {contig_class(c) for c in np.unique(cohort.chrom[idx]).tolist()}
+    if classes != {want}:
+        raise FedgenError(f"{req.analysis}: the request's sex_model ({sm or 'none'}) does not match the contigs of "
+                          "the variants it names")
 
 
 def missing_mode(req: AnalysisRequest) -> str:
@@ -211,6 +254,13 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
 
         X = load_site_pcs(cohort, str(spec["study_id"]), int(spec["n"]), state_dir=rules.state_dir if rules else None)
         C = np.hstack([C, (X - np.asarray(spec["mean"], dtype=float)) / np.asarray(spec["sd"], dtype=float)])
+    C, keep = _sex_design(cohort, params, C, keep)
+    if rules is not None and params.get("sex_model") == "X":
+        # the female column sums genotypes over the women: both sexes must clear min_count
+        n_f = int(C[keep, -1].sum())
+        if 0 < n_f < rules.min_count or 0 < int(keep.sum()) - n_f < rules.min_count:
+            raise FedgenError("chrX regression: fewer than the site's min_count women or men among the samples used; "
+                              "sex as a covariate would single them out")
     if rules is not None:
         _check_indicator_cells(params, C, keep, rules.min_count)
         _check_rare_values(params, y, C, keep, rules.min_count)
@@ -341,6 +391,8 @@ def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, n
     pcs = params.get("pcs")
     if pcs:
         attrs += [(f"pc:{pcs['study_id']}:{k}", np.ones(n, bool)) for k in range(int(pcs["n"]))]
+    if params.get("sex_model") == "X":  # the female indicator column, summed with genotypes
+        attrs += with_complement("x:sex", C[:, -1])
     return attrs
 
 
@@ -349,7 +401,7 @@ def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
     return [_design(cohort, req.params, req.rules)[2]]
 
 
-DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing", "require"})
+DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing", "require", "sex_model"})
 MAX_PREDICTORS = 128
 MAX_LEVELS = 50
 
@@ -469,6 +521,7 @@ def assoc_counts(cohort: Any, req: AnalysisRequest):
     With ``missing: impute`` a missing call adds its imputed dosage (counts are then float).
     """
     req = _no_covariates(req)
+    check_sex_model_variants(cohort, req)
     y, _, keep = _design(cohort, req.params, req.rules)
     case = y[keep] == 1
     idx = np.asarray(req.arrays.get("idx", []))
@@ -537,12 +590,17 @@ GLM_SPEC = dict(
 
 def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run a site GLM kernel over the request's variants in sub-blocks and stack the parts."""
+    check_sex_model_variants(cohort, req)
     y, C, keep = _design(cohort, req.params, req.rules)
     impute = missing_mode(req) == "impute"
+    haploid = req.params.get("sex_model") in ("Y", "MT")
     rows = {k: _per_row(req.arrays, k) for k in per_row}
     parts, cells = [], []
     atom_cells: list[list[np.ndarray]] = [[] for _ in req.rules.cell_structures]
     for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures):
+        if haploid:  # chrY/MT calls are one allele: PLINK 2 codes them 0/1 (a het call 0.5)
+            g = np.where(g >= 0, 0.5 * g, -1.0)
+            fill = None if fill is None else 0.5 * fill
         extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
         parts.append(fn(g, y[keep], C[keep], *extra, fill=fill))
         cells.append(c)

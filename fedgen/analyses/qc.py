@@ -188,3 +188,56 @@ def genotype_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> np.ndarra
     if np.any(counts.sum(axis=1) != cohort.n_samples):
         raise FedgenError("internal check failed: genotype codes outside {0,1,2,missing}")
     return counts
+
+
+def _sex_groups(cohort) -> list[np.ndarray]:
+    """Masks of the analysed samples that are male, female and of unknown sex."""
+    from fedgen.cohort.sex import FEMALE, MALE, UNKNOWN, cohort_sex
+
+    sex = cohort_sex(cohort)
+    return [sex == MALE, sex == FEMALE, sex == UNKNOWN]
+
+
+def sex_called_count_rule(out: dict[str, np.ndarray], rules, n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Sex-split genotype counts: a group called in 1..min_count-1 of its samples at a variant is
+    reported as all-missing in that group (the rule of ``genotype_counts``, per sex group)."""
+    if not out:
+        return out, None
+    c = np.array(out["counts"], copy=True)
+    size = c.sum(axis=2)
+    called = c[:, :, :3].sum(axis=2)
+    mask = (called > 0) & (called < int(rules.min_count))
+    if mask.any():
+        c[mask] = 0
+        c[mask, 3] = size[mask]
+    return {**out, "counts": c}, mask.any(axis=1)
+
+
+@register(
+    "sex_genotype_counts",
+    Spec(
+        inputs=VARIANT_INPUTS,
+        outputs={"counts": arr("i8", "v", 3, 4)},
+        meta=frozenset({"n_samples", "suppressed"}),
+        contributors=meta_count("n_samples"),
+        suppress=sex_called_count_rule,
+        # each group is a sample set of its own: the register refuses a group of 1..min_count-1
+        # people, or one that differs from a set already released by that few (differencing)
+        sample_sets=lambda cohort, req: _sex_groups(cohort),
+        families=("g",),
+        doc="per variant and sex group (male, female, unknown sex): hom-REF, het, hom-ALT, missing counts, "
+        "for chrX/chrY/MT statistics counted by sex as PLINK 2 does",
+    ),
+)
+def sex_genotype_counts(cohort: Any, req: AnalysisRequest):
+    """(V, 3, 4) int64: genotype counts of the requested variants among males, females, unknown sex."""
+    idx, flip = _block_args(cohort, req.arrays)
+    groups = _sex_groups(cohort)
+    counts = np.empty((len(idx), 3, 4), dtype=np.int64)
+    for s in range(0, len(idx), SUB_BLOCK):
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+        for j, m in enumerate(groups):
+            gm = g[:, m]
+            for k, code in enumerate((0, 1, 2, -1)):
+                counts[s : s + SUB_BLOCK, j, k] = np.count_nonzero(gm == code, axis=1)
+    return {"counts": counts}, {"n_samples": cohort.n_samples}

@@ -64,13 +64,16 @@ def qc_pass(
     geno: float | None = None,
     hwe: float | None = None,
     hwe_p: np.ndarray | None = None,
+    freq: np.ndarray | None = None,
+    fmiss: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """PLINK's variant filters: ``--maf`` (MAF < maf fails), ``--geno`` (missing rate > geno
-    fails), ``--hwe`` (exact-test P < hwe fails). Returns one boolean "fails" array per active
+    fails), ``--hwe`` (exact-test P < hwe fails); ``freq``/``fmiss`` replace the ones the counts
+    give (sex chromosomes). Returns one boolean "fails" array per active
     filter and ``pass``.
     """
-    f, _ = variant_alt_freq(counts)
-    _, _, fmiss = variant_missing(counts)
+    f = variant_alt_freq(counts)[0] if freq is None else freq  # given: chrX/chrY/MT counted by sex
+    fmiss = variant_missing(counts)[2] if fmiss is None else fmiss
     out: dict[str, np.ndarray] = {}
     ok = np.ones(len(f), dtype=bool)
     if geno is not None:

@@ -67,8 +67,12 @@ def check_genome_builds(contigs: dict[str, dict[str, int | None]], builds: dict[
     return notes
 
 
-def align_variants(tables: dict[str, SiteVariants]) -> Alignment:
-    """Variants present at every site (autosomes only), oriented like the first site."""
+def align_variants(tables: dict[str, SiteVariants], *, sex_chroms: bool = False) -> Alignment:
+    """Variants present at every site (autosomes only, and with ``sex_chroms`` chrX, chrY, the
+    pseudo-autosomal XY and MT too), oriented like the first site."""
+    from fedgen.cohort.sex import SEX_CHROMS
+
+    extra = frozenset((*SEX_CHROMS, "XY")) if sex_chroms else frozenset()
     sites = list(tables)
     if not sites:
         raise FedgenError("no sites")
@@ -81,7 +85,7 @@ def align_variants(tables: dict[str, SiteVariants]) -> Alignment:
         non_auto = 0
         no_alt = 0
         for i, (c, p, r, a) in enumerate(zip(t.chrom, t.pos.tolist(), t.ref, t.alt)):
-            if not autosome_number(c):
+            if not autosome_number(c) and c not in extra:
                 non_auto += 1
                 continue
             if a in (".", "*", "<*>", "<NON_REF>"):

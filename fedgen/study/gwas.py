@@ -156,8 +156,12 @@ def run_association(
     out: Path,
     *,
     pca: dict[str, Any] | None = None,
+    allele_counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Association for every phenotype of the plan on the variants passing QC."""
+    """Association for every phenotype of the plan on the variants passing QC.
+
+    ``allele_counts`` (ALT count, allele observations per study variant), when given, choose A1
+    instead of ``counts`` (chrX/chrY/MT counted by sex, as PLINK 2 chooses A1 there)."""
     plan = ctx.plan
     phenos = list(plan.get("phenotypes") or [])
     analyses = set(plan.get("analyses") or [])
@@ -169,6 +173,8 @@ def run_association(
     c = np.asarray(counts, dtype=np.int64)[rows]
     alt_ct = c[:, 1] + 2 * c[:, 2]
     obs = 2 * (c[:, 0] + c[:, 1] + c[:, 2])
+    if allele_counts is not None:
+        alt_ct, obs = (np.asarray(a, dtype=np.float64)[rows] for a in allele_counts)
     a1_ref = assocstats.a1_is_ref(alt_ct, obs - alt_ct)
     covs, site_cols, cov_columns = prepare_covariates(ctx, info)
     n_pcs = int(plan.get("pcs") or 0)
@@ -191,7 +197,13 @@ def run_association(
             params["require"] = sorted(set(phenos) | set(plan.get("covariates") or []))
         summary[pheno] = {"kind": kind, "covariates": cov_columns}
         if kind == "binary" and "assoc" in analyses:
-            tasks[f"assoc:{pheno}"] = _chisq(ctx, aln, rows, a1_ref, params, out)
+            auto = sex_groups(aln, rows, params)[0]
+            a_rows = rows[auto[0]] if auto[1] is params else rows[:0]
+            if len(a_rows) < len(rows):
+                ctx.notes.append(f"{pheno}.assoc: the allelic test covers autosomes only (chrX/chrY/MT rows are in the "
+                                 "regression tables)")
+            if len(a_rows):
+                tasks[f"assoc:{pheno}"] = _chisq(ctx, aln, a_rows, a1_ref[auto[0]], params, out)
         if "glm" not in analyses:
             continue
         if kind == "binary" and ctx.sites_not_allowing("glm_logistic"):
@@ -263,10 +275,59 @@ def _note_withheld(ctx: Any, what: str, mask: np.ndarray) -> None:
         ctx.notes.append(note)
 
 
+def sex_groups(aln: Alignment, rows: np.ndarray, params: dict[str, Any]) -> list[tuple[np.ndarray, dict[str, Any], int]]:
+    """Positions in ``rows`` per contig class with the design parameters of that class and the
+    number of predictors it adds (chrX: sex as a covariate, PLINK 2's default ``--xchr-model 2``;
+    none when the study's covariates already include sex, as PLINK's ``--glm no-x-sex``)."""
+    from fedgen.cohort.sex import contig_class
+
+    cls = np.asarray([contig_class(c) for c in aln.chrom[rows].tolist()], dtype=object)
+    has_sex = any(str(cv.get("name", "")).lower() == "sex" for cv in params.get("covariates") or [])
+    out = []
+    for c in ("A", "X", "Y", "MT"):
+        sel = np.flatnonzero(cls == c)
+        if not len(sel):
+            continue
+        if c == "A":
+            out.append((sel, params, 0))
+        elif c == "X":
+            out.append((sel, {**params, "sex_model": "X_nosex" if has_sex else "X"}, 0 if has_sex else 1))
+        elif c == "Y" and has_sex:  # males only: sex is constant there, and PLINK leaves a constant covariate out
+            keep = [cv for cv in params["covariates"] if str(cv.get("name", "")).lower() != "sex"]
+            dropped = sum(1 if cv.get("kind") != "categorical" else len(cv["levels"]) - 1
+                          for cv in params["covariates"] if cv not in keep)
+            out.append((sel, {**params, "covariates": keep, "sex_model": c}, -dropped))
+        else:
+            out.append((sel, {**params, "sex_model": c}, 0))
+    return out
+
+
+def _merge_rows(parts: list[tuple[np.ndarray, dict[str, Any]]], n: int) -> dict[str, Any]:
+    """Per-row result arrays of several row groups put back in row order."""
+    out: dict[str, Any] = {}
+    for sel, r in parts:
+        for k, v in r.items():
+            v = np.asarray(v)
+            if v.ndim != 1 or len(v) != len(sel):
+                continue
+            if k not in out:
+                out[k] = np.zeros(n, dtype=v.dtype) if v.dtype.kind != "U" else np.full(n, "", dtype="<U32")
+            out[k][sel] = v
+    return out
+
+
 def _linear(ctx, aln, rows, a1_ref, params, out: Path | None) -> Task:
-    sums = yield from rows_task(ctx, "glm_linear", aln, rows, a1_ref, params)
-    r = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
-    held = _withheld(sums, len(rows))
+    parts = []
+    for sel, p, _ in sex_groups(aln, rows, params):
+        sums = yield from rows_task(ctx, "glm_linear", aln, rows[sel], a1_ref[sel], p)
+        rg = glm.linear_from_suffstats(sums["XtX"], sums["Xty"], sums["yty"], sums["n"])
+        rg["_held"] = _withheld(sums, len(sel))
+        rg["_a1"], rg["_obs"] = sums["XtX"][:, 0, 1], 2.0 * np.asarray(sums["n"], dtype=np.float64)
+        parts.append((sel, rg))
+    r = _merge_rows(parts, len(rows))
+    held = r.pop("_held")
+    sums = {"XtX": np.zeros((len(rows), 2, 2)), "n": r["_obs"] / 2}
+    sums["XtX"][:, 0, 1] = r["_a1"]
     r["errcode"] = np.where(held, WITHHELD, r["errcode"])
     if out is not None:
         _note_withheld(ctx, f"{params['phenotype']} linear", held)
@@ -331,6 +392,37 @@ def _covariates_separated(ctx, params) -> Task:
 
 
 def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -> Task:
+    """Logistic regression per contig class (see :func:`sex_groups`), one table in row order."""
+    groups = sex_groups(aln, rows, params)
+    if len(groups) == 1 and groups[0][1] is params:
+        return (yield from _logistic_rows(ctx, aln, rows, a1_ref, params, out, n_cov=n_cov))
+    parts = []
+    for sel, p, extra in groups:
+        fit = yield from _logistic_rows(ctx, aln, rows[sel], a1_ref[sel], p, None, n_cov=n_cov + extra, fit_only=True)
+        parts.append((sel, fit))
+    r = _merge_rows(parts, len(rows))
+    show = (r["err"] == ".") | (r["err"] == "UNFINISHED")
+    name = f"{params['phenotype']}.glm.logistic.hybrid"
+    p_out = np.where(show, mlog10p_from_ln(r["p_ln"]), np.nan)
+    if out is None:
+        return name, p_out
+    _note_withheld(ctx, f"{params['phenotype']} logistic", r["held"])
+    counts = None
+    if glmcols.needs_counts(_cols(ctx)):
+        cparts = []
+        for sel, p, _ in groups:
+            c = yield from _regression_counts(ctx, aln, rows[sel], a1_ref[sel], p)
+            cparts.append((sel, c))
+        counts = _merge_rows(cparts, len(rows))
+    head, body = glmcols.table(
+        _cols(ctx), variant=_variant_cols(aln, rows, a1_ref), logistic=True, firth=r["firth"], obs_ct=r["obs_ct"],
+        beta=r["beta"], beta_ln=True, se=r["se"], tz=r["z"], p_ln=r["p_ln"], errcode=r["err"].tolist(), show=show,
+        counts=counts, ci=_ci(ctx))
+    write_tsv(out / name, head, body)
+    return name, p_out
+
+
+def _logistic_rows(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int, fit_only: bool = False) -> Task:
     """Logistic IRLS with Firth fallback. Firth starts for rows as soon as they are flagged
     (zero-count cells in the first round, non-convergence later), in the same rounds as the
     IRLS rows still iterating: one batch carries both steps."""
@@ -382,6 +474,9 @@ def _logistic(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: int) -
     fidx = np.flatnonzero(firth)
     log.info("%s: logistic regression in %d rounds (%d variants with Firth)", params["phenotype"], rounds, len(fidx))
     err = np.where(held, WITHHELD, np.asarray(res["errcode"]).astype(str)).astype(str)
+    if fit_only:
+        return {"beta": res["beta"], "se": res["se"], "z": res["z"], "p_ln": res["p_ln"], "obs_ct": res["obs_ct"],
+                "firth": firth, "err": err, "held": held}
     if out is not None:
         _note_withheld(ctx, f"{params['phenotype']} logistic", held)
     show = (err == ".") | (err == "UNFINISHED")

@@ -159,6 +159,9 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
     cfg = model_settings(ctx.plan.get("model"))
     kind = phenotype_kind(info, cfg["phenotype"])
     rows, how = select_features(cfg, aln, assoc, Path(ctx.plan.get("config_dir") or "."))
+    from fedgen.study.runner import autosomal
+
+    rows = rows[autosomal(aln)[rows]]  # sites score diploid dosages: autosomes only
     # scored allele: the minor allele by pooled frequency; standardised with its pooled frequency
     f_alt, _ = variant_alt_freq(np.asarray(counts)[rows])
     flip = f_alt > 0.5

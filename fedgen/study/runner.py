@@ -187,7 +187,8 @@ def describe_sites(ctx: StudyContext) -> tuple[dict[str, Reply], Alignment]:
     for s, rep in replies.items():
         chrom, pos, ids, ref, alt = decode_variant_table(rep.arrays["variants"])
         tables[s] = SiteVariants(chrom, pos, ids, ref, alt)
-    aln = align_variants(tables)
+    # chrX/chrY/XY/MT are analysed as PLINK 2 does by exact studies (sex-split counts); DP studies keep autosomes
+    aln = align_variants(tables, sex_chroms=(plan.get("privacy") or {}).get("mode", "none") != "dp")
     log.info("%d variants shared by all %d sites", len(aln), len(replies))
     return replies, aln
 
@@ -266,15 +267,17 @@ def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Al
     analyses = list(plan.get("analyses") or ["freq", "missing", "hardy"])
     with ctx.timed("genotype_counts"):
         counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
+    sex = sex_split_counts(ctx, aln)  # chrX/chrY/MT: counted by the samples' sex, as PLINK 2 does
     with ctx.timed("write_qc"):
-        results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}))
+        results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}, sex=sex))
     if plan.get("pca") is not None:
         from fedgen.study.pca import run_pca
 
         with ctx.timed("pca"):
-            results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"], stage, info=info)
+            results["pca"] = run_pca(ctx, aln, counts, results["qc_pass"] & autosomal(aln), stage, info=info)
         results["files"] += results["pca"]["files"]
-    association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"))
+    association = run_association_step(ctx, aln, counts, results["qc_pass"], info, stage, pca=results.get("pca"),
+                                       allele_counts=results.pop("allele_counts", None))
     results["files"] += association.pop("files")
     raw = association.pop("_raw", None)
     results["association"] = association
@@ -298,12 +301,13 @@ def run_association_step(
     stage: Path,
     *,
     pca: dict[str, Any] | None = None,
+    allele_counts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Association tests (if the plan asks for them), plots, λGC and the top hits."""
     from fedgen.results.plots import lambda_gc, manhattan_qq
     from fedgen.study.gwas import run_association
 
-    res = run_association(ctx, aln, counts, qc_pass, info, stage, pca=pca)
+    res = run_association(ctx, aln, counts, qc_pass, info, stage, pca=pca, allele_counts=allele_counts)
     summary: dict[str, Any] = {}
     rows = res.get("rows")
     for pheno, r in res["association"].items():
@@ -373,31 +377,84 @@ def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info:
 
 
 
+def autosomal(aln: Alignment) -> np.ndarray:
+    """Study variants on autosomes 1-22 (PCA and risk models use only these)."""
+    from fedgen.cohort.contigs import autosome_number
+
+    return np.asarray([autosome_number(c) > 0 for c in aln.chrom.tolist()], dtype=bool)
+
+
+def sex_split_counts(ctx: StudyContext, aln: Alignment) -> tuple[np.ndarray, np.ndarray] | None:
+    """Contig class per study variant (``A``, ``X``, ``Y``, ``MT``) and, for the chrX/chrY/MT
+    variants, genotype counts per sex group summed over sites, (variants, 3, 4); None when the
+    study has no such variant."""
+    from fedgen.cohort.sex import contig_class
+
+    cls = np.asarray([contig_class(c) for c in aln.chrom.tolist()], dtype=object)
+    rows = np.flatnonzero(cls != "A")
+    if len(rows) == 0:
+        return None
+    with ctx.timed("sex_genotype_counts"):
+        part = blockwise_sum(ctx, "sex_genotype_counts", aln, key="counts", rows=rows, label="genotype counts by sex")
+    sc = np.zeros((len(aln), 3, 4), dtype=np.int64)
+    sc[rows] = part
+    return cls.astype(str), sc
+
+
 def write_qc_outputs(
-    out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any]
+    out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any],
+    sex: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass list."""
+    """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` (``hardy.x`` for chrX) and the QC pass list.
+
+    ``sex`` (from :func:`sex_split_counts`) makes chrX/chrY/MT rows count as PLINK 2 counts them.
+    """
     chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
     ref, alt = aln.ref.tolist(), aln.alt.tolist()
     pos = aln.pos
     # POS after #CHROM, as PLINK 2 writes with --freq cols=+pos, --missing vcols=+pos, --hardy cols=+pos
     written = []
     hardy = qcstats.variant_hardy(counts)
+    f, obs = qcstats.variant_alt_freq(counts)
+    m, n, fm = qcstats.variant_missing(counts)
+    auto = np.ones(len(aln), dtype=bool)
+    hwe_p = hardy["P"]
+    if sex is not None:
+        from fedgen.stats import sexqc
+
+        cls, sc = sex
+        auto = cls == "A"
+        srows = np.flatnonzero(~auto)
+        fs, obss = sexqc.sex_alt_freq(cls[srows], sc[srows])
+        ms, ns, fms = sexqc.sex_missing(cls[srows], sc[srows])
+        f, obs, m, n, fm = (np.array(a, dtype=np.result_type(a, b)) for a, b in ((f, fs), (obs, obss), (m, ms), (n, ns), (fm, fms)))
+        f[srows], obs[srows], m[srows], n[srows], fm[srows] = fs, obss, ms, ns, fms
+        xrows = np.flatnonzero(cls == "X")
+        hx = sexqc.hardy_x(sc[xrows])
+        hwe_p = np.array(hwe_p, dtype=np.float64)
+        hwe_p[~auto] = 1.0  # chrY and MT: no HWE test (--hwe keeps them)
+        hwe_p[xrows] = hx["P"]
     if "freq" in analyses:
-        f, obs = qcstats.variant_alt_freq(counts)
         write_tsv(out / "freq.afreq", ["#CHROM", "POS", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"],
                   [chrom, pos, ids, ref, alt, f, obs])
         written.append("freq.afreq")
     if "missing" in analyses:
-        m, n, fm = qcstats.variant_missing(counts)
         write_tsv(out / "missing.vmiss", ["#CHROM", "POS", "ID", "MISSING_CT", "OBS_CT", "F_MISS"], [chrom, pos, ids, m, n, fm])
         written.append("missing.vmiss")
     if "hardy" in analyses:
         cols = ["HOM_A1_CT", "HET_A1_CT", "TWO_AX_CT", "O(HET_A1)", "E(HET_A1)", "P"]
+        a = np.flatnonzero(auto)
         write_tsv(out / "hardy.hardy", ["#CHROM", "POS", "ID", "A1", "AX", *cols],
-                  [chrom, pos, ids, ref, alt, *[hardy[c] for c in cols]])
+                  [[x[i] for i in a] for x in (chrom, pos, ids, ref, alt)] + [np.asarray(hardy[c])[a] for c in cols])
         written.append("hardy.hardy")
-    filt = qcstats.qc_pass(counts, maf=qc.get("maf"), geno=qc.get("geno"), hwe=qc.get("hwe"), hwe_p=hardy["P"])
+        if sex is not None and len(xrows):
+            from fedgen.stats.sexqc import HARDY_X_COLS
+
+            write_tsv(out / "hardy.x", ["#CHROM", "POS", "ID", "A1", "AX", *HARDY_X_COLS],
+                      [[x[i] for i in xrows] for x in (chrom, pos, ids, ref, alt)] + [hx[c] for c in HARDY_X_COLS])
+            written.append("hardy.x")
+    filt = qcstats.qc_pass(counts, maf=qc.get("maf"), geno=qc.get("geno"), hwe=qc.get("hwe"), hwe_p=hwe_p,
+                           freq=f if sex is not None else None, fmiss=fm if sex is not None else None)
     fails = [k for k in ("fail_geno", "fail_maf", "fail_hwe") if k in filt]
     reason = []
     for i in range(len(aln)):
@@ -417,7 +474,10 @@ def write_qc_outputs(
     }
     log.info("QC: %d of %d variants pass (%s)", qc_summary["pass"], len(aln),
              ", ".join(f"{k}: {qc_summary[k]}" for k in fails) or "no filters")
-    return {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
+    out_ = {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
+    if sex is not None:  # ALT count and allele observations as PLINK 2 counts them (A1 choice of --glm)
+        out_["allele_counts"] = (np.where(np.isnan(f), 0.0, f * obs), obs.astype(np.float64))
+    return out_
 
 
 def _privacy_spent(plan: dict[str, Any], ctx: StudyContext) -> dict[str, dict[str, Any]]:
