@@ -135,6 +135,10 @@ def test_sex_chromosome_qc_equals_pooled_plink2(tmp_path):
     for ours, ref in (("freq.afreq", "ref.afreq"), ("missing.vmiss", "ref.vmiss"), ("hardy.hardy", "ref.hardy"),
                       ("hardy.x", "ref.hardy.x")):
         assert_same(tmp_path / "out" / ours, tmp_path / ref)
+    from fedgen.results import load_results
+
+    hx = load_results(tmp_path / "out").hardy_x  # the analyst's API reads .hardy.x too
+    assert hx is not None and len(hx) == len(_read(tmp_path / "ref.hardy.x")) - 1
     # --maf/--geno/--hwe: chrX/chrY/MT filtered on the sex-aware statistics (chrY/MT: no HWE filter)
     rows = _read(tmp_path / "out" / "variants.tsv")[1:]
     kept = set((tmp_path / "filt.snplist").read_text().split())
@@ -167,3 +171,24 @@ def test_sex_chromosome_glm_equals_pooled_plink2(tmp_path, with_sex_covariate):
     compare_logistic(tmp_path / "out" / "BIN.glm.logistic.hybrid", tmp_path / "ref.BIN.glm.logistic.hybrid")
     chroms = {r.split("\t")[0] for r in (tmp_path / "out" / "QT.glm.linear").read_text().splitlines()[1:]}
     assert chroms == set(CONTIGS)
+    # GWAS-SSF: the effect allele frequency of chrX/chrY/MT rows is the sex-aware one of freq.afreq
+    import gzip
+
+    from fedgen.results.sumstats import CHROM_CODE
+
+    afreq = {(CHROM_CODE[r[0].upper()], int(r[1]), r[3], r[4]): float(r[5])
+             for r in _read(tmp_path / "out" / "freq.afreq")[1:] if r[5] != "NA"}
+    with gzip.open(tmp_path / "out" / "sumstats" / "QT.tsv.gz", "rt") as fh:
+        ss = [line.rstrip("\n").split("\t") for line in fh]
+    col = {c: i for i, c in enumerate(ss[0])}
+    checked = 0
+    for r in ss[1:]:
+        key = int(r[col["chromosome"]]), int(r[col["base_pair_location"]])
+        ea, oa = r[col["effect_allele"]], r[col["other_allele"]]
+        alt = afreq.get((*key, oa, ea)) or afreq.get((*key, ea, oa))
+        if alt is None or key[0] < 23:
+            continue
+        expect = alt if (*key, oa, ea) in afreq else 1.0 - alt
+        assert float(r[col["effect_allele_frequency"]]) == pytest.approx(expect, abs=1e-5), r
+        checked += 1
+    assert checked > 0

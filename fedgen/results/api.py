@@ -38,6 +38,8 @@ class Results:
     freq: pd.DataFrame | None = None
     missing: pd.DataFrame | None = None
     hardy: pd.DataFrame | None = None
+    #: chrX Hardy–Weinberg (PLINK 2's ``.hardy.x``: females' genotypes, males' alleles)
+    hardy_x: pd.DataFrame | None = None
     variants: pd.DataFrame | None = None
     glm: dict[str, pd.DataFrame] = field(default_factory=dict)
     assoc: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -130,7 +132,8 @@ def load_results(path: str | Path) -> Results:
     if not mf.exists():
         raise FileNotFoundError(f"{p}: no manifest.json (not a complete fedgen results folder)")
     res = Results(path=p, manifest=json.loads(mf.read_text()))
-    for attr, name in (("freq", "freq.afreq"), ("missing", "missing.vmiss"), ("hardy", "hardy.hardy"), ("variants", "variants.tsv")):
+    for attr, name in (("freq", "freq.afreq"), ("missing", "missing.vmiss"), ("hardy", "hardy.hardy"), ("hardy_x", "hardy.x"),
+                      ("variants", "variants.tsv")):
         if (p / name).exists():
             setattr(res, attr, _read(p / name))
     for f in sorted(p.glob("*.glm.*")):

@@ -338,7 +338,7 @@ def run_association_step(
         summary[pheno] = entry
     if res.get("rows") is not None and ctx.plan.get("sumstats", True):
         with ctx.timed("sumstats"):
-            res["files"] += _write_sumstats(ctx, aln, counts, info, stage, res, summary)
+            res["files"] += _write_sumstats(ctx, aln, counts, info, stage, res, summary, allele_counts=allele_counts)
     return {"files": res["files"], **({"phenotypes": summary} if summary else {}), "_raw": res}
 
 
@@ -352,15 +352,22 @@ def genome_build(info: dict[str, Reply]) -> str | None:
 
 
 def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info: dict[str, Reply], stage: Path,
-                    res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    """GWAS-SSF files (fedgen.results.sumstats) for every regression table of the study."""
+                    res: dict[str, Any], summary: dict[str, Any],
+                    allele_counts: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+    """GWAS-SSF files (fedgen.results.sumstats) for every regression table of the study.
+
+    ``allele_counts`` (ALT alleles, allele observations per variant, as ``freq.afreq`` counts
+    them: haploid males on chrX, males only on chrY) gives the effect allele frequency; without
+    it every variant is counted diploid."""
     from fedgen.results.sumstats import write_gwas_ssf
 
     rows, a1_ref = np.asarray(res["rows"]), np.asarray(res["a1_ref"], dtype=bool)
-    c = np.asarray(counts, dtype=np.float64)[rows]
-    n_alleles = 2.0 * c[:, :3].sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        alt = (c[:, 1] + 2.0 * c[:, 2]) / n_alleles
+        if allele_counts is not None:
+            alt = np.asarray(allele_counts[0], dtype=np.float64)[rows] / np.asarray(allele_counts[1], dtype=np.float64)[rows]
+        else:
+            c = np.asarray(counts, dtype=np.float64)[rows]
+            alt = (c[:, 1] + 2.0 * c[:, 2]) / (2.0 * c[:, :3].sum(1))
     a1_freq = np.where(a1_ref, 1.0 - alt, alt)
     build = genome_build(info)
     files: list[str] = []
