@@ -59,7 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     sites = _parse_sites(args.sites)
     summary = simulate_cohorts(Path(args.out), sites=sites, n_variants=args.variants, seed=args.seed,
-                               rare_fraction=args.rare_fraction)
+                               rare_fraction=args.rare_fraction, n_chrx=args.chrx)
     log.info("simulated cohorts written to %s: %s", Path(args.out).resolve(), summary)
     return 0
 
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", type=int, default=30000, help="variants with MAF >= 1%% (default 30000)")
     s.add_argument("--rare-fraction", type=float, default=0.05,
                    help="rarer variants (MAF < 1%%) added, as a fraction of --variants (default 0.05)")
+    s.add_argument("--chrx", type=int, default=0, metavar="N",
+                   help="also N chrX variants with MAF >= 1%% (women diploid, men haploid; default 0)")
     s.set_defaults(func=cmd_simulate)
     r = sub.add_parser("run", add_help=False,
                        help="run a study (a Hydra app): fedgen run [--help] [--cfg job] [-m] [OVERRIDES]")

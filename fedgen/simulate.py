@@ -49,6 +49,12 @@ IDs are unique random ``rsNNNNNNN`` strings, genotypes are phased ``a|b``.
 Missingness: 0.3 % of calls at random are ``.|.``, and 3-5 samples per site
 have a 10-20 % missing-call rate.
 
+With ``n_chrx`` (``fedgen simulate --chrx N``) a ``chrX`` contig follows the autosomes:
+simulated like them (its own seed streams, so the autosomes are those of the same run
+without it), moved past PAR1 (positions from 2,800,001), written diploid for women and
+haploid (``0``/``1``/``.``, the first haplotype) for men, by the samples table's ``sex``.
+It carries no causal variant.
+
 Phenotypes (``samples.tsv``)
 ----------------------------
 ``sex`` (1 male, 2 female), ``age`` (site-specific mean; hk 58, sz 50),
@@ -149,6 +155,8 @@ BGZF_LEVEL = 4
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 _BIALLELIC = np.array([0, 1], dtype=np.uint8)
 MISSING_CODE = 25  # genotype code for '.|.'; called genotypes are a*5 + b
+HAPLOID_CODE = 26  # + allele: a male's chrX call 'a'; HAPLOID_CODE + 5 is a missing one '.'
+X_OFFSET = 2_800_000  # chrX variants start past PAR1 (GRCh37 ends 2,699,520; GRCh38 2,781,479)
 CHUNK = 2048  # variants per VCF text chunk
 
 
@@ -209,12 +217,15 @@ class _BgzfWriter:
 
 
 def _gt_tokens() -> np.ndarray:
-    """Lookup table: genotype code (a*5 + b, or MISSING_CODE) -> 4 bytes 'a|b\\t'."""
-    tok = np.zeros((MISSING_CODE + 1, 4), dtype=np.uint8)
+    """Lookup table: genotype code (a*5 + b, or MISSING_CODE) -> 4 bytes 'a|b\\t'; a haploid
+    code (HAPLOID_CODE + a, or + 5 for missing) -> 'a\\t' and two pad bytes the writer drops."""
+    tok = np.zeros((HAPLOID_CODE + 6, 4), dtype=np.uint8)
     for a in range(5):
         for b in range(5):
             tok[a * 5 + b] = np.frombuffer(f"{a}|{b}\t".encode(), dtype=np.uint8)
+        tok[HAPLOID_CODE + a, :2] = np.frombuffer(f"{a}\t".encode(), dtype=np.uint8)
     tok[MISSING_CODE] = np.frombuffer(b".|.\t", dtype=np.uint8)
+    tok[HAPLOID_CODE + 5, :2] = np.frombuffer(b".\t", dtype=np.uint8)
     return tok
 
 
@@ -477,17 +488,25 @@ def simulate_cohorts(
     seed: int = 1,
     progress: bool = True,
     rare_fraction: float = RARE_EXTRA,
+    n_chrx: int = 0,
 ) -> dict:
     """Simulate per-site genotypes (VCF), phenotype tables and the truth; see module doc.
 
+    ``n_chrx`` adds that many chrX variants of MAF >= 1 % (plus ``rare_fraction`` rarer ones)
+    after the autosomes: women diploid, men haploid (``0``/``1``), outside the
+    pseudo-autosomal regions; they carry no causal effect.
+
     Returns ``{"out", "seed", "sites": {site: n_vcf_samples}, "n_variants",
-    "n_common", "n_multiallelic", "chromosomes": {chrom: length}, "seconds"}``.
+    "n_common", "n_multiallelic", "n_chrx", "chromosomes": {chrom: length}, "seconds"}``.
     """
     t0 = time.perf_counter()
     out = Path(out)
     sites = dict(DEFAULT_SITES if sites is None else sites)
     _check_args(sites, n_variants)
     n_variants = int(n_variants)
+    n_chrx = int(n_chrx)
+    if n_chrx < 0:
+        raise ConfigError(f"simulate_cohorts: n_chrx must be >= 0, got {n_chrx}")
     if not 0.0 <= float(rare_fraction) <= 2.0:
         raise ConfigError(f"simulate_cohorts: rare_fraction must be between 0 and 2, got {rare_fraction}")
     site_list = _design_sites(sites, seed)
@@ -538,6 +557,13 @@ def simulate_cohorts(
             rs_ids.append([f"rs{x}" for x in rs[k:k + sel.size]])
             k += sel.size
         causal = _pick_causal(chroms, selected, rng_sel, genome_bp)
+        if n_chrx:  # after the autosomes' choices, so that those stay as without chrX
+            xchrom, xsel = _simulate_chrx(n_chrx, per_bp, dem, sets, seed, n_ind, admixed_nodes, rare_fraction)
+            chroms.append(xchrom)
+            selected.append(xsel)
+            rs_x = _rng(seed, "ids-x").choice(98_999_999, size=xsel.size, replace=False) + 100_000_000
+            rs_ids.append([f"rs{x}" for x in rs_x])
+            n_written += int(xsel.size)
         causal_rows = {(ci, r) for v in causal.values() for ci, r in v}
         dosage: dict[tuple[int, int], np.ndarray] = {}
 
@@ -552,6 +578,9 @@ def simulate_cohorts(
             r = _rng(seed, "missing", s.name)
             poor = np.sort(r.choice(s.n, size=int(r.integers(3, 6)), replace=False))
             missing.append((r, poor, r.uniform(0.10, 0.20, size=poor.size)))
+
+        # the VCF samples' sex (drawn again with the phenotypes, from the same stream)
+        males = [_covariates(_rng(seed, "covariates", s.name), s.n, s.age_mean)[0] == 1 for s in site_list]
 
         # ---- 4. write the VCFs
         tokens = _gt_tokens().view("<u4").ravel()  # code -> 4 bytes as one uint32
@@ -586,7 +615,15 @@ def simulate_cohorts(
                         np.multiply(a[:, :, 0], 5, out=code)
                         code += a[:, :, 1]
                         _add_missing(code, *missing[si])
-                        body = tokens[code].view(np.uint8)  # (rows, 4 * n) bytes
+                        if c.name == "chrX" and males[si].any():  # men: one allele, 'a' or '.'
+                            m = males[si]
+                            code[:, m] = np.where(code[:, m] == MISSING_CODE, HAPLOID_CODE + 5,
+                                                  HAPLOID_CODE + a[:, m, 0])
+                            keep = np.ones((s.n, 4), dtype=bool)
+                            keep[m, 2:] = False
+                            body = tokens[code].view(np.uint8)[:, keep.ravel()]
+                        else:
+                            body = tokens[code].view(np.uint8)  # (rows, 4 * n) bytes
                         body[:, -1] = ord("\n")
                         writers[si].write(b"".join(p + b.tobytes() for p, b in zip(prefixes, body)))
                     pr.advance(task, rows.size)
@@ -611,11 +648,32 @@ def simulate_cohorts(
         "n_variants": n_written,
         "n_common": n_common_written,
         "n_multiallelic": n_multi,
+        "n_chrx": int(selected[-1].size) if n_chrx else 0,
         "chromosomes": {c.name: c.length for c in chroms},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("simulated cohorts: %s", summary)
     return summary
+
+
+def _simulate_chrx(n_chrx: int, per_bp: float, dem: msprime.Demography, sets: list[msprime.SampleSet],
+                   seed: int, n_ind: int, admixed_nodes: np.ndarray, rare_fraction: float
+                   ) -> tuple[_Chrom, np.ndarray]:
+    """chrX with about ``n_chrx`` common variants (simulated like an autosome; the writer makes
+    men haploid), positions moved past PAR1; and the rows to write."""
+    length = max(10_000, int(round(OVERSAMPLE * n_chrx / per_bp)))
+    for _ in range(4):
+        c = _simulate_chrom("chrX", length, dem, sets, seed, np.zeros(n_ind), admixed_nodes,
+                            int(np.ceil(rare_fraction * n_chrx)))
+        if int(np.sum(c.maf >= MIN_MAF)) >= n_chrx:
+            break
+        length = int(length * 1.5)
+    else:
+        raise RuntimeError(f"only {int(np.sum(c.maf >= MIN_MAF))} common chrX variants")
+    sel = _select([c], n_chrx, _rng(seed, "select-x"), rare_fraction)[0]
+    c.pos = c.pos + X_OFFSET
+    c.length = c.length + X_OFFSET
+    return c, sel
 
 
 def _add_missing(code: np.ndarray, rng: np.random.Generator, poor: np.ndarray,

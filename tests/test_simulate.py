@@ -251,3 +251,50 @@ def test_phenotypes_confounded_by_ancestry(cohort):
     south, north = tab[tab.north_fraction < 0.01], tab[tab.north_fraction > 0.99]
     assert south["T2D"].mean() > north["T2D"].mean() + 0.03
     assert north["LDL"].mean() > south["LDL"].mean() + 0.05
+
+
+def test_chrx_men_haploid_and_qc_equals_pooled_plink2(tmp_path):
+    """``--chrx``: men's chrX calls are haploid (by the samples table's sex), the autosomes are
+    those of the same run without chrX, and federated chrX QC equals pooled PLINK 2 with the sexes set."""
+    plink2 = shutil.which("plink2")
+    out = tmp_path / "x"
+    summary = simulate_cohorts(out, sites={"a": 140, "b": 110}, n_variants=400, seed=5, progress=False, n_chrx=80)
+    assert summary["n_chrx"] >= 80 and "chrX" in summary["chromosomes"]
+    simulate_cohorts(tmp_path / "plain", sites={"a": 140, "b": 110}, n_variants=400, seed=5, progress=False)
+    assert (out / "a" / "samples.tsv").read_bytes() == (tmp_path / "plain" / "a" / "samples.tsv").read_bytes()
+    for site in ("a", "b"):
+        sex = pd.read_csv(out / site / "samples.tsv", sep="\t").set_index("IID")["sex"]
+        with pysam.VariantFile(str(out / site / "genotypes.vcf.gz")) as vf:
+            recs = list(vf)
+        auto = [(r.chrom, r.pos, r.alleles) for r in recs if r.chrom != "chrX"]
+        with pysam.VariantFile(str(tmp_path / "plain" / site / "genotypes.vcf.gz")) as vf:
+            assert auto == [(r.chrom, r.pos, r.alleles) for r in vf]
+        x = [r for r in recs if r.chrom == "chrX"]
+        assert len(x) == summary["n_chrx"] and min(r.pos for r in x) > 2_781_479  # past PAR1
+        for name, call in x[0].samples.items():
+            if name in sex.index:
+                assert (len(call["GT"]) == 1) == (sex[name] == 1), name
+    if plink2 is None:
+        pytest.skip("plink2 not installed")
+    from conftest import qc_plan
+
+    from fedgen.federation.transport import InProcessTransport
+    from fedgen.study.runner import run_plan
+
+    nodes = {s: {"site": s, "vcf": str(out / s / "genotypes.vcf.gz"), "samples": str(out / s / "samples.tsv"),
+                 "state_dir": str(tmp_path / f"state-{s}")} for s in ("a", "b")}
+    run_plan(qc_plan(tmp_path / "res", ["a", "b"], qc={}), InProcessTransport(nodes))
+    subprocess.run(["bcftools", "merge", "-Oz", "-o", str(tmp_path / "pooled.vcf.gz"),
+                    *(str(out / s / "genotypes.vcf.gz") for s in ("a", "b"))], check=True)
+    tables = pd.concat([pd.read_csv(out / s / "samples.tsv", sep="\t") for s in ("a", "b")])
+    tables[["IID", "sex"]].rename(columns={"IID": "#IID", "sex": "SEX"}).to_csv(tmp_path / "sex.txt", sep="\t", index=False)
+    (tmp_path / "keep.txt").write_text("\n".join(tables["IID"]) + "\n")  # fedgen analyses the table's people
+    subprocess.run([plink2, "--vcf", str(tmp_path / "pooled.vcf.gz"), "--update-sex", str(tmp_path / "sex.txt"),
+                    "--keep", str(tmp_path / "keep.txt"), "--freq", "cols=+pos", "--out", str(tmp_path / "ref")],
+                   check=True, capture_output=True)
+    ours = pd.read_csv(tmp_path / "res" / "freq.afreq", sep="\t", dtype=str)
+    ref = pd.read_csv(tmp_path / "ref.afreq", sep="\t", dtype=str)
+    ours_x = ours[ours["#CHROM"].isin(["X", "chrX"])].reset_index(drop=True)
+    ref_x = ref[ref["#CHROM"].isin(["X", "chrX"])].reset_index(drop=True)
+    assert len(ours_x) == summary["n_chrx"]
+    assert ours_x[["POS", "ALT_FREQS", "OBS_CT"]].equals(ref_x[["POS", "ALT_FREQS", "OBS_CT"]])
