@@ -43,14 +43,16 @@ from fedgen.fileio import atomic_write_text
 log = logging.getLogger("fedgen.results")
 
 REPORT_NAME = "report.html"
-#: points at or below this −log10 P may be thinned in the Manhattan and QQ plots
-KEEP_MLOG10P = 2.0
-#: at most this many points with −log10 P > KEEP_MLOG10P per Manhattan plot (the strongest)
-MAX_STRONG_POINTS = 30_000
-#: at most this many of the other points per Manhattan plot (a random sample)
-MAX_BULK_POINTS = 20_000
-#: at most this many thinned points per QQ plot
-MAX_QQ_BULK_POINTS = 2_000
+# thinning of big studies' plots: shared with the PNG plots (fedgen.results.plots)
+from fedgen.results.plots import (  # noqa: E402,F401
+    KEEP_MLOG10P,
+    MAX_BULK_POINTS,
+    MAX_QQ_BULK_POINTS,
+    MAX_STRONG_POINTS,
+    qq_keep,
+    thin_indices,
+)
+
 GENOME_WIDE = -np.log10(5e-8)
 COLOURS = ("#1f4e79", "#7fa7d1")
 SITE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -134,25 +136,6 @@ def _genome_x(chrom: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, list[tupl
     return x, ticks, order
 
 
-def thin_indices(m: np.ndarray, *, keep_above: float = KEEP_MLOG10P, max_strong: int = MAX_STRONG_POINTS,
-                 max_bulk: int = MAX_BULK_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to plot, as (strong, bulk) row indices (each sorted).
-
-    Strong: every row with −log10 P > ``keep_above``, or the ``max_strong`` strongest of them
-    when there are more (a large null-ish study has 1 % of its variants below P = 0.01). Bulk:
-    a seeded random sample of at most ``max_bulk`` of the other rows with a P value."""
-    has_p = ~np.isnan(m)
-    strong = np.flatnonzero(has_p & (m > keep_above))
-    if len(strong) > max_strong:
-        strong = np.sort(strong[np.argsort(-m[strong], kind="stable")[:max_strong]])
-    rest = np.ones(len(m), bool)
-    rest[strong] = False
-    bulk = np.flatnonzero(has_p & rest)
-    if len(bulk) > max_bulk:
-        bulk = np.sort(np.random.default_rng(seed).choice(bulk, max_bulk, replace=False))
-    return strong, bulk
-
-
 def _hover(ids: np.ndarray, chrom: np.ndarray, pos: np.ndarray, m: np.ndarray) -> list[str]:
     return [f"{i if i != '.' else ''} {c}:{p}<br>P = {p_text(v)}" for i, c, p, v in zip(ids, chrom, pos, m)]
 
@@ -208,11 +191,7 @@ def qq_figure(df: pd.DataFrame, title: str, *, lambda_without_pcs: float | None 
     lam = lambda_gc(mlog10p=obs)
     n = len(obs)
     exp = -np.log10((np.arange(1, n + 1) - 0.5) / max(n, 1))
-    is_strong = (exp > KEEP_MLOG10P) | (obs > KEEP_MLOG10P)
-    strong, bulk = np.flatnonzero(is_strong), np.flatnonzero(~is_strong)
-    if len(bulk) > max_bulk:
-        bulk = bulk[np.unique(np.linspace(0, len(bulk) - 1, max_bulk).round().astype(int))]
-    keep = np.sort(np.concatenate([strong, bulk]))
+    keep = qq_keep(exp, obs, max_bulk=max_bulk)
     finite_max = float(obs[np.isfinite(obs)].max()) if np.isfinite(obs).any() else 1.0
     y = np.where(np.isinf(obs[keep]), finite_max * 1.05 + 1, obs[keep])
     lim = float(exp.max()) if n else 1.0
