@@ -82,17 +82,17 @@ def test_every_site_required_by_default_stops_with_a_clear_error_and_writes_noth
     out = tmp_path / "out"
     at = reference["rounds"]  # late: during association
     tr = Faulty(nodes, {"site3": at})
-    with pytest.raises(FedgenError) as err:
+    with pytest.raises(SiteError) as err:
         run_plan(_plan(out, nodes), tr)
     msg = str(err.value)
-    assert "\n" not in msg and not isinstance(err.value, SiteError)
-    assert msg.startswith(f"site site3 failed during ") and f"(round {at}): did not answer within 600 s" in msg
+    assert "\n" not in msg and err.value.site == "site3"
+    assert msg.startswith("site site3: failed during association ") and f"(round {at}): did not answer within 600 s" in msg
     assert "federation.min_sites=3" in msg and "all sites" in msg and "no results were written" in msg
     assert not out.exists() and _leftovers(out) == []  # nothing presented, complete or not
     assert len(tr.asked) == at - 1  # no restart
     # an explicit min_sites equal to the number of sites behaves the same
     out2 = tmp_path / "out2"
-    with pytest.raises(FedgenError, match="site site3 failed during genotype_counts .*min_sites=3"):
+    with pytest.raises(FedgenError, match="site site3: failed during genotype_counts .*min_sites=3"):
         run_plan(_plan(out2, nodes, min_sites=3), Faulty(nodes, {"site3": 2}))
     assert not out2.exists()
     # relaunched once site3 is back: resumes from the journal (answered rounds not asked again), all sites
@@ -156,7 +156,7 @@ def test_fewer_than_min_sites_left_stops_the_study(nodes, reference, tmp_path):
     with pytest.raises(FedgenError) as err:
         run_plan(_plan(out, nodes, min_sites=2), tr)
     msg = str(err.value)
-    assert msg.startswith("site site2 failed during ") and "(round 6)" in msg  # the restart's 3rd round
+    assert msg.startswith("site site2: failed during genotype_counts (round 6)")  # the restart's 2nd round
     assert "at least 2 sites" in msg and "only 1 would be left (site1)" in msg and "no results were written" in msg
     assert "dropped earlier: site site3" in msg
     assert not out.exists() and _leftovers(out) == []
@@ -198,8 +198,7 @@ def _spent(nc) -> float:
     return Ledger(Path(nc["state_dir"]) / LEDGER_FILE, epsilon_budget=100, delta=1e-6).spent()["epsilon"]
 
 
-def test_dp_dropped_site_epsilon_is_reported_truthfully(data, tmp_path):
-    nodes = split_sites(data, tmp_path / "sites", [0.4, 0.35, 0.25], seed=9)
+def test_dp_dropped_site_epsilon_is_reported_truthfully(nodes, tmp_path):
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc", "topk"],
                    phenotypes=["BIN"], covariates=[], qc=NO_QC, block_size=60, pca=None, pcs=0, min_sites=2)
     plan["privacy"] = {"mode": "dp", "epsilon": 2.0, "delta": 1e-6, "topk": 5, "force": True}

@@ -321,12 +321,14 @@ def _drop_sites(ctx: StudyContext, exc: SiteError, survivors: list[str], dropped
     before = "".join(f"; dropped earlier: site {d['site']} during {d['phase']} ({d['reason']})" for d in dropped)
     if len(left) < min_sites:
         rule = ("all sites" if min_sites == len(survivors) + len(dropped) else f"at least {min_sites} sites")
-        raise FedgenError(f"{what}. The study needs {rule} (federation.min_sites={min_sites}) and only "
-                          f"{len(left)} would be left ({', '.join(left) or 'none'}), so it stopped; no results were "
-                          f"written{before}") from None
+        first, *others = failed
+        also = "".join(f"; site {s} failed too: {failed[s]}" for s in others)
+        raise SiteError(first, f"failed during {phase} (round {rnd}): {failed[first]}{also}. The study needs {rule} "
+                        f"(federation.min_sites={min_sites}) and only {len(left)} would be left "
+                        f"({', '.join(left) or 'none'}), so it stopped; no results were written{before}") from None
     if not hasattr(ctx.transport, "drop_site"):
-        raise FedgenError(f"{what}; this transport cannot continue without a site, so the study stopped; no results "
-                          "were written") from None
+        raise FedgenError(f"{what}; this transport cannot drop a site, so the study stopped; no results were "
+                          "written") from None
     spent = _privacy_spent(ctx.plan, ctx)
     for site, reason in failed.items():
         ctx.transport.drop_site(site)
