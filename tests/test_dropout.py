@@ -212,3 +212,64 @@ def test_dp_dropped_site_epsilon_is_reported_truthfully(nodes, tmp_path):
         assert m["sites"][s]["epsilon_spent"] == pytest.approx(_spent(nodes[s]) - before[s], rel=1e-9)
         assert m["sites"][s]["epsilon_spent"] > d["epsilon_spent"]
     assert any("site3 dropped out" in n and "ε" in n for n in m["notes"])
+
+
+@pytest.mark.slow
+def test_fedgen_run_on_flower_with_a_supernode_killed_by_pid_continues_on_the_others(tmp_path):
+    """A real `fedgen run` (SuperLink + three SuperNodes on loopback, federation.min_sites=2): one
+    site's SuperNode process is killed mid-study; the study restarts on the other two and its QC
+    results equal the in-process study over those two."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    from fedgen.study.journal import LOG, _scan
+
+    data = make_synth(300, 160, seed=8, missing_rate=0.01)
+    nodes = split_sites(data, tmp_path / "sites", [0.4, 0.35, 0.25], seed=1)
+    cfg = tmp_path / "cfg" / "sites"
+    cfg.mkdir(parents=True)
+    (cfg / "mine.yaml").write_text(yaml.safe_dump({s: {"vcf": c["vcf"], "samples": c["samples"]} for s, c in nodes.items()}))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "fedgen.cli", "run", "sites=mine", f"hydra.searchpath=[file://{tmp_path / 'cfg'}]",
+            "study=qc", f"output_dir={out}", "study.block_size=1", "federation.min_sites=2", "federation.timeout=30"]
+    repo = str(Path(__file__).resolve().parent.parent)  # this checkout's fedgen in every process
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = journal_dir(out) / LOG
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and len(_scan(log)[0]) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the study finished before a site could be killed"
+        node = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "fedgen.federation.supernode" in " ".join(p.cmdline()) and any(a.endswith("site3.toml") for a in p.cmdline())]
+        assert len(node) == 1
+        tree = [node[0], *node[0].children(recursive=True)]
+        for p in tree:  # site3's SuperNode and its worker, by pid
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "fedgen: warning: site site3 dropped out during" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert [d["site"] for d in m["dropped"]] == ["site3"] and set(m["sites"]) == {"site1", "site2"}
+    assert m["sites_contributed"]["outputs"]["freq.afreq"] == ["site1", "site2"]
+    two = {s: nodes[s] for s in ("site1", "site2")}
+    ref = tmp_path / "ref"
+    run_plan(qc_plan(ref, list(two), qc=m["qc"]["filters"], block_size=50), InProcessTransport(two))
+    for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "variants.tsv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
