@@ -52,7 +52,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def data():
-    return make_synth(240, 150, seed=21, missing_rate=0.02)
+    return make_synth(200, 100, seed=21, missing_rate=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,40 @@ def test_dropout_restarts_on_the_survivors_and_results_equal_their_pooled_study(
     # the rounds really sent (both attempts and the failed one) are counted; the journal is gone
     assert m["rounds"] == len(tr.asked) + 1 and not journal_dir(out).exists()
     assert json.loads((out / "manifest.json").read_text())["dropped"][0]["site"] == "site3"
+
+
+class Killed(BaseException):
+    """The aggregator process dies here."""
+
+
+def test_aggregator_killed_after_a_dropout_resumes_on_the_survivors(nodes, reference, tmp_path):
+    out = tmp_path / "out"
+    at = reference["rounds"]
+
+    class Dies(Faulty):
+        def query_many(self, requests):
+            if self.rounds + 1 == at + 3:  # the restart's 3rd round
+                raise Killed()
+            return super().query_many(requests)
+
+    with pytest.raises(Killed):
+        run_plan(_plan(out, nodes, min_sites=2), Dies(nodes, {"site3": at}))
+    assert not out.exists() and journal_dir(out).exists()
+    # relaunched, site3 still gone: the journal answers the first attempt's rounds; the failed round
+    # is asked again (site3 may be back), fails again, and the restart is asked live
+    tr = Faulty(nodes, {"site3": 1})
+    m = run_plan(_plan(out, nodes, min_sites=2), tr)
+    assert m["resumed"]["rounds_replayed"] == at - 1
+    assert [d["site"] for d in m["dropped"]] == ["site3"] and all(a == {"site1", "site2"} for a in tr.asked)
+    got = _files(out)
+    assert [k for k in reference["two"] if got.get(k) != reference["two"][k]] == []
+    # relaunched after the same kill with site3 back: the study goes on with all three sites
+    out2 = tmp_path / "out2"
+    with pytest.raises(Killed):
+        run_plan(_plan(out2, nodes, min_sites=2), Dies(nodes, {"site3": at}))
+    m = run_plan(_plan(out2, nodes, min_sites=2), Faulty(nodes))
+    assert m["dropped"] == [] and set(m["sites"]) == {"site1", "site2", "site3"}
+    assert m["resumed"]["rounds_replayed"] == at - 1
 
 
 @needs_plink2
