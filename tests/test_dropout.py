@@ -219,6 +219,27 @@ class _Both(InProcessTransport):
         return [InProcessTransport.query(self, r) for r in requests]
 
 
+def test_flower_transport_reports_every_failed_site_and_stops_asking_a_dropped_one(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_federation_flower import FakeGrid
+
+    for key, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp task
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    from fedgen.federation.flower import FlowerTransport
+
+    grid = FakeGrid({11: {"site": "hk"}, 22: {"site": "sz"}, 33: {"site": "xx"}})
+    t = FlowerTransport(grid, expected_sites=["hk", "sz", "xx"], connect_timeout=2, timeout=0.3)
+    grid.silent |= {22, 33}
+    with pytest.raises(SiteError) as ei:
+        t.query_many([Request("ping"), Request("ping")])
+    assert ei.value.failed == {"sz": "did not answer within 0.3 s", "xx": "did not answer within 0.3 s"}
+    t.drop_site("sz")
+    t.drop_site("xx")
+    sent = grid.sent
+    assert list(t.query(Request("ping"))) == ["hk"] and grid.sent == sent + 1 and t.sites() == ["hk"]
+
+
 def test_min_sites_must_be_between_one_and_the_number_of_sites():
     assert resolve_min_sites(None, 3) == 3 and resolve_min_sites(1, 3) == 1
     for bad in (0, 4, -1, 1.5, True, "2"):
