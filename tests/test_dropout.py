@@ -97,7 +97,7 @@ def test_every_site_required_by_default_stops_with_a_clear_error_and_writes_noth
     assert not out2.exists()
     # relaunched once site3 is back: resumes from the journal (answered rounds not asked again), all sites
     m = run_plan(_plan(out, nodes), Faulty(nodes))
-    assert m["resumed"] == {"rounds_replayed": at - 1, "rounds_live": 1} and m["dropped"] == []
+    assert m["resumed"] == {"rounds_replayed": at - 1, "rounds_live": 1} and m["dropped"] == [] and m["attempts"] == 1
     assert set(m["sites"]) == {"site1", "site2", "site3"} and m["min_sites"] == 3
 
 
@@ -267,6 +267,10 @@ def test_dp_dropped_site_epsilon_is_reported_truthfully(nodes, tmp_path):
         assert m["sites"][s]["epsilon_spent"] == pytest.approx(_spent(nodes[s]) - before[s], rel=1e-9)
         assert m["sites"][s]["epsilon_spent"] > d["epsilon_spent"]
     assert any("site3 dropped out" in n and "ε" in n for n in m["notes"])
+    from fedgen.results.report import epsilon_figure
+
+    bars = epsilon_figure(m).data[0]
+    assert list(bars.x) == ["site1", "site2", "site3 (dropped)"] and bars.y[2] == pytest.approx(d["epsilon_spent"])
 
 
 @pytest.mark.slow

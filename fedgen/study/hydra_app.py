@@ -61,6 +61,8 @@ def _headline(manifest: dict[str, Any]) -> dict[str, Any]:
     for site, info in (manifest.get("sites") or {}).items():
         if isinstance(info, dict) and info.get("epsilon_spent") is not None:
             out[f"epsilon_spent_{site}"] = round(float(info["epsilon_spent"]), 6)
+    for d in manifest.get("dropped") or []:
+        out[f"epsilon_spent_{d['site']}"] = round(float(d.get("epsilon_spent") or 0.0), 6)
     out["rounds"] = manifest.get("rounds", "")
     out["wall_seconds"] = manifest.get("wall_seconds", "")
     return out

@@ -357,12 +357,12 @@ def _dropout_manifest(ctx: StudyContext, dropped: list[dict[str, Any]], min_site
             "phases": {p: list(survivors) for p in phases},
         },
         "dropped": dropped,
+        "attempts": 1 + len({d["rounds_discarded"] for d in dropped}),
     }
     if dropped:
         spent = _privacy_spent(ctx.plan, ctx)
         for d in dropped:  # its releases before it dropped out still count (the site's ledger keeps them)
             d["epsilon_spent"] = spent.get(d["site"], {}).get("epsilon", d["epsilon_spent"])
-        out["attempts"] = 1 + len({d["rounds_discarded"] for d in dropped})
         notes = list(manifest.get("notes") or [])
         for d in dropped:
             eps = f"; ε it spent before (in its own ledger too): {d['epsilon_spent']:.6g}" if d["epsilon_spent"] else ""
