@@ -349,6 +349,10 @@ class FlowerTransport:
     def sites(self) -> list[str]:
         return list(self._node_of)
 
+    def drop_site(self, site: str) -> None:
+        """Stop asking ``site`` (it dropped out; see ``federation.min_sites``)."""
+        self._node_of.pop(site, None)
+
     def node_ids(self) -> dict[str, int]:
         """Site name → Flower node id."""
         return dict(self._node_of)
@@ -555,4 +559,6 @@ def _raise_first(errors: Mapping[str, str], order: Iterable[str]) -> None:
     msg = errors[first]
     if len(ordered) > 1:
         msg += "; also failed: " + "; ".join(f"site {s}: {errors[s]}" for s in ordered[1:])
-    raise SiteError(first, msg)
+    exc = SiteError(first, msg)
+    exc.failed = {s: errors[s] for s in ordered}  # type: ignore[attr-defined]  # every site that failed this round
+    raise exc

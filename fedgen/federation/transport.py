@@ -65,6 +65,10 @@ class InProcessTransport:
     def sites(self) -> list[str]:
         return list(self._configs)
 
+    def drop_site(self, site: str) -> None:
+        """Stop asking ``site`` (it dropped out; see ``federation.min_sites``)."""
+        self._configs.pop(site, None)
+
     def query(self, request: Request) -> dict[str, Reply]:
         from fedgen.analyses import execute
         from fedgen.errors import FedgenError, SiteError

@@ -213,6 +213,9 @@ def epsilon_figure(manifest: dict[str, Any]):
     sites = manifest.get("sites") or {}
     names = list(sites)
     eps = [float(sites[s].get("epsilon_spent") or 0.0) for s in names]
+    for d in manifest.get("dropped") or []:  # a site that dropped out spent ε before it did
+        names.append(f"{d['site']} (dropped)")
+        eps.append(float(d.get("epsilon_spent") or 0.0))
     fig = go.Figure(go.Bar(x=names, y=eps, marker={"color": [SITE_COLOURS[i % len(SITE_COLOURS)] for i in range(len(names))]},
                            text=[f"ε = {e:.3g}" for e in eps], textposition="outside", name="ε spent"))
     budget = (manifest.get("privacy") or {}).get("epsilon")

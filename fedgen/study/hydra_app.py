@@ -43,6 +43,14 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("fedgen_safe", _safe_name)
 
 
+def _warn_dropped(manifest: dict[str, Any]) -> None:
+    """Say on stderr which sites dropped out (federation.min_sites) and whom the results are over."""
+    for d in manifest.get("dropped") or []:
+        print(f"fedgen: warning: site {d['site']} dropped out during {d['phase']} ({d['reason']}); every result is "
+              f"over {', '.join(manifest.get('sites') or [])} only (federation.min_sites={manifest.get('min_sites')})",
+              file=sys.stderr)
+
+
 def _headline(manifest: dict[str, Any]) -> dict[str, Any]:
     """The figures a sweep summary shows per job (those the study that ran has)."""
     variants = manifest.get("variants") or {}
@@ -53,6 +61,8 @@ def _headline(manifest: dict[str, Any]) -> dict[str, Any]:
     for site, info in (manifest.get("sites") or {}).items():
         if isinstance(info, dict) and info.get("epsilon_spent") is not None:
             out[f"epsilon_spent_{site}"] = round(float(info["epsilon_spent"]), 6)
+    for d in manifest.get("dropped") or []:
+        out[f"epsilon_spent_{d['site']}"] = round(float(d.get("epsilon_spent") or 0.0), 6)
     out["rounds"] = manifest.get("rounds", "")
     out["wall_seconds"] = manifest.get("wall_seconds", "")
     return out
@@ -93,6 +103,7 @@ def _task(cfg: Any) -> None:
         except FedgenError as exc:  # our message, exit 2 (Hydra would print its own and exit 1)
             print(f"fedgen: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        _warn_dropped(manifest)
         print(f"Results: {manifest['output_dir']}")
         return
     job_dir = Path(hc.runtime.output_dir)
@@ -108,8 +119,9 @@ def _task(cfg: Any) -> None:
         row["status"] = f"failed: {exc}"
         print(f"fedgen: job {hc.job.num} ({overrides}) failed: {exc}", file=sys.stderr)
     else:
-        row["status"] = "ok"
+        row["status"] = "ok" + "".join(f" (dropped: {d['site']})" for d in manifest.get("dropped") or [])
         row.update(_headline(manifest))
+        _warn_dropped(manifest)
         print(f"Results: {manifest['output_dir']}")
     _append_summary(job_dir.parent, row)
 

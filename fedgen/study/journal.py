@@ -52,8 +52,12 @@ IDENTITY = "identity.json"
 LOG = "rounds.log"
 LOCK = "lock"
 #: plan keys that do not change what the study asks or computes
-VOLATILE = ("study_id", "status_file", "timeout", "connect_timeout", "run_timeout", "poll", "max_poll", "resume")
-VOLATILE_FED = ("timeout", "connect_timeout", "run_timeout", "poll", "max_poll", "workdir", "keep_logs", "resume")
+#: (min_sites: how many sites may drop out; a relaunch with another value still resumes, and a
+#: round asked of other sites than the journal recorded has another digest anyway)
+VOLATILE = ("study_id", "status_file", "timeout", "connect_timeout", "run_timeout", "poll", "max_poll", "resume",
+            "min_sites")
+VOLATILE_FED = ("timeout", "connect_timeout", "run_timeout", "poll", "max_poll", "workdir", "keep_logs", "resume",
+                "min_sites")
 
 
 def journal_dir(output_dir: str | Path) -> Path:

@@ -47,6 +47,12 @@ def _site_policy(site: str, policy: Any, base: Path) -> str:
     return str(path)
 
 
+def _min_sites(value: Any, n_sites: int) -> int | None:
+    from fedgen.study.runner import resolve_min_sites
+
+    return None if value is None else resolve_min_sites(value, n_sites)
+
+
 def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
     """Validate a composed config and return (plan, node_configs)."""
     from omegaconf import OmegaConf
@@ -164,6 +170,9 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         # resume an interrupted study with the same output_dir and plan from its journal
         # (fedgen.study.journal); false: move an old journal aside and start afresh
         "resume": bool(fed.get("resume", True)),
+        # a site that drops out mid-study: with at least min_sites left the study restarts on the
+        # others, else it stops with an error (None: every site is needed; fedgen.study.runner)
+        "min_sites": _min_sites(fed.get("min_sites"), len(node_configs)),
         "privacy": resolved.get("privacy") or {"mode": "none"},
         "config": resolved,
     }

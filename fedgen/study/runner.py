@@ -20,7 +20,7 @@ import numpy as np
 
 import fedgen
 from fedgen.analyses.qc import decode_variant_table
-from fedgen.errors import FedgenError
+from fedgen.errors import ConfigError, FedgenError, SiteError
 from fedgen.federation.transport import Reply, Request, Transport
 from fedgen.stats import qc as qcstats
 from fedgen.stats.pvalues import p_text
@@ -57,10 +57,16 @@ class StudyContext:
         for request in requests:
             if not request.study_id:
                 request.study_id = str(self.plan.get("study_id") or "")
-        if len(requests) == 1:
-            out = [self.transport.query(requests[0])]
-        else:
-            out = self.transport.query_many(requests)
+        try:
+            if len(requests) == 1:
+                out = [self.transport.query(requests[0])]
+            else:
+                out = self.transport.query_many(requests)
+        except SiteError as exc:  # where the study was when the site failed (for the drop-out rules)
+            exc.phase = getattr(self, "phase", None) or "+".join(sorted({r.analysis for r in requests}))  # type: ignore[attr-defined]
+            self.rounds += 1  # sent (the other sites may have answered it), so counted
+            exc.round = self.rounds  # type: ignore[attr-defined]
+            raise
         self.rounds += 1
         for site in out[0]:
             self.messages[site] = self.messages.get(site, 0) + 1
@@ -77,6 +83,13 @@ class StudyContext:
             priv = r.meta.get("privacy")
             if priv:  # a differentially private release: record what it cost this site
                 self.privacy_releases.append({"site": site, "analysis": request.analysis, **priv})
+
+    def carry_over(self, prev: "StudyContext") -> None:
+        """Keep what an abandoned attempt (before a site dropped out) really cost: bytes, messages,
+        rounds, time and every differentially private release (the sites' ledgers keep them)."""
+        self.bytes_sent, self.messages = dict(prev.bytes_sent), dict(prev.messages)
+        self.rounds, self.phase_rounds, self.timings = prev.rounds, dict(prev.phase_rounds), dict(prev.timings)
+        self.privacy_releases = list(prev.privacy_releases)
 
     def sites_not_allowing(self, analysis: str) -> list[str]:
         """Sites whose policy (as their ``site_info`` reported it) does not allow ``analysis``."""
@@ -209,6 +222,14 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
     returns ``(results, manifest_extra)``; results go to :func:`build_manifest`, and
     ``manifest_extra`` updates the manifest. Results are published atomically: on any failure
     the staging folder is removed and an earlier results folder stays as it was.
+
+    A site that fails (no answer within the timeout, an error reply, its node gone) is handled
+    per ``plan["min_sites"]`` (``federation.min_sites``; None: every site). If at least that many
+    sites are left, the failed site is dropped and the whole study restarts on the others (what
+    was staged is discarded), so every result is exactly the pooled computation over one and the
+    same set of sites; the manifest names it (``sites_contributed``) and the dropped sites
+    (``dropped``: site, phase, round, reason, and the ε their releases cost). Otherwise the study
+    stops with an error naming the site and the phase, and nothing is written.
     """
     t_start = time.time()
     journal = None
@@ -222,28 +243,44 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
         transport = JournalTransport(transport, journal)
     if not plan.get("study_id"):
         plan = {**plan, "study_id": uuid.uuid4().hex}
-    ctx = StudyContext(plan, transport)
     out = Path(plan["output_dir"]).resolve()
     try:
+        survivors = list(plan.get("sites") or transport.sites())
+        min_sites = resolve_min_sites(plan.get("min_sites"), len(survivors))
         stage = staging_dir(out)
     except BaseException:
         if journal is not None:
             journal.close()
         raise
+    dropped: list[dict[str, Any]] = []
+    prev: StudyContext | None = None
     try:
-        with ctx.timed("describe_sites"):
-            info, aln = describe_sites(ctx)
-        results, extra = body(ctx, stage, info, aln)
+        while True:  # one attempt per site set: a site that drops out restarts the study on the others
+            ctx = StudyContext({**plan, "sites": survivors}, transport)
+            if prev is not None:
+                ctx.carry_over(prev)
+            try:
+                with ctx.timed("describe_sites"):
+                    info, aln = describe_sites(ctx)
+                results, extra = body(ctx, stage, info, aln)
+                break
+            except SiteError as exc:
+                survivors = _drop_sites(ctx, exc, survivors, dropped, min_sites)
+                shutil.rmtree(stage, ignore_errors=True)  # nothing of the abandoned attempt is kept
+                stage = staging_dir(out)
+                prev = ctx
         with ctx.timed("plots"):
             from fedgen.results.plots import qc_plots
 
             results["files"] += [f"plots/{p.name}" for p in qc_plots(stage)]
         manifest = {**build_manifest(plan, ctx, info, aln, results, t_start), **extra}
+        manifest.update(_dropout_manifest(ctx, dropped, min_sites, survivors, manifest))
         if journal is not None:
             manifest["resumed"] = journal.summary()
         from fedgen.results.report import write_study_report
 
         write_study_report(stage, manifest)  # report.html, listed in manifest["files"]
+        manifest["sites_contributed"]["outputs"] = {f: list(survivors) for f in manifest["files"]}
         atomic_write_json(stage / "manifest.json", manifest)
         publish_dir(stage, out)
     except BaseException:
@@ -258,6 +295,84 @@ def run_published(plan: dict[str, Any], transport: Transport, body: Any) -> dict
                      journal.rounds_live)
     log.info("results written to %s", out)
     return manifest
+
+
+def resolve_min_sites(value: Any, n_sites: int) -> int:
+    """``federation.min_sites``: null (every site) or a whole number 1..number of sites."""
+    if value is None:
+        return n_sites
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n_sites:
+        raise ConfigError(f"federation.min_sites must be a whole number from 1 to the number of sites ({n_sites}), "
+                          f"or null for all of them; got {value!r}")
+    return int(value)
+
+
+def _drop_sites(ctx: StudyContext, exc: SiteError, survivors: list[str], dropped: list[dict[str, Any]],
+                min_sites: int) -> list[str]:
+    """A site failed (no answer in time, an error reply, its node gone): drop it (and any other
+    site that failed in the same round) and return the sites the study restarts on, or stop with
+    a clear error when fewer than ``min_sites`` would be left."""
+    failed = dict(getattr(exc, "failed", None) or {exc.site: exc.reason})
+    failed = {s: r for s, r in failed.items() if s in survivors}
+    if not failed:
+        raise exc
+    phase, rnd = getattr(exc, "phase", "?"), getattr(exc, "round", ctx.rounds + 1)
+    left = [s for s in survivors if s not in failed]
+    what = "; ".join(f"site {s} failed during {phase} (round {rnd}): {r}" for s, r in failed.items())
+    before = "".join(f"; dropped earlier: site {d['site']} during {d['phase']} ({d['reason']})" for d in dropped)
+    if len(left) < min_sites:
+        rule = ("all sites" if min_sites == len(survivors) + len(dropped) else f"at least {min_sites} sites")
+        first, *others = failed
+        also = "".join(f"; site {s} failed too: {failed[s]}" for s in others)
+        raise SiteError(first, f"failed during {phase} (round {rnd}): {failed[first]}{also}. The study needs {rule} "
+                        f"(federation.min_sites={min_sites}) and only {len(left)} would be left "
+                        f"({', '.join(left) or 'none'}), so it stopped; no results were written{before}") from None
+    if not hasattr(ctx.transport, "drop_site"):
+        raise FedgenError(f"{what}; this transport cannot drop a site, so the study stopped; no results were "
+                          "written") from None
+    spent = _privacy_spent(ctx.plan, ctx)
+    for site, reason in failed.items():
+        ctx.transport.drop_site(site)
+        dropped.append({
+            "site": site, "phase": phase, "round": rnd, "reason": reason,
+            "rounds_discarded": ctx.rounds,
+            "bytes_sent": ctx.bytes_sent.get(site, 0), "messages": ctx.messages.get(site, 0),
+            "epsilon_spent": spent.get(site, {}).get("epsilon", 0.0),
+            "delta_spent": spent.get(site, {}).get("delta", 0.0),
+            **({"privacy_releases": spent[site]["releases"]} if site in spent else {}),
+        })
+    log.warning("%s; dropped (federation.min_sites=%d): the study restarts on %s, and every result will be over "
+                "those sites only", what, min_sites, ", ".join(left))
+    return left
+
+
+def _dropout_manifest(ctx: StudyContext, dropped: list[dict[str, Any]], min_sites: int, survivors: list[str],
+                      manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's drop-out record: the rule, who contributed to each output and phase, who
+    dropped out (where, why, what it had sent and the ε its releases cost)."""
+    phases = sorted(set(ctx.phase_rounds) | set(ctx.timings))
+    out: dict[str, Any] = {
+        "min_sites": min_sites,
+        "sites_contributed": {
+            "outputs": {f: list(survivors) for f in manifest.get("files", [])},
+            "phases": {p: list(survivors) for p in phases},
+        },
+        "dropped": dropped,
+        "attempts": 1 + len({d["rounds_discarded"] for d in dropped}),
+    }
+    if dropped:
+        spent = _privacy_spent(ctx.plan, ctx)
+        for d in dropped:  # its releases before it dropped out still count (the site's ledger keeps them)
+            d["epsilon_spent"] = spent.get(d["site"], {}).get("epsilon", d["epsilon_spent"])
+        notes = list(manifest.get("notes") or [])
+        for d in dropped:
+            eps = f"; ε it spent before (in its own ledger too): {d['epsilon_spent']:.6g}" if d["epsilon_spent"] else ""
+            notes.append(
+                f"site {d['site']} dropped out during {d['phase']} (round {d['round']}: {d['reason']}); with "
+                f"federation.min_sites={min_sites} the study restarted on {', '.join(survivors)}, and every result here "
+                f"is over those sites only (the {d['rounds_discarded']} rounds before were discarded){eps}")
+        out["notes"] = notes
+    return out
 
 
 def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Alignment) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -490,7 +605,16 @@ def write_qc_outputs(
 def _privacy_spent(plan: dict[str, Any], ctx: StudyContext) -> dict[str, dict[str, Any]]:
     """Per site: ε/δ this study spent there (its releases composed) and each release's noise."""
     by_site: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[str, float]] = set()
     for r in ctx.privacy_releases:
+        # a site answers a request it already released (same study, same bytes: e.g. asked again
+        # after another site dropped out) with the kept payload, uncharged: its meta, and so the
+        # ledger total after the release, is the original's; count that release once
+        after = r.get("site_epsilon_spent")
+        if after is not None:
+            if (r["site"], float(after)) in seen:
+                continue
+            seen.add((r["site"], float(after)))
         by_site.setdefault(r["site"], []).append(r)
     if not by_site:
         return {}
