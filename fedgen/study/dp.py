@@ -82,9 +82,13 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     if select_k is not None and not (isinstance(select_k, int) and k <= select_k <= 1000):
         raise ConfigError(f"privacy.select_k must be a whole number from privacy.topk ({k}) to 1000, or null (= topk)")
     planner = dict(p.get("planner") or {})
-    unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum"})
+    unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum", "exact_loci"})
     if unknown:
-        raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} (known: n_causal, maf, odds_ratio, af_spectrum)")
+        raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} "
+                          "(known: n_causal, maf, odds_ratio, af_spectrum, exact_loci)")
+    exact_loci = planner.get("exact_loci")
+    if exact_loci is not None and not (isinstance(exact_loci, int) and not isinstance(exact_loci, bool) and exact_loci >= 0):
+        raise ConfigError(f"privacy.planner.exact_loci must be a whole number >= 0 or null, got {exact_loci!r}")
     panel = (plan.get("dp") or {}).get("panel") or p.get("panel")
     if panel is not None:
         from fedgen.study.dpfreq import read_panel
@@ -101,7 +105,7 @@ def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]],
     from fedgen.privacy.planner import Effect, Settings, Site
 
     pl = priv.get("planner") or {}
-    eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio") if k in pl})
+    eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio", "exact_loci") if k in pl})
     settings = Settings(epsilon=priv["epsilon"], delta=priv["delta"], split=dict(priv["split"]), topk=priv["topk"],
                         select_k=priv.get("select_k"),
                         n_variants=n_variants, phenotypes=max(phenotypes, 1), assoc=assoc, select=topk,
