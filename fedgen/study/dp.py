@@ -6,7 +6,8 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
 
 * ``counts``: genotype counts of every study variant (one discrete-Gaussian release per site,
   σ = √V / √(2ρ_counts)); ``missing.vmiss``, ``hardy.hardy`` and the QC pass list are computed
-  from the pooled noisy counts (negative cells clipped to 0); ``freq.afreq`` holds the
+  from the pooled noisy counts (negative cells clipped to 0; the HWE P values and filter by the
+  noise-aware test :func:`fedgen.study.dpfreq.dp_hardy`); ``freq.afreq`` holds the
   post-processed ALT frequencies of :func:`fedgen.study.dpfreq.dp_alt_freq` (projection on the
   public sample total, empirical-Bayes shrinkage towards the pooled mean; raw estimate, its noise
   SE and a 95 % interval in extra columns after OBS_CT);
@@ -209,16 +210,22 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
     releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
                      "rho": rho["counts"]})
     counts = np.clip(noisy, 0, None).astype(np.int64)
+    from fedgen.study.dpfreq import dp_hardy
+
+    n_total = sum(int(r.meta["counts"]["samples"]) for r in info.values())
+    # post-processing of the noisy counts and the public sample total only
+    hardy = dp_hardy(noisy, n_total, len(aln.idx) * sigma_counts**2)
     ctx.notes.append(
         f"privacy=dp: missing.vmiss and hardy.hardy come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count "
-        "per site, negative counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated "
-        "for the noise"
+        "per site, negative counts clipped to 0); hardy.hardy P values (and the HWE filter) come from a noise-aware test "
+        "that includes the noise variance (fedgen.study.dpfreq.dp_hardy: conservative where the noise swamps the counts), "
+        "its count columns are the noisy cells projected on the public total, rounded and clamped at 0"
     )
     results: dict[str, Any] = {}
     freq_summary = None
     with ctx.timed("write_qc"):
         results.update(write_qc_outputs(stage, aln, counts, analyses=[a for a in analyses if a != "freq"],
-                                        qc=plan.get("qc") or {}))
+                                        qc=plan.get("qc") or {}, hardy=hardy))
         results["files"] = list(results["files"])
         if "freq" in analyses:
             freq_summary = _write_freq(ctx, stage, aln, info, noisy, len(aln.idx) * sigma_counts**2)

@@ -374,15 +374,20 @@ def _write_sumstats(ctx: StudyContext, aln: Alignment, counts: np.ndarray, info:
 
 
 def write_qc_outputs(
-    out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any]
+    out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any],
+    hardy: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass list."""
+    """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` and the QC pass list.
+
+    ``hardy``: the ``.hardy`` columns to write and filter on instead of the exact test of ``counts``
+    (privacy=dp passes its noise-aware test)."""
     chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
     ref, alt = aln.ref.tolist(), aln.alt.tolist()
     pos = aln.pos
     # POS after #CHROM, as PLINK 2 writes with --freq cols=+pos, --missing vcols=+pos, --hardy cols=+pos
     written = []
-    hardy = qcstats.variant_hardy(counts)
+    if hardy is None:
+        hardy = qcstats.variant_hardy(counts)
     if "freq" in analyses:
         f, obs = qcstats.variant_alt_freq(counts)
         write_tsv(out / "freq.afreq", ["#CHROM", "POS", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"],
