@@ -291,3 +291,34 @@ def test_dp_plan_exact_loci_option_and_validation(capsys, tmp_path):
     with pytest.raises(ConfigError, match="exact_loci"):
         check_dp_plan({**plan, "privacy": {**plan["privacy"], "planner": {"exact_loci": -1}}})
     assert check_dp_plan({**plan, "privacy": {**plan["privacy"], "planner": {"exact_loci": 3}}})["planner"]["exact_loci"] == 3
+
+
+def test_assoc_counts_noise_and_selection_scale_match_what_the_site_states(nodes):
+    """dp_assoc_counts: two releases of the same counts (two studies) differ by the noise only, so their difference has
+    variance 2σ² at the σ the site states (a 10 % larger σ is rejected). dp_topk_select: the site states the Gumbel
+    scale 2Δ/ε₀ with Δ the allelic score bound at its published case/control counts (the scale itself is tested
+    against the exponential mechanism in tests/test_privacy_mechanisms.py)."""
+    from fedgen.analyses.dp import selection_sensitivity
+
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": 1e6})
+    tr = InProcessTransport(nodes)
+    n_var, sigma = 300, 6.0
+    idx = {s: {"idx": np.arange(n_var, dtype=np.int64), "flip": np.zeros(n_var, np.uint8)} for s in nodes}
+    params = {"phenotype": "BIN", "kind": "binary", "covariates": [], "sigma": sigma}
+    a, b = (tr.query(Request("dp_assoc_counts", params=params, per_site_arrays=idx, study_id=f"twice{i}")) for i in (1, 2))
+    diff = np.concatenate([(a[s].arrays["counts"] - b[s].arrays["counts"]).ravel() for s in nodes]).astype(float)
+    n = diff.size  # 2 sites × 300 variants × 4 cells
+    assert n == 2400 and all(a[s].meta["sigma"] == sigma for s in nodes)
+    tol = 4 * math.sqrt(2 / n)  # ±4 standard errors of a sample variance ratio
+    assert abs(diff.mean()) < 4 * math.sqrt(2) * sigma / math.sqrt(n)
+    assert abs(diff.var() / (2 * sigma**2) - 1) < tol
+    assert abs(diff.var() / (2 * (1.1 * sigma) ** 2) - 1) > tol and abs(diff.var() / (2 * (sigma / 1.1) ** 2) - 1) > tol
+    eps0 = 0.7
+    sel = tr.query(Request("dp_topk_select", params={"phenotype": "BIN", "kind": "binary", "covariates": [], "k": 3,
+                                                     "epsilon_per_pick": eps0}, per_site_arrays=idx, study_id="pick"))
+    for s, rep in sel.items():
+        m = rep.meta
+        assert m["sensitivity"] == pytest.approx(selection_sensitivity(m["n_cases"], m["n_controls"]))
+        assert m["gumbel_scale"] == pytest.approx(2 * m["sensitivity"] / eps0)
+        assert len(set(rep.arrays["selected"].tolist())) == 3
