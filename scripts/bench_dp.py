@@ -25,7 +25,15 @@ gives the simulated causal variants). In one invocation it
      ``<PHENO>.dp_topk.assoc`` holds (match by chromosome + position, or SNP id);
    * of the simulated causal variants of the phenotype, how many the DP top-k holds (and, as
      the ceiling, how many the exact top k holds);
+   * the causal-locus recall of the DP top-k against the exact top-k of the same k: of the
+     causal variants the exact top k holds, the share the DP top-k holds too (undefined, and
+     left out of the mean, when the exact top k holds none; for the panel scope the exact top k
+     is the panel's);
    * ε spent per site, from the manifest (it must equal the target ε);
+   * the planner's predictions, made by the study before any release (it is given each causal
+     locus's marginal effect from the exact test and, as ``privacy.planner.exact_loci``, how many
+     causal loci the exact top k holds): AF MAE, causal loci in the DP top k (independent-variant
+     model), the recall, and the count of the exact top k's causal loci in the DP top k;
 3. prints the command it was run with, per ε and scope the mean (min-max over repetitions) of each figure, writes
    ``<out>/summary.json`` and the plot ``<out>/dp_utility.png``.
 
@@ -207,6 +215,7 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
         "phenotype": pheno,
         "k": k,
         "afreq": str(res / "freq.afreq"),
+        "assoc": str(res / f"{pheno}.assoc"),
         "exact_top": top,
         "causal": causal,
         "variants": int(manifest["variants"]["study"]),
@@ -220,12 +229,34 @@ def exact_reference(data: Path, sites: list[str], out: Path, pheno: str, k: int)
     return ref
 
 
-def planner_effect(causal: list[dict[str, Any]], ids: set[str] | None = None) -> dict[str, Any]:
-    """``privacy.planner`` settings for the causal loci with a frequency (and, with ``ids``, in that set)."""
-    use = [c for c in causal if c.get("maf") and c.get("odds_ratio") and (ids is None or c["id"] in ids)]
+def planner_effect(causal: list[dict[str, Any]], ids: set[str] | None = None,
+                   in_exact_top: list[bool] | None = None) -> dict[str, Any]:
+    """``privacy.planner`` settings for the causal loci with a frequency (and, with ``ids``, in that set),
+    with ``exact_loci``: how many of them the exact top k holds (``in_exact_top``: per causal variant;
+    default each variant's ``in_exact_top``)."""
+    flags = in_exact_top if in_exact_top is not None else [bool(c.get("in_exact_top")) for c in causal]
+    use = [(c, f) for c, f in zip(causal, flags) if c.get("maf") and c.get("odds_ratio") and (ids is None or c["id"] in ids)]
     if not use:
         return {"n_causal": 0, "maf": 0.2, "odds_ratio": 1.0}
-    return {"n_causal": len(use), "maf": [c["maf"] for c in use], "odds_ratio": [c["odds_ratio"] for c in use]}
+    return {"n_causal": len(use), "maf": [c["maf"] for c, _ in use], "odds_ratio": [c["odds_ratio"] for c, _ in use],
+            "exact_loci": int(sum(f for _, f in use))}
+
+
+def panel_exact_top(ref: dict[str, Any], entries: set[str], k: int) -> list[dict[str, Any]]:
+    """The exact top ``k`` by allelic P among the panel's variants (IDs, or CHROM:POS:REF:ALT entries)."""
+    at = set()
+    for e in entries:
+        parts = e.split(":")
+        if len(parts) == 4 and parts[1].isdigit():
+            at.add((norm_chrom(parts[0]), int(parts[1])))
+    rows = [r for r in read_assoc(Path(ref["assoc"])) if math.isfinite(r["p"]) and (r["id"] in entries or (r["chrom"], r["pos"]) in at)]
+    return sorted(rows, key=lambda r: r["p"])[:k]
+
+
+def recall(found: list[bool], in_exact: list[bool]) -> float:
+    """Of the variants in the exact top k (``in_exact``), the share the DP top k holds (``found``); NaN when none."""
+    n = sum(in_exact)
+    return sum(f and x for f, x in zip(found, in_exact)) / n if n else math.nan
 
 
 def write_panel(ref: dict[str, Any], out: Path, size: int, seed: int = 1) -> Path:
@@ -256,9 +287,11 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"bench.scope must be all or panel, got {scope!r}")
     cfg.study.dp.panel = str(cfg.bench.panel) if scope == "panel" else None
     effect = ref.get("planner_effect") or {}
-    if scope == "panel":  # only the causal loci the panel holds can be found
+    causal_in_exact = [bool(c["in_exact_top"]) for c in ref["causal"]]
+    if scope == "panel":  # only the causal loci the panel holds can be found; the exact top k is the panel's
         entries = {ln.split()[0] for ln in Path(cfg.bench.panel).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
-        effect = planner_effect(ref["causal"], entries)
+        causal_in_exact = hits(ref["causal"], panel_exact_top(ref, entries, k))
+        effect = planner_effect(ref["causal"], entries, causal_in_exact)
     for key, value in effect.items():  # predict for the simulation's own signal
         cfg.privacy.planner[key] = value
     plan, node_configs = build_plan(cfg)
@@ -291,6 +324,9 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
         "causal_recovered": int(sum(causal_hit)),
         "causal_of": len(causal_hit),
         "causal_recovered_ids": [v["id"] for v, h in zip(ref["causal"], causal_hit) if h],
+        # causal-locus recall of the DP top-k against the exact top-k of the same k
+        "causal_in_exact_top": int(sum(causal_in_exact)),
+        "causal_recall": recall(causal_hit, causal_in_exact),
         "release": [r["id"] for r in release],
         "candidates": assoc.get("candidates") or (assoc.get("topk") or {}).get("candidates"),
         "epsilon_spent": {s: float(v.get("epsilon_spent", math.nan)) for s, v in manifest["sites"].items()},
@@ -304,6 +340,9 @@ def dp_job(cfg: DictConfig) -> dict[str, Any]:
     metrics["pred_af_mae"] = af_plan.get("af_mae_shrunk", math.nan)
     metrics["pred_af_mae_raw"] = af_plan.get("af_mae_raw", math.nan)
     metrics["pred_causal_recovered"] = top_plan.get("expected_causal_found", math.nan)
+    metrics["pred_causal_recall"] = top_plan.get("expected_recall_of_exact", math.nan)
+    metrics["pred_causal_found_of_exact"] = top_plan.get("expected_causal_found_of_exact", math.nan)
+    metrics["causal_found_of_exact"] = int(sum(h and x for h, x in zip(causal_hit, causal_in_exact)))
     (job_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not cfg.bench.keep_outputs:  # keep the manifest and the top-k release, drop the bulky files
         for p in res.iterdir():
@@ -356,7 +395,9 @@ def summarise(jobs: list[dict[str, Any]], eps_list: list[float], scopes: list[st
             **{m: stats([j[m] for j in js]) for m in ("variants", "af_mae", "af_mae_raw", "af_mae_guess", "af_ratio",
                                                        "af_ratio_raw", "af_rmse", "af_mae_common", "af_rmse_common",
                                                        "af_undefined", "top_recovered", "causal_recovered",
-                                                       "wall_seconds", "pred_af_mae", "pred_causal_recovered")},
+                                                       "wall_seconds", "pred_af_mae", "pred_causal_recovered",
+                                                       "causal_recall", "pred_causal_recall", "causal_in_exact_top",
+                                                       "causal_found_of_exact", "pred_causal_found_of_exact")},
             "epsilon_spent": spent,
             "epsilon_spent_ok": all(math.isclose(j["epsilon_spent"].get(s, math.nan), e, rel_tol=1e-6)
                                     for j in js for s in sites),
@@ -369,7 +410,8 @@ def print_table(rows: list[dict[str, Any]], ref: dict[str, Any], k: int) -> None
     sites = sorted(rows[0]["epsilon_spent"]) if rows else []
     cols = ["eps", "released", "variants", "AF MAE shrunk", "AF MAE raw", "guess MAE", "shrunk/guess", "raw/guess",
             "AF MAE (MAF>=5%)", f"top-{k} recovered", f"causal recovered (of {n_causal})", "planner: AF MAE",
-            "planner: causal", f"eps spent ({', '.join(sites)})"]
+            "planner: causal", "causal in exact top", "causal recall of exact", "planner: recall",
+            "exact's causal in DP top", "planner: exact's causal", f"eps spent ({', '.join(sites)})"]
     table = []
     for r in rows:
         spent = ", ".join(fmt(r["epsilon_spent"][s], ".4g") for s in sites)
@@ -377,7 +419,8 @@ def print_table(rows: list[dict[str, Any]], ref: dict[str, Any], k: int) -> None
                       fmt(r["af_mae_raw"], ".4f"), fmt(r["af_mae_guess"], ".4f"), fmt(r["af_ratio"], ".2f"),
                       fmt(r["af_ratio_raw"], ".2f"), fmt(r["af_mae_common"], ".4f"), fmt(r["top_recovered"], ".3g"),
                       fmt(r["causal_recovered"], ".3g"), fmt(r["pred_af_mae"], ".4f"), fmt(r["pred_causal_recovered"], ".3g"),
-                      spent])
+                      fmt(r["causal_in_exact_top"], ".3g"), fmt(r["causal_recall"], ".2f"), fmt(r["pred_causal_recall"], ".2f"),
+                      fmt(r["causal_found_of_exact"], ".3g"), fmt(r["pred_causal_found_of_exact"], ".3g"), spent])
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
     print("-+-".join("-" * w for w in widths))

@@ -247,3 +247,78 @@ def test_select_k_picks_more_candidates_per_site_and_is_validated(tmp_path):
 
     with pytest.raises(ConfigError, match="select_k"):
         check_dp_plan({**plan, "privacy": {**plan["privacy"], "select_k": 3}})
+
+
+def test_planner_predicts_recall_of_the_exact_top_k_from_the_same_draws():
+    """expected_recall_of_exact: of the causal loci in each draw's exact top-k, the share in the same draw's DP
+    top-k. It is chance-like where the DP top-k finds nothing and near 1 at biobank sizes; with exact_loci stated
+    (linkage gave the exact top-k fewer loci than the independent-variant model), the count is exact_loci × recall."""
+    from fedgen.privacy.planner import Effect, Settings, Site, plan_dp
+
+    def top(sizes, eps, **eff):
+        sites = [Site(f"s{i}", n, n // 2, n - n // 2) for i, n in enumerate(sizes)]
+        eff = {"odds_ratio": 1.35, **eff}
+        plan = plan_dp(sites, Settings(epsilon=eps, n_variants=10000), Effect(n_causal=5, maf=0.2, **eff), thresholds=False)
+        return plan["releases"][1]
+
+    small = top([300, 300], 1.0)
+    assert small["expected_recall_of_exact"] <= 0.05 and small["expected_recall_chance"] == pytest.approx(10 / 10000)
+    big = top([20000] * 3, 1.0)
+    assert big["expected_recall_of_exact"] >= 0.9 and big["recall_draws"] >= 3
+    assert big["exact_loci"] is None and math.isnan(big["expected_causal_found_of_exact"])
+    # two strong loci and three weak ones; the user states that the exact top-k holds 2 loci: those are the
+    # strongest of each draw, and the DP top-k finds them far more often than the model's exact top-k loci overall
+    two_strong = {"odds_ratio": [1.25, 1.25, 1.1, 1.1, 1.1]}
+    mid = top([5000] * 3, 3.0, exact_loci=2, **two_strong)
+    every = top([5000] * 3, 3.0, **two_strong)
+    assert mid["exact_loci"] == 2 and every["expected_causal_found_exact"] > 3
+    assert 0.2 < every["expected_recall_of_exact"] < mid["expected_recall_of_exact"] - 0.15 < 0.9
+    assert mid["expected_causal_found_of_exact"] == pytest.approx(2 * mid["expected_recall_of_exact"])
+    assert mid["expected_causal_found"] == every["expected_causal_found"]  # the unconditional count is unchanged
+
+
+def test_dp_plan_exact_loci_option_and_validation(capsys, tmp_path):
+    from fedgen.cli import main
+    from fedgen.study.dp import check_dp_plan
+
+    rc = main(["dp", "plan", "--sites", "a=20000,b=20000,c=20000", "--variants", "10000", "--causal", "5",
+               "--exact-loci", "4", "--epsilon", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "expected recall of the exact top-10's causal loci" in out
+    assert "of the 4 causal loci stated to be in the exact top-10" in out
+    assert main(["dp", "plan", "--sites", "a=2000", "--variants", "100", "--causal", "3", "--exact-loci", "4"]) == 2
+    plan = _dp_plan(tmp_path / "out", ["a"], 1.0)
+    with pytest.raises(ConfigError, match="exact_loci"):
+        check_dp_plan({**plan, "privacy": {**plan["privacy"], "planner": {"exact_loci": -1}}})
+    assert check_dp_plan({**plan, "privacy": {**plan["privacy"], "planner": {"exact_loci": 3}}})["planner"]["exact_loci"] == 3
+
+
+def test_assoc_counts_noise_and_selection_scale_match_what_the_site_states(nodes):
+    """dp_assoc_counts: two releases of the same counts (two studies) differ by the noise only, so their difference has
+    variance 2σ² at the σ the site states (a 10 % larger σ is rejected). dp_topk_select: the site states the Gumbel
+    scale 2Δ/ε₀ with Δ the allelic score bound at its published case/control counts (the scale itself is tested
+    against the exponential mechanism in tests/test_privacy_mechanisms.py)."""
+    from fedgen.analyses.dp import selection_sensitivity
+
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": 1e6})
+    tr = InProcessTransport(nodes)
+    n_var, sigma = 300, 6.0
+    idx = {s: {"idx": np.arange(n_var, dtype=np.int64), "flip": np.zeros(n_var, np.uint8)} for s in nodes}
+    params = {"phenotype": "BIN", "kind": "binary", "covariates": [], "sigma": sigma}
+    a, b = (tr.query(Request("dp_assoc_counts", params=params, per_site_arrays=idx, study_id=f"twice{i}")) for i in (1, 2))
+    diff = np.concatenate([(a[s].arrays["counts"] - b[s].arrays["counts"]).ravel() for s in nodes]).astype(float)
+    n = diff.size  # 2 sites × 300 variants × 4 cells
+    assert n == 2400 and all(a[s].meta["sigma"] == sigma for s in nodes)
+    tol = 4 * math.sqrt(2 / n)  # ±4 standard errors of a sample variance ratio
+    assert abs(diff.mean()) < 4 * math.sqrt(2) * sigma / math.sqrt(n)
+    assert abs(diff.var() / (2 * sigma**2) - 1) < tol
+    assert abs(diff.var() / (2 * (1.1 * sigma) ** 2) - 1) > tol and abs(diff.var() / (2 * (sigma / 1.1) ** 2) - 1) > tol
+    eps0 = 0.7
+    sel = tr.query(Request("dp_topk_select", params={"phenotype": "BIN", "kind": "binary", "covariates": [], "k": 3,
+                                                     "epsilon_per_pick": eps0}, per_site_arrays=idx, study_id="pick"))
+    for s, rep in sel.items():
+        m = rep.meta
+        assert m["sensitivity"] == pytest.approx(selection_sensitivity(m["n_cases"], m["n_controls"]))
+        assert m["gumbel_scale"] == pytest.approx(2 * m["sensitivity"] / eps0)
+        assert len(set(rep.arrays["selected"].tolist())) == 3

@@ -6,7 +6,9 @@ Sites are ``NAME=SAMPLES[:CASES]`` (cases default to half): counts coarse enough
 or given by the operator. The settings mirror ``privacy=dp`` (``--epsilon``, ``--delta``,
 ``--topk``, ``--split``) and ``study.dp.panel`` (``--variants`` is the number of variants
 released, a panel's size with a panel). The top-k prediction assumes ``--causal`` loci at
-``--maf`` with per-allele odds ratio ``--odds-ratio``. Exit status 3 when some release is
+``--maf`` with per-allele odds ratio ``--odds-ratio``; ``--exact-loci`` says how many of them the
+exact top-k holds, when known (linkage lets proxies of strong loci take exact top-k slots, which the
+planner's independent-variant model does not see). Exit status 3 when some release is
 predicted to be no better than knowing nothing (the study would refuse it by default).
 """
 
@@ -53,6 +55,9 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--causal", type=int, default=10, help="causal loci assumed for the top-k prediction (default 10)")
     q.add_argument("--maf", type=float, default=0.2, help="their allele frequency (default 0.2)")
     q.add_argument("--odds-ratio", type=float, default=1.3, help="their per-allele odds ratio (default 1.3)")
+    q.add_argument("--exact-loci", type=int, default=None,
+                   help="how many of the causal loci the exact top-k holds, if known (e.g. from an exact study of "
+                        "similar size): the recall and count are then predicted for those loci")
     q.add_argument("--af-spectrum", choices=("neutral", "uniform"), default="neutral")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     q.set_defaults(func=cmd_plan)
@@ -75,8 +80,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise FedgenError(f"--split: {part!r} is not NAME=NUMBER") from None
     if not (args.epsilon > 0 and 0 < args.delta < 1 and args.variants >= 1 and args.topk >= 1):
         raise FedgenError("--epsilon must be > 0, --delta in (0, 1), --variants and --topk at least 1")
+    if args.exact_loci is not None and not 0 <= args.exact_loci <= args.causal:
+        raise FedgenError(f"--exact-loci must be between 0 and --causal ({args.causal}), got {args.exact_loci}")
     priv = {"epsilon": args.epsilon, "delta": args.delta, "split": split, "topk": args.topk, "select_k": args.select_k,
-            "planner": {"n_causal": args.causal, "maf": args.maf, "odds_ratio": args.odds_ratio, "af_spectrum": args.af_spectrum}}
+            "planner": {"n_causal": args.causal, "maf": args.maf, "odds_ratio": args.odds_ratio, "af_spectrum": args.af_spectrum,
+                        **({"exact_loci": args.exact_loci} if args.exact_loci is not None else {})}}
     sites, settings, eff = planner_inputs(priv, _sites(args.sites), n_variants=args.variants, phenotypes=args.phenotypes,
                                           assoc=args.assoc, topk=not args.no_topk)
     if args.candidates:

@@ -13,11 +13,29 @@ sites' public sizes (samples, cases, controls) and predicts, for every release:
   shrinkage towards the pooled mean).
 * **DP top-k**: the expected number of causal loci in the released top k, under a stated
   effect (``n_causal`` loci at allele frequency ``maf`` with per-allele odds ratio
-  ``odds_ratio``), beside the same figure for the exact top-k and for a random pick (chance).
+  ``odds_ratio``), beside the same figure for the exact top-k and for a random pick (chance),
+  and the expected **recall of the exact top-k**: of the causal loci the exact top-k (same k)
+  holds, the share the DP top-k holds too. Each simulated draw ranks the exact pooled statistic
+  and the DP pipeline on the same data, so both top-k lists come from one draw and the ratio is
+  taken per draw (draws whose exact top-k holds no causal locus are left out), then averaged.
   The simulation follows the study step by step: at each site the variance-stabilised score
   |h(p̂_case) − h(p̂_ctrl)| with its sampling noise, the one-shot Gumbel top-k with the site's
   own scale 2Δ/ε₀, the union of the sites' picks, the noisy counts of that union and the
   noise-aware pooled test that ranks it.
+
+  The model's variants are independent. In real data linkage puts proxies (non-causal variants
+  in LD with a strong locus) beside the causal variants, and they take slots of the exact and the
+  DP top-k: the exact top-k then holds fewer causal loci than the model's, and the model's count
+  of causal loci in the DP top-k is too high. The recall is much less affected (a locus the
+  exact ranking finds is found by the DP ranking of the same statistic about as often with or
+  without proxies beside it). When the user knows how many causal loci the exact top-k holds
+  (``exact_loci``: from an earlier exact study, or a published scan of similar size), the
+  planner takes, in each draw, that many causal loci with the largest exact statistic as the
+  exact top-k's loci, predicts the recall of those, and the count as ``exact_loci`` × that
+  recall (``expected_causal_found_of_exact``). That count leaves out causal loci the DP top-k
+  holds although the exact top-k does not (rare: a weaker locus that wins a slot by noise, or
+  because the sites did not pick the proxies that outrank it exactly), so it can fall short of
+  the measured count by such a locus.
 
 A release is *useful* when its prediction beats the know-nothing answer clearly: frequencies
 whose shrunk MAE is below 0.9 × the guess's, a top-k expected to hold at least half a causal
@@ -62,6 +80,7 @@ class Effect:
     n_causal: int = 10
     maf: float | tuple[float, ...] | list[float] = 0.2
     odds_ratio: float | tuple[float, ...] | list[float] = 1.3
+    exact_loci: int | None = None  # causal loci the exact top-k holds, when the user knows it
 
     def per_locus(self) -> tuple[np.ndarray, np.ndarray]:
         """(allele frequency, frequency in cases) of each causal locus."""
@@ -76,7 +95,8 @@ class Effect:
             a = np.atleast_1d(np.asarray(v, dtype=np.float64))
             return f"{a[0]:g}" if a.size == 1 or np.all(a == a[0]) else f"{np.median(a):.3g} (median of {a.size})"
 
-        return f"{self.n_causal} loci at MAF {one(self.maf)}, OR {one(self.odds_ratio)}"
+        text = f"{self.n_causal} loci at MAF {one(self.maf)}, OR {one(self.odds_ratio)}"
+        return text + (f", {self.exact_loci} of them in the exact top-k" if self.exact_loci is not None else "")
 
 
 @dataclass
@@ -190,21 +210,40 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     exact_rank = np.abs(pooled)
     dp_stat = (pooled + rng.normal(0.0, 1.0, (reps, M)) * noise_sd[:, None]) / np.sqrt(sd_pool**2 + noise_sd[:, None] ** 2)
     dp_stat = np.where(picks, np.abs(dp_stat), -np.inf)
-    found_dp, found_exact = [], []
+    n_exact = None if eff.exact_loci is None else max(0, min(int(eff.exact_loci), n_causal, k))
+    found_dp, found_exact, recall, found_of_exact = [], [], [], []
     for r in range(reps):
         top_dp = np.argsort(-dp_stat[r], kind="stable")[:k]
         top_dp = top_dp[np.isfinite(dp_stat[r, top_dp])]
         found_dp.append(int(np.sum(top_dp < n_causal)))
         top_x = np.argpartition(-exact_rank[r], k - 1)[:k]
         found_exact.append(int(np.sum(top_x < n_causal)))
+        # the causal loci of this draw's exact top-k: those the exact ranking puts in its top k,
+        # or, with exact_loci stated, that many causal loci with the largest exact statistic
+        if n_exact is None:
+            loci = top_x[top_x < n_causal]
+        else:
+            loci = np.argsort(-exact_rank[r, :n_causal], kind="stable")[:n_exact]
+        if loci.size:
+            both = int(np.isin(loci, top_dp).sum())
+            recall.append(both / loci.size)
+            found_of_exact.append(both)
     chance = k * n_causal / M
     dp_mean = float(np.mean(found_dp))
     exact_mean = float(np.mean(found_exact))
+    recall_mean = float(np.mean(recall)) if recall else float("nan")
     return {"release": "DP top-k (selection + counts of the selected)", "k": k, "candidates": M,
             "epsilon_per_pick": eps0, "rho": rho_sel + rho_top, "expected_union": float(U.mean()),
             "expected_causal_found": dp_mean, "expected_causal_found_exact": exact_mean,
             "expected_causal_found_chance": chance,
-            "expected_recall_of_exact": dp_mean / exact_mean if exact_mean > 0 else float("nan"),
+            # of the causal loci in the exact top-k of the same draw, the share the DP top-k holds
+            "expected_recall_of_exact": recall_mean,
+            "expected_recall_chance": k / M,
+            "recall_draws": len(recall),
+            "exact_loci": n_exact,
+            # with exact_loci stated: how many of the exact top-k's causal loci the DP top-k holds
+            "expected_causal_found_of_exact": (float(np.mean(found_of_exact)) if n_exact is not None and found_of_exact
+                                               else float("nan")),
             "assumed_effect": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(eff).items()},
             "assumed_effect_text": eff.describe(), "simulations": reps,
             "useful": dp_mean - chance >= USEFUL_LOCI}
@@ -282,6 +321,14 @@ def describe(plan: dict[str, Any]) -> str:
                          f"causal loci found {r['expected_causal_found']:.2f} (exact top-{r['k']}: "
                          f"{r['expected_causal_found_exact']:.2f}, chance: {r['expected_causal_found_chance']:.2f}) for "
                          f"{r['assumed_effect_text']}")
+            rec = r.get("expected_recall_of_exact", float("nan"))
+            if math.isfinite(rec):
+                line = (f"    expected recall of the exact top-{r['k']}'s causal loci: {rec:.0%} (chance "
+                        f"{r['expected_recall_chance']:.1%})")
+                if r.get("exact_loci") is not None:
+                    line += (f"; of the {r['exact_loci']} causal loci stated to be in the exact top-{r['k']}, "
+                             f"{r['expected_causal_found_of_exact']:.2f} expected in the DP top-{r['k']}")
+                lines.append(line)
         if not r["useful"]:
             eps_at, size_at = r.get("useful_at_epsilon"), r.get("useful_at_site_size")
             lines.append("    useful from ε ≈ " + (f"{eps_at:.3g}" if eps_at else "> 1000×") + " per site at these sizes, or "

@@ -6,7 +6,8 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
 
 * ``counts``: genotype counts of every study variant (one discrete-Gaussian release per site,
   σ = √V / √(2ρ_counts)); ``missing.vmiss``, ``hardy.hardy`` and the QC pass list are computed
-  from the pooled noisy counts (negative cells clipped to 0); ``freq.afreq`` holds the
+  from the pooled noisy counts (negative cells clipped to 0; the HWE P values and filter by the
+  noise-aware test :func:`fedgen.study.dpfreq.dp_hardy`); ``freq.afreq`` holds the
   post-processed ALT frequencies of :func:`fedgen.study.dpfreq.dp_alt_freq` (projection on the
   public sample total, empirical-Bayes shrinkage towards the pooled mean; raw estimate, its noise
   SE and a 95 % interval in extra columns after OBS_CT);
@@ -82,9 +83,13 @@ def check_dp_plan(plan: dict[str, Any]) -> dict[str, Any]:
     if select_k is not None and not (isinstance(select_k, int) and k <= select_k <= 1000):
         raise ConfigError(f"privacy.select_k must be a whole number from privacy.topk ({k}) to 1000, or null (= topk)")
     planner = dict(p.get("planner") or {})
-    unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum"})
+    unknown = sorted(set(planner) - {"n_causal", "maf", "odds_ratio", "af_spectrum", "exact_loci"})
     if unknown:
-        raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} (known: n_causal, maf, odds_ratio, af_spectrum)")
+        raise ConfigError(f"privacy.planner: unknown key(s) {', '.join(unknown)} "
+                          "(known: n_causal, maf, odds_ratio, af_spectrum, exact_loci)")
+    exact_loci = planner.get("exact_loci")
+    if exact_loci is not None and not (isinstance(exact_loci, int) and not isinstance(exact_loci, bool) and exact_loci >= 0):
+        raise ConfigError(f"privacy.planner.exact_loci must be a whole number >= 0 or null, got {exact_loci!r}")
     panel = (plan.get("dp") or {}).get("panel") or p.get("panel")
     if panel is not None:
         from fedgen.study.dpfreq import read_panel
@@ -101,7 +106,7 @@ def planner_inputs(priv: dict[str, Any], sizes: dict[str, tuple[int, int, int]],
     from fedgen.privacy.planner import Effect, Settings, Site
 
     pl = priv.get("planner") or {}
-    eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio") if k in pl})
+    eff = Effect(**{k: pl[k] for k in ("n_causal", "maf", "odds_ratio", "exact_loci") if k in pl})
     settings = Settings(epsilon=priv["epsilon"], delta=priv["delta"], split=dict(priv["split"]), topk=priv["topk"],
                         select_k=priv.get("select_k"),
                         n_variants=n_variants, phenotypes=max(phenotypes, 1), assoc=assoc, select=topk,
@@ -205,16 +210,22 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
     releases.append({"release": "genotype counts", "variants": V, "sigma": sigma_counts, "l2_sensitivity": math.sqrt(V),
                      "rho": rho["counts"]})
     counts = np.clip(noisy, 0, None).astype(np.int64)
+    from fedgen.study.dpfreq import dp_hardy
+
+    n_total = sum(int(r.meta["counts"]["samples"]) for r in info.values())
+    # post-processing of the noisy counts and the public sample total only
+    hardy = dp_hardy(noisy, n_total, len(aln.idx) * sigma_counts**2)
     ctx.notes.append(
         f"privacy=dp: missing.vmiss and hardy.hardy come from pooled noisy genotype counts (σ = {sigma_counts:.1f} per count "
-        "per site, negative counts clipped to 0); hardy.hardy P values treat those counts as exact and are not calibrated "
-        "for the noise"
+        "per site, negative counts clipped to 0); hardy.hardy P values (and the HWE filter) come from a noise-aware test "
+        "that includes the noise variance (fedgen.study.dpfreq.dp_hardy: conservative where the noise swamps the counts), "
+        "its count columns are the noisy cells projected on the public total, rounded and clamped at 0"
     )
     results: dict[str, Any] = {}
     freq_summary = None
     with ctx.timed("write_qc"):
         results.update(write_qc_outputs(stage, aln, counts, analyses=[a for a in analyses if a != "freq"],
-                                        qc=plan.get("qc") or {}))
+                                        qc=plan.get("qc") or {}, hardy=hardy))
         results["files"] = list(results["files"])
         if "freq" in analyses:
             freq_summary = _write_freq(ctx, stage, aln, info, noisy, len(aln.idx) * sigma_counts**2)

@@ -526,17 +526,20 @@ def sex_split_counts(ctx: StudyContext, aln: Alignment) -> tuple[np.ndarray, np.
 def write_qc_outputs(
     out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any],
     sex: tuple[np.ndarray, np.ndarray] | None = None,
+    hardy: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` (``hardy.x`` for chrX) and the QC pass list.
 
     ``sex`` (from :func:`sex_split_counts`) makes chrX/chrY/MT rows count as PLINK 2 counts them.
-    """
+    ``hardy``: the ``.hardy`` columns to write and filter on instead of the exact test of ``counts``
+    (privacy=dp passes its noise-aware test)."""
     chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
     ref, alt = aln.ref.tolist(), aln.alt.tolist()
     pos = aln.pos
     # POS after #CHROM, as PLINK 2 writes with --freq cols=+pos, --missing vcols=+pos, --hardy cols=+pos
     written = []
-    hardy = qcstats.variant_hardy(counts)
+    if hardy is None:
+        hardy = qcstats.variant_hardy(counts)
     f, obs = qcstats.variant_alt_freq(counts)
     m, n, fm = qcstats.variant_missing(counts)
     auto = np.ones(len(aln), dtype=bool)
