@@ -12,6 +12,9 @@ genotype cache, :data:`MISSING` = no dosage), so federated sums equal PLINK's po
 * **Hard calls** (for ``--missing``, ``--hardy``, and the small-cell rules) are derived from the
   dosage with ``--hard-call-threshold`` 0.1: a dosage within 0.1 × 16384 units of 0, 1 or 2
   gives that call, any other is a missing call (GT is not used where a dosage is given).
+* BCF stores floats as float32: PLINK quantises that float32, and so does fedgen (BCF records
+  reach fedgen as htslib's VCF text, six significant digits, so a BCF value written with more
+  digits than that may land one unit off PLINK's).
 * Multi-allelic VCF records (split as ``bcftools norm -m-any``) keep their GT dosages;
   DS/GP of such records are not read.
 """
@@ -148,9 +151,10 @@ def _floats(r: np.ndarray, start: np.ndarray, end: np.ndarray, what: str, width:
     return out
 
 
-def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str) -> np.ndarray:
+def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str, *, f32: bool = False) -> np.ndarray:
     """One biallelic record's samples section (bytes after FORMAT) → uint16 units, :data:`ABSENT`
-    where the call has no value (its GT dosage is used). Raises ValueError with the reason."""
+    where the call has no value (its GT dosage is used). ``f32``: the values are BCF float32s
+    (PLINK quantises the float32 value, not the decimal). Raises ValueError with the reason."""
     keys = fmt.split(b":")
     key = field.encode()
     out = np.full(n, ABSENT, dtype=np.uint16)
@@ -165,10 +169,14 @@ def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str) -> np.ndarray:
     s0, e0 = _part_spans(r, S, E, _COLON, j)
     if field == "DS":
         x = _floats(r, s0, e0, "DS")
+        if f32:
+            x = x.astype(np.float32).astype(np.float64)
         if np.any((x < 0) | (x > 2)):
             raise ValueError("a DS value is outside [0, 2]")
     else:
         p = [_floats(r, *_part_spans(r, s0, e0, _COMMA, k), "GP") for k in range(3)]
+        if f32:
+            p = [q.astype(np.float32).astype(np.float64) for q in p]
         if any(np.any((q < 0) | (q > 1)) for q in p):
             raise ValueError("a GP value is outside [0, 1]")
         tot = p[0] + p[1] + p[2]
@@ -195,17 +203,18 @@ def read_vcf_dosages(paths: list[Path], fields: list[str | None]) -> Iterator[np
         for chunk in text:
             data = carry + chunk if carry else chunk
             cut = data.rfind(b"\n") + 1
-            rows, line_no = _chunk_dosages(data, cut, n, field, path, line_no)
+            rows, line_no = _chunk_dosages(data, cut, n, field, path, line_no, fmt == "bcf")
             if rows:
                 yield np.stack(rows)
             carry = data[cut:]
         if carry.strip():
-            rows, _ = _chunk_dosages(carry + b"\n", len(carry) + 1, n, field, path, line_no)
+            rows, _ = _chunk_dosages(carry + b"\n", len(carry) + 1, n, field, path, line_no, fmt == "bcf")
             if rows:
                 yield np.stack(rows)
 
 
-def _chunk_dosages(data: bytes, cut: int, n: int, field: str, path: Path, line_no: int) -> tuple[list[np.ndarray], int]:
+def _chunk_dosages(data: bytes, cut: int, n: int, field: str, path: Path, line_no: int, f32: bool
+                   ) -> tuple[list[np.ndarray], int]:
     rows: list[np.ndarray] = []
     src = np.frombuffer(data, dtype=np.uint8)
     p = 0
@@ -229,7 +238,7 @@ def _chunk_dosages(data: bytes, cut: int, n: int, field: str, path: Path, line_n
                     rows.extend(np.full(n, ABSENT, dtype=np.uint16) for _ in range(k))
                 else:
                     try:
-                        rows.append(record_dosages(src[t:le], n, data[cols[8][0]:cols[8][1]], field))
+                        rows.append(record_dosages(src[t:le], n, data[cols[8][0]:cols[8][1]], field, f32=f32))
                     except ValueError as exc:
                         raise InputError(f"{path}: line {line_no}: {exc}") from None
         p = e + 1

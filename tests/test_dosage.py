@@ -1,0 +1,147 @@
+"""Imputed dosages (``study.dosage``): federated --freq and --glm equal pooled ``plink2 --vcf
+FILE dosage=DS`` (or ``dosage=GP``) at print precision; a .pgen with dosages gives the same; an
+input without dosages is a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import needs_plink2, qc_plan
+from fedgen.cohort.dosage import MISSING, quantise, to_hardcalls
+from fedgen.errors import FedgenError
+from fedgen.federation.transport import InProcessTransport
+from fedgen.study.runner import run_plan
+from fedgen.testing import make_synth, run_plink2, synth_dosages, write_dosage_vcf, write_pooled_pheno, write_samples
+from fedgen.testing import write_vcf
+
+NO_QC = {"maf": None, "geno": None, "hwe": None}
+POLICY = '{"min_count": 1, "min_cell": 1, "allow_per_variant_sample_sets": true, "extra_analyses": ["glm_logistic", "glm_firth"]}'
+
+
+def _sites(tmp: Path, field: str = "DS", *, seed: int = 4, bcf: bool = False) -> tuple[dict[str, dict[str, str]], object, np.ndarray]:
+    """Two sites (a plain VCF, and a bgzipped VCF or a BCF) split from one pooled dosage data set,
+    and the pooled VCF. (PLINK reads a BCF's float32 values, which can differ from the decimal text
+    by a 1/16384 unit: a BCF site is compared with PLINK reading that BCF.)"""
+    import pysam
+
+    data = make_synth(n_samples=360, n_variants=70, seed=seed, missing_rate=0.04)
+    ds = synth_dosages(data, seed=seed)
+    rng = np.random.default_rng(seed)
+    with_gt = rng.random(len(data.pos)) < 0.5
+    write_dosage_vcf(data, ds, tmp / "pooled.vcf", field=field, with_gt=with_gt)
+    write_pooled_pheno(data, tmp / "p.pheno", tmp / "p.covar")
+    perm = rng.permutation(len(data.samples))
+    nodes = {}
+    for k, cols in enumerate(np.split(perm, [150])):
+        d = tmp / f"site{k + 1}"
+        d.mkdir()
+        vcf = d / "g.vcf"
+        write_dosage_vcf(data, ds, vcf, cols=np.sort(cols), field=field, with_gt=with_gt)
+        if k == 1 and not bcf:
+            pysam.tabix_compress(str(vcf), str(d / "g.vcf.gz"))
+            vcf = d / "g.vcf.gz"
+        elif k == 1:  # the second site holds a BCF
+            with pysam.VariantFile(str(vcf)) as src, pysam.VariantFile(str(d / "g.bcf"), "wb", header=src.header) as dst:
+                for rec in src:
+                    dst.write(rec)
+            vcf = d / "g.bcf"
+        write_samples(data, d / "samples.tsv", cols)
+        nodes[f"site{k + 1}"] = {"site": f"site{k + 1}", "vcf": str(vcf), "samples": str(d / "samples.tsv"),
+                                 "state_dir": str(d / "state"), "policy": POLICY}
+    return nodes, data, ds
+
+
+def _plan(out: Path, sites: list[str], **kw):
+    args = dict(analyses=["freq", "missing", "hardy", "glm"], phenotypes=["CC", "QT2"], covariates=["age", "sex", "smoking"],
+                qc=NO_QC, dosage=True)
+    return qc_plan(out, sites, **{**args, **kw})
+
+
+def _plink(tmp: Path, field: str) -> None:
+    run_plink2(["--vcf", "pooled.vcf", f"dosage={field}", "--freq", "cols=+pos", "--missing", "variant-only", "vcols=+pos",
+                "--hardy", "cols=+pos", "--pheno", "p.pheno", "--pheno-name", "CC", "QT2", "--covar", "p.covar",
+                "--covar-variance-standardize", "--glm", "hide-covar", "--out", "ref"], tmp)
+
+
+def test_quantisation_and_hard_calls_follow_plink():
+    # values checked against plink2 --vcf dosage=DS (read back from its .pgen with pgenlib)
+    u = quantise(np.array([0.1, 0.9, 1.9, 0.10001, 1.8999, 0.00003051, 0.00009155, 0.00009156, 0.123456789, 1.99997, np.nan]))
+    assert u.tolist() == [1638, 14746, 31130, 1639, 31128, 0, 1, 2, 2023, 32768, MISSING]
+    assert to_hardcalls(u).tolist() == [0, 1, 2, -1, -1, 0, 0, 0, -1, 2, -1]
+
+
+@needs_plink2
+@pytest.mark.plink
+def test_dosage_freq_and_glm_equal_plink2_dosage_ds(tmp_path):
+    from test_gwas import compare_linear, compare_logistic
+
+    nodes, _, _ = _sites(tmp_path)
+    _plink(tmp_path, "DS")
+    run_plan(_plan(tmp_path / "out", list(nodes)), InProcessTransport(nodes))
+    out = tmp_path / "out"
+    for ours, ref in (("freq.afreq", "ref.afreq"), ("missing.vmiss", "ref.vmiss"), ("hardy.hardy", "ref.hardy")):
+        assert (out / ours).read_text() == (tmp_path / ref).read_text(), ours
+    compare_linear(out / "QT2.glm.linear", tmp_path / "ref.QT2.glm.linear")
+    compare_logistic(out / "CC.glm.logistic.hybrid", tmp_path / "ref.CC.glm.logistic.hybrid")
+    # the dosages matter: the hard-call run gives other frequencies
+    run_plan({**_plan(tmp_path / "hard", list(nodes)), "dosage": False}, InProcessTransport(nodes))
+    assert (tmp_path / "hard" / "freq.afreq").read_text() != (out / "freq.afreq").read_text()
+
+
+@needs_plink2
+@pytest.mark.plink
+def test_gp_dosages_equal_plink2_dosage_gp(tmp_path):
+    from test_gwas import compare_linear
+
+    nodes, _, _ = _sites(tmp_path, "GP", seed=6)
+    _plink(tmp_path, "GP")
+    run_plan(_plan(tmp_path / "out", list(nodes)), InProcessTransport(nodes))
+    assert (tmp_path / "out" / "freq.afreq").read_text() == (tmp_path / "ref.afreq").read_text()
+    compare_linear(tmp_path / "out" / "QT2.glm.linear", tmp_path / "ref.QT2.glm.linear")
+
+
+@needs_plink2
+@pytest.mark.plink
+def test_pgen_with_dosages_equals_vcf_ds(tmp_path):
+    nodes, _, _ = _sites(tmp_path, seed=8, bcf=True)
+    pgen_nodes = {}
+    for site, cfg in nodes.items():
+        d = Path(cfg["samples"]).parent
+        flag = "--bcf" if cfg["vcf"].endswith(".bcf") else "--vcf"
+        run_plink2([flag, cfg["vcf"], "dosage=DS", "--make-pgen", "--out", str(d / "p")], d)
+        pgen_nodes[site] = {**{k: v for k, v in cfg.items() if k != "vcf"}, "pgen": str(d / "p"),
+                            "state_dir": str(d / "state_pgen")}
+    plan = _plan(tmp_path / "vcf", list(nodes), phenotypes=["QT2"])
+    run_plan(plan, InProcessTransport(nodes))
+    run_plan({**plan, "output_dir": str(tmp_path / "pgen")}, InProcessTransport(pgen_nodes))
+    for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "QT2.glm.linear"):
+        assert (tmp_path / "pgen" / name).read_text() == (tmp_path / "vcf" / name).read_text(), name
+
+
+def test_dosage_study_on_hard_calls_is_a_clear_error(tmp_path):
+    data = make_synth(n_samples=60, n_variants=20, seed=3)
+    nodes = {}
+    for k, cols in enumerate(np.split(np.arange(60), [30])):
+        d = tmp_path / f"s{k}"
+        d.mkdir()
+        write_vcf(data, d / "g.vcf", cols=cols, compress="none", with_multiallelic=False)
+        write_samples(data, d / "samples.tsv", cols)
+        nodes[f"s{k}"] = {"site": f"s{k}", "vcf": str(d / "g.vcf"), "samples": str(d / "samples.tsv"),
+                          "state_dir": str(d / "state"), "policy": POLICY}
+    with pytest.raises(FedgenError, match=r"study.dosage: site\(s\) s0, s1 hold no imputed dosages"):
+        run_plan(qc_plan(tmp_path / "out", list(nodes), qc=NO_QC, dosage=True), InProcessTransport(nodes))
+
+
+def test_plan_refuses_dosage_where_it_is_not_built(tmp_path):
+    from fedgen.errors import ConfigError
+    from fedgen.study.plan import build_plan, compose_config
+
+    base = ["study=qc", f"output_dir={tmp_path / 'o'}", "study.dosage=true"]  # the demo's sites (not opened here)
+    assert build_plan(compose_config(base))[0]["dosage"] is True
+    with pytest.raises(ConfigError, match="study.dosage: the federated PCA"):
+        build_plan(compose_config([*base[1:], "study=gwas", "study.phenotypes=[T]", "study.pcs=2"]))
+    with pytest.raises(ConfigError, match="study.dosage must be true or false"):
+        build_plan(compose_config([*base[:-1], "study.dosage=maybe"]))
