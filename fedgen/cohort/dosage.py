@@ -128,26 +128,43 @@ def _part_spans(r: np.ndarray, S: np.ndarray, E: np.ndarray, sep: int, j: int) -
 
 
 def _floats(r: np.ndarray, start: np.ndarray, end: np.ndarray, what: str, width: int = 32) -> np.ndarray:
-    """Numbers in spans of ``r`` (NaN for an empty span or ``.``); raises ValueError on junk."""
+    """Numbers in spans of ``r`` (NaN for an empty span or ``.``); raises ValueError on junk.
+
+    Plain decimals (``0.735``, ``2``, ``.5``; at most 15 digits) are parsed with integer arithmetic:
+    digits / 10^k is one correctly rounded division, the double ``strtod`` gives; anything else
+    (exponents, signs) goes through numpy's own string conversion."""
     n = len(start)
     L = end - start
     out = np.full(n, np.nan)
-    ok = L > 0
-    pad = np.concatenate([r, np.zeros(width, dtype=np.uint8)])
-    ok &= ~((L == 1) & (pad[start] == _DOT))
-    if not ok.any():
+    W = int(L.max(initial=0))
+    if W == 0:
         return out
-    if (L[ok] > width).any():
+    if W > width:
         raise ValueError(f"a {what} value is longer than {width} characters")
-    s, ln = start[ok], L[ok]
-    cols = np.arange(width)
-    buf = pad[s[:, None] + cols[None, :]]
-    buf[cols[None, :] >= ln[:, None]] = 0
-    txt = np.ascontiguousarray(buf).view(f"S{width}").ravel()
-    try:
-        out[ok] = txt.astype(np.float64)
-    except ValueError:
-        raise ValueError(f"malformed {what} value") from None
+    pad = np.concatenate([r, np.zeros(W, dtype=np.uint8)])
+    cols = np.arange(W)
+    inside = cols[None, :] < L[:, None]
+    c = np.where(inside, pad[start[:, None] + cols[None, :]], 0)
+    ok = (L > 0) & ~((L == 1) & (c[:, 0] == _DOT))
+    isdig = (c >= 48) & (c <= 57)
+    isdot = c == _DOT
+    ndig = isdig.sum(1)
+    plain = ok & ((isdig | isdot) == inside).all(1) & (isdot.sum(1) <= 1) & (ndig >= 1) & (ndig <= 15)
+    m = np.zeros(n, dtype=np.int64)
+    for j in range(W):  # the digits as one integer
+        d = isdig[:, j]
+        m = np.where(d, m * 10 + (c[:, j].astype(np.int64) - 48), m)
+    has_dot = isdot.any(1)
+    k = np.where(has_dot, L - 1 - np.argmax(isdot, axis=1), 0)  # digits after the point
+    out[plain] = m[plain] / 10.0 ** k[plain]
+    rest = ok & ~plain
+    if rest.any():
+        buf = np.ascontiguousarray(c[rest].astype(np.uint8))
+        txt = buf.view(f"S{W}").ravel()
+        try:
+            out[rest] = txt.astype(np.float64)
+        except ValueError:
+            raise ValueError(f"malformed {what} value") from None
     return out
 
 
