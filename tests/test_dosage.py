@@ -79,9 +79,10 @@ def test_quantisation_and_hard_calls_follow_plink():
 
 @needs_plink2
 @pytest.mark.plink
-def test_dosage_freq_and_glm_equal_plink2_dosage_ds(tmp_path):
+def test_dosage_freq_and_glm_equal_plink2_dosage_ds(tmp_path, monkeypatch):
     from test_gwas import compare_linear, compare_logistic
 
+    monkeypatch.setattr("fedgen.analyses.qc.DOSAGE_ELEMS", 2000)  # sites decode dosages in several sub-blocks
     nodes, _, _ = _sites(tmp_path)
     _plink(tmp_path, "DS")
     run_plan(_plan(tmp_path / "out", list(nodes)), InProcessTransport(nodes))
@@ -139,6 +140,10 @@ def test_dosage_study_on_hard_calls_is_a_clear_error(tmp_path):
                           "state_dir": str(d / "state"), "policy": POLICY}
     with pytest.raises(FedgenError, match=r"study.dosage: site\(s\) s0, s1 hold no imputed dosages"):
         run_plan(qc_plan(tmp_path / "out", list(nodes), qc=NO_QC, dosage=True), InProcessTransport(nodes))
+    from fedgen.analyses import execute  # a site asked directly refuses with the reason
+
+    with pytest.raises(FedgenError, match=r"study.dosage: this site's genotypes \(g.vcf\) carry no imputed dosages"):
+        execute(nodes["s0"], "genotype_counts", {"dosage": True}, {"idx": np.arange(3), "flip": np.zeros(3, np.uint8)})
 
 
 def test_plan_refuses_dosage_where_it_is_not_built(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedgen.analyses import register
 from fedgen.analyses.spec import AnalysisRequest, Rules, Spec, arr, cell_rule, meta_count
-from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
+from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args, dosage_step
 from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
@@ -478,18 +478,19 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         onehots.append(oh)
     offsets = np.cumsum([0] + [oh.shape[1] for oh in onehots])
     all_onehots = np.hstack(onehots) if onehots else None
-    for s in range(0, len(idx), SUB_BLOCK):
+    step = SUB_BLOCK if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
+    for s in range(0, len(idx), step):
         real = None
         if source == "gt":
-            full = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+            full = cohort.block(idx[s : s + step], flip[s : s + step])
         elif source == "hard":
-            full = cohort.dosage_hardcalls(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+            full = cohort.dosage_hardcalls(idx[s : s + step], flip[s : s + step])
         else:
             from fedgen.cohort.dosage import to_float, to_hardcalls
 
-            u = cohort._dosage_rows(idx[s : s + SUB_BLOCK])
-            real = to_float(u, flip[s : s + SUB_BLOCK])
-            full = to_hardcalls(u, flip[s : s + SUB_BLOCK], threshold=0.5)  # nearest whole genotype
+            u = cohort._dosage_rows(idx[s : s + step])
+            real = to_float(u, flip[s : s + step])
+            full = to_hardcalls(u, flip[s : s + step], threshold=0.5)  # nearest whole genotype
         g = full[:, keep]
         fill = None
         gc, fc = g, full

@@ -19,6 +19,12 @@ from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
+DOSAGE_ELEMS = 1 << 23  # dosages decoded at once (8-byte work arrays: 64 MB whatever the sample count)
+
+
+def dosage_step(n_samples: int) -> int:
+    """Variants per sub-block when decoding dosages: SUB_BLOCK, fewer for large cohorts."""
+    return max(1, min(SUB_BLOCK, DOSAGE_ELEMS // max(1, n_samples)))
 
 
 def encode_variant_table(chrom, pos, ids, ref, alt) -> np.ndarray:
@@ -215,18 +221,19 @@ def dosage_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> tuple[np.nd
     idx, flip = _block_args(cohort, arrays)
     counts = np.empty((len(idx), 4), dtype=np.int64)
     sums = np.empty((len(idx), 2), dtype=np.int64)
-    for s in range(0, len(idx), SUB_BLOCK):
-        u = cohort._dosage_rows(idx[s : s + SUB_BLOCK])
-        f = flip[s : s + SUB_BLOCK]
+    step = dosage_step(cohort.n_samples)
+    for s in range(0, len(idx), step):
+        u = cohort._dosage_rows(idx[s : s + step])
+        f = flip[s : s + step]
         g = to_hardcalls(u, f)
         for k, code in enumerate((0, 1, 2, -1)):
-            counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
+            counts[s : s + step, k] = np.count_nonzero(g == code, axis=1)
         have = u != MISSING
         v = np.where(have, u, 0).astype(np.int64)
         tot = v.sum(1)
         n_have = have.sum(1)
-        sums[s : s + SUB_BLOCK, 0] = np.where(f, 2 * UNIT * n_have - tot, tot)
-        sums[s : s + SUB_BLOCK, 1] = n_have
+        sums[s : s + step, 0] = np.where(f, 2 * UNIT * n_have - tot, tot)
+        sums[s : s + step, 1] = n_have
     return counts, sums
 
 
