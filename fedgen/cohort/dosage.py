@@ -108,21 +108,23 @@ def vcf_dosage_field(path: Path) -> str | None:
     return "DS" if "DS" in ids else ("GP" if "GP" in ids else None)
 
 
-def _part_spans(r: np.ndarray, S: np.ndarray, E: np.ndarray, sep: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spans [start, end) of the ``j``-th ``sep``-separated part of each field [S, E) of ``r``;
-    a field with fewer parts gets an empty span."""
-    seps = np.flatnonzero(r == sep)
+def _part_spans(r: np.ndarray, S: np.ndarray, E: np.ndarray, sep: int, j, seps: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Spans [start, end) of the ``j``-th (a number, or one per field) ``sep``-separated part of
+    each field [S, E) of ``r``; a field with fewer parts gets an empty span. ``seps``: the
+    positions of ``sep`` in ``r``, when already known."""
+    seps = np.flatnonzero(r == sep) if seps is None else seps
+    j = np.asarray(j)
+    if len(seps) == 0:
+        start = np.where(j == 0, S, E)
+        return start, np.maximum(E, start)
     first = np.searchsorted(seps, S)
     last = len(seps) - 1
-    if j == 0:
-        start = S.copy()
-    else:
-        k = first + j - 1
-        at = seps[np.minimum(k, last)] if len(seps) else E
-        has = (k <= last) & (at < E)
-        start = np.where(has, at + 1, E)
-    k = first + j
-    at = seps[np.minimum(k, last)] if len(seps) else E
+    k = first + j - 1  # the separator before part j
+    at = seps[np.clip(k, 0, last)]
+    start = np.where(j == 0, S, np.where((k >= first) & (k <= last) & (at < E), at + 1, E))
+    k = first + j  # the separator after it
+    at = seps[np.minimum(k, last)]
     end = np.where((k <= last) & (at < E) & (start < E), at, E)
     return start, np.maximum(end, start)
 
@@ -174,16 +176,21 @@ def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str, *, f32: bool =
     (PLINK quantises the float32 value, not the decimal). Raises ValueError with the reason."""
     keys = fmt.split(b":")
     key = field.encode()
-    out = np.full(n, ABSENT, dtype=np.uint16)
     if key not in keys:
-        return out
-    j = keys.index(key)
+        return np.full(n, ABSENT, dtype=np.uint16)
     tabs = np.flatnonzero(r == _TAB)
     if len(tabs) != n - 1:
         raise ValueError(f"expected {n} sample columns, found {len(tabs) + 1}")
     S = np.concatenate([[0], tabs + 1])
     E = np.concatenate([tabs, [len(r)]])
-    s0, e0 = _part_spans(r, S, E, _COLON, j)
+    return _field_dosages(r, S, E, keys.index(key), field, f32)
+
+
+def _field_dosages(r: np.ndarray, S: np.ndarray, E: np.ndarray, j, field: str, f32: bool,
+                   colons: np.ndarray | None = None) -> np.ndarray:
+    """uint16 units (:data:`ABSENT` where no value) of the calls [S, E) of ``r`` whose DS/GP is
+    their ``j``-th subfield. Raises ValueError with the reason."""
+    s0, e0 = _part_spans(r, S, E, _COLON, j, colons)
     if field == "DS":
         x = _floats(r, s0, e0, "DS")
         if f32:
@@ -191,7 +198,8 @@ def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str, *, f32: bool =
         if np.any((x < 0) | (x > 2)):
             raise ValueError("a DS value is outside [0, 2]")
     else:
-        p = [_floats(r, *_part_spans(r, s0, e0, _COMMA, k), "GP") for k in range(3)]
+        commas = np.flatnonzero(r == _COMMA)
+        p = [_floats(r, *_part_spans(r, s0, e0, _COMMA, k, commas), "GP") for k in range(3)]
         if f32:
             p = [q.astype(np.float32).astype(np.float64) for q in p]
         if any(np.any((q < 0) | (q > 1)) for q in p):
@@ -199,6 +207,7 @@ def record_dosages(r: np.ndarray, n: int, fmt: bytes, field: str, *, f32: bool =
         tot = p[0] + p[1] + p[2]
         with np.errstate(invalid="ignore", divide="ignore"):
             x = np.where(tot > 0, (p[1] + 2 * p[2]) / tot, np.nan)
+    out = np.full(len(S), ABSENT, dtype=np.uint16)
     given = ~np.isnan(x)
     out[given] = quantise(x[given])
     return out
@@ -230,10 +239,14 @@ def read_vcf_dosages(paths: list[Path], fields: list[str | None]) -> Iterator[np
                 yield np.stack(rows)
 
 
+BATCH_CALLS = 1 << 20  #: calls parsed at once (records of one chunk batched together)
+
+
 def _chunk_dosages(data: bytes, cut: int, n: int, field: str, path: Path, line_no: int, f32: bool
                    ) -> tuple[list[np.ndarray], int]:
-    rows: list[np.ndarray] = []
-    src = np.frombuffer(data, dtype=np.uint8)
+    """Dosage rows of the whole lines in ``data[:cut]``; the records' calls are parsed in batches."""
+    key = field.encode()
+    plan: list[tuple] = []  # ("absent", rows) or ("rec", samples start, end, subfield index, FORMAT, line)
     p = 0
     while p < cut:
         e = data.find(b"\n", p)
@@ -251,13 +264,58 @@ def _chunk_dosages(data: bytes, cut: int, n: int, field: str, path: Path, line_n
                 t = nt + 1
             if len(cols) == 9:
                 k = data.count(b",", cols[4][0], cols[4][1]) + 1
-                if k > 1:
-                    rows.extend(np.full(n, ABSENT, dtype=np.uint16) for _ in range(k))
+                fmt = data[cols[8][0]:cols[8][1]]
+                keys = fmt.split(b":")
+                if k > 1 or key not in keys:
+                    plan.append(("absent", k))
                 else:
-                    try:
-                        rows.append(record_dosages(src[t:le], n, data[cols[8][0]:cols[8][1]], field, f32=f32))
-                    except ValueError as exc:
-                        raise InputError(f"{path}: line {line_no}: {exc}") from None
+                    plan.append(("rec", t, le, keys.index(key), fmt, line_no))
         p = e + 1
         line_no += 1
+    recs = [q for q in plan if q[0] == "rec"]
+    parsed = _parse_batch(np.frombuffer(data, dtype=np.uint8, count=cut), n, recs, field, f32, path) if recs else None
+    rows: list[np.ndarray] = []
+    r = 0
+    for q in plan:
+        if q[0] == "absent":
+            rows.extend(np.full(n, ABSENT, dtype=np.uint16) for _ in range(q[1]))
+        else:
+            rows.append(parsed[r])
+            r += 1
     return rows, line_no
+
+
+def _parse_batch(src: np.ndarray, n: int, recs: list[tuple], field: str, f32: bool, path: Path) -> np.ndarray:
+    """(records, n) uint16 dosages of the records ``recs`` of one chunk (see :func:`_chunk_dosages`)."""
+    tabs = np.flatnonzero(src == _TAB)
+    colons = np.flatnonzero(src == _COLON)
+    out = np.empty((len(recs), n), dtype=np.uint16)
+    step = max(1, BATCH_CALLS // max(1, n))
+    for b0 in range(0, len(recs), step):
+        batch = recs[b0 : b0 + step]
+        T = np.array([q[1] for q in batch], dtype=np.int64)
+        LE = np.array([q[2] for q in batch], dtype=np.int64)
+        i0 = np.searchsorted(tabs, T)
+        bad = np.flatnonzero(np.searchsorted(tabs, LE) - i0 != n - 1)
+        if len(bad):
+            q = batch[int(bad[0])]
+            raise InputError(f"{path}: line {q[5]}: expected {n} sample columns")
+        S = np.empty((len(batch), n), dtype=np.int64)
+        E = np.empty((len(batch), n), dtype=np.int64)
+        if n > 1:
+            t = tabs[i0[:, None] + np.arange(n - 1)[None, :]]
+            S[:, 1:] = t + 1
+            E[:, :-1] = t
+        S[:, 0] = T
+        E[:, -1] = LE
+        J = np.repeat(np.array([q[3] for q in batch], dtype=np.int64), n)
+        try:
+            out[b0 : b0 + len(batch)] = _field_dosages(src, S.ravel(), E.ravel(), J, field, f32, colons).reshape(len(batch), n)
+        except ValueError:  # name the line: parse the batch's records one by one
+            for q in batch:
+                try:
+                    record_dosages(src[q[1] : q[2]], n, q[4], field, f32=f32)
+                except ValueError as exc:
+                    raise InputError(f"{path}: line {q[5]}: {exc}") from None
+            raise
+    return out
