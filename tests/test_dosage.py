@@ -201,3 +201,16 @@ def test_hand_made_calls_store_what_plink_stores(tmp_path, field):
                      "state_dir": str(tmp_path / "st")})
     assert np.asarray(c.dosage16).tolist() == want.tolist()
     assert c.dosage_hardcalls(np.arange(len(rows))).tolist() == np.where(h < 0, -1, h).tolist()
+
+
+@pytest.mark.parametrize("value,message", [("abc", "line 7: malformed DS value"), ("2.5", r"line 7: a DS value is outside \[0, 2\]")])
+def test_a_bad_dosage_names_its_line(tmp_path, value, message):
+    from fedgen.cohort.cohort import load_cohort
+    from fedgen.errors import InputError
+
+    rows = [DS_ROWS[0], DS_ROWS[1].replace("0/0:0.09", f"0/0:{value}")]
+    (tmp_path / "h.vcf").write_text(HAND_MADE.format(f="DS", num="A") + "\n".join(rows) + "\n")
+    (tmp_path / "s.tsv").write_text("IID\tY\n" + "".join(f"s{i}\t{i}\n" for i in range(1, 7)))
+    with pytest.raises(InputError, match=message):
+        load_cohort({"site": "h", "vcf": str(tmp_path / "h.vcf"), "samples": str(tmp_path / "s.tsv"),
+                     "state_dir": str(tmp_path / "st")})
