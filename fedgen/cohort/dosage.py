@@ -144,21 +144,29 @@ def _floats(r: np.ndarray, start: np.ndarray, end: np.ndarray, what: str, width:
     if W > width:
         raise ValueError(f"a {what} value is longer than {width} characters")
     pad = np.concatenate([r, np.zeros(W, dtype=np.uint8)])
-    cols = np.arange(W)
-    inside = cols[None, :] < L[:, None]
-    c = np.where(inside, pad[start[:, None] + cols[None, :]], 0)
-    ok = (L > 0) & ~((L == 1) & (c[:, 0] == _DOT))
-    isdig = (c >= 48) & (c <= 57)
-    isdot = c == _DOT
-    ndig = isdig.sum(1)
-    plain = ok & ((isdig | isdot) == inside).all(1) & (isdot.sum(1) <= 1) & (ndig >= 1) & (ndig <= 15)
-    m = np.zeros(n, dtype=np.int64)
-    for j in range(W):  # the digits as one integer
-        d = isdig[:, j]
-        m = np.where(d, m * 10 + (c[:, j].astype(np.int64) - 48), m)
-    has_dot = isdot.any(1)
-    k = np.where(has_dot, L - 1 - np.argmax(isdot, axis=1), 0)  # digits after the point
-    out[plain] = m[plain] / 10.0 ** k[plain]
+    first = pad[start]
+    ok = (L > 0) & ~((L == 1) & (first == _DOT))
+    m = np.zeros(n, dtype=np.int64)  # the digits as one integer
+    ndig = np.zeros(n, dtype=np.int16)
+    ndot = np.zeros(n, dtype=np.int16)
+    after = np.zeros(n, dtype=np.int16)  # digits after the point
+    other = np.zeros(n, dtype=bool)
+    for j in range(W):  # one character column at a time (contiguous vectors over the calls)
+        c = first if j == 0 else pad[start + j]
+        inside = L > j
+        d = c.astype(np.int64) - 48
+        isdig = inside & (d >= 0) & (d <= 9)
+        isdot = inside & (c == _DOT)
+        other |= inside & ~(isdig | isdot)
+        m = np.where(isdig, m * 10 + d, m)
+        after += isdig & (ndot > 0)
+        ndig += isdig
+        ndot += isdot
+    plain = ok & ~other & (ndot <= 1) & (ndig >= 1) & (ndig <= 15)
+    out[plain] = m[plain] / 10.0 ** after[plain]
+    c = pad[start[:, None] + np.arange(W)[None, :]] if (ok & ~plain).any() else None
+    if c is not None:
+        c[np.arange(W)[None, :] >= L[:, None]] = 0
     rest = ok & ~plain
     if rest.any():
         buf = np.ascontiguousarray(c[rest].astype(np.uint8))
