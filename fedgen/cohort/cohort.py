@@ -104,7 +104,7 @@ class Cohort:
         return to_hardcalls(self._dosage_rows(idx), flip)
 
     def _dosage_rows(self, idx: np.ndarray) -> np.ndarray:
-        u = np.asarray(self.require_dosages()[np.asarray(idx, dtype=np.int64)])
+        u = read_rows(self.require_dosages(), np.asarray(idx, dtype=np.int64))
         if len(self.sample_cols) != u.shape[1] or not self._all_cols:
             u = u[:, self.sample_cols]
         return u
@@ -403,7 +403,7 @@ def _build_dosage_store(vcf: Path, out: Path, fp: Mapping[str, Any], n_var: int,
     row = 0
     with open(out / "dosage.u16", "wb") as fh:
         for blk in blocks:
-            gt = ds.from_hardcalls(hard[row : row + len(blk)])
+            gt = ds.from_hardcalls(read_rows(hard, np.arange(row, min(row + len(blk), n_var))))
             if gt.shape != blk.shape:
                 raise InputError(f"{vcf}: dosages and genotype calls disagree on the number of variants")
             u = np.where(blk == ds.ABSENT, gt, blk)
