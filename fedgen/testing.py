@@ -270,3 +270,53 @@ def run_plink2(args: list[str], cwd: Path) -> None:
     """Run plink2 (the AVX2 build when present, for reproducible numerics)."""
     exe = "/usr/lib/plink2/plink2-avx2" if Path("/usr/lib/plink2/plink2-avx2").exists() else "plink2"
     subprocess.run([exe, *args], cwd=cwd, check=True, capture_output=True)
+
+
+def synth_dosages(data: SynthData, *, seed: int = 0, noise: float = 0.12, missing: float = 0.3) -> np.ndarray:
+    """Imputed-looking ALT dosages for ``data``: each call plus noise, clipped to [0, 2]; a missing
+    call gets a random dosage, or none (NaN) with probability ``missing``."""
+    rng = np.random.default_rng(seed)
+    g = data.dosage.astype(np.float64)
+    d = np.clip(g + rng.normal(0.0, noise, g.shape), 0.0, 2.0)
+    miss = data.dosage < 0
+    d[miss] = rng.uniform(0.0, 2.0, int(miss.sum()))
+    d[miss & (rng.random(g.shape) < missing)] = np.nan
+    return d
+
+
+def write_dosage_vcf(data: SynthData, ds: np.ndarray, path: Path, *, cols: np.ndarray | None = None, field: str = "DS",
+                     with_gt: np.ndarray | None = None, digits: int = 5) -> None:
+    """A plain-text VCF with imputed dosages: FORMAT ``GT:DS`` (rows where ``with_gt``) or ``DS``;
+    ``field="GP"`` writes genotype probabilities with that dosage instead (GP only, no DS header).
+    A NaN dosage is written ``.``; GT is the call of ``data`` (``./.`` when missing)."""
+    cols = np.arange(len(data.samples)) if cols is None else np.asarray(cols)
+    with_gt = np.zeros(len(data.pos), bool) if with_gt is None else np.asarray(with_gt, bool)
+    head = ["##fileformat=VCFv4.2", *[f"##contig=<ID={c}>" for c in dict.fromkeys(data.chrom)],
+            '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">']
+    if field == "DS":
+        head.append('##FORMAT=<ID=DS,Number=A,Type=Float,Description="ALT dosage">')
+    else:
+        head.append('##FORMAT=<ID=GP,Number=G,Type=Float,Description="Genotype probabilities">')
+    head.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT",
+                           *[data.samples[c] for c in cols]]))
+    gt_text = np.array(["./.", "0/0", "0/1", "1/1"], dtype=object)
+    lines = head
+    for i in range(len(data.pos)):
+        d = ds[i, cols]
+        nan = np.isnan(d)
+        if field == "DS":
+            val = np.char.mod(f"%.{digits}f", np.nan_to_num(d)).astype(object)
+        else:  # a dosage d as probabilities: hom-REF, het, hom-ALT with P(het) + 2 P(hom-ALT) = d
+            d0 = np.nan_to_num(d)
+            p2 = d0 * d0 / 4  # Hardy-Weinberg at frequency d / 2
+            p1 = d0 - 2 * p2
+            val = np.char.add(np.char.add(np.char.add(np.char.mod(f"%.{digits}f", 1 - p1 - p2), ","),
+                                          np.char.add(np.char.mod(f"%.{digits}f", p1), ",")),
+                              np.char.mod(f"%.{digits}f", p2)).astype(object)
+        val[nan] = "."
+        fmt = "GT:" + field if with_gt[i] else field
+        if with_gt[i]:
+            val = gt_text[data.dosage[i, cols].astype(int) + 1] + ":" + val
+        lines.append("\t".join([data.chrom[i], str(int(data.pos[i])), data.ids[i], data.ref[i], data.alt[i], ".", ".",
+                                ".", fmt, *val.tolist()]))
+    Path(path).write_text("\n".join(lines) + "\n")

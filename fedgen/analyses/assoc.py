@@ -22,7 +22,7 @@ import numpy as np
 
 from fedgen.analyses import register
 from fedgen.analyses.spec import AnalysisRequest, Rules, Spec, arr, cell_rule, meta_count
-from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args
+from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args, dosage_step
 from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
@@ -104,6 +104,8 @@ def design_predictors(params: Mapping[str, Any], site: str) -> int:
         raise ValueError(f"the model would have {p} predictors (at most {MAX_PREDICTORS})")
     if params.get("missing", "impute") not in MISSING_MODES:
         raise ValueError("'missing' must be 'impute' or 'drop'")
+    if not isinstance(params.get("dosage", False), bool):
+        raise ValueError("'dosage' must be true or false")
     req = params.get("require") or []
     if not isinstance(req, list) or len(req) > 256 or not all(isinstance(c, str) and c for c in req):
         raise ValueError("'require' must be a list of at most 256 column names")
@@ -183,6 +185,8 @@ def check_design(cohort: Any, req: AnalysisRequest) -> None:
     the people at one value of it.
     """
     check_missing_mode(cohort, req)
+    if req.params.get("dosage") is True:
+        cohort.require_dosages()
     for cv in req.params.get("covariates") or []:
         if not isinstance(cv, Mapping) or cv.get("kind") != "numeric":
             continue
@@ -401,7 +405,8 @@ def design_sample_set(cohort: Cohort, req: AnalysisRequest) -> list[np.ndarray]:
     return [_design(cohort, req.params, req.rules)[2]]
 
 
-DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing", "require", "sex_model"})
+DESIGN_PARAMS = frozenset({"phenotype", "kind", "covariates", "site_columns", "pcs", "missing", "require", "sex_model",
+                           "dosage"})
 MAX_PREDICTORS = 128
 MAX_LEVELS = 50
 
@@ -447,7 +452,7 @@ def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
 
 
 def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarray, *, impute: bool,
-               structures: tuple = ()):
+               structures: tuple = (), source: str = "gt"):
     """Per sub-block: (offset, A1 dosages of the kept samples, imputation values or None, cells, atom cells).
 
     ``cells`` (rows, 2): carriers of A1 (dosage > 0) and carriers of A2 (dosage < 2) among the
@@ -458,6 +463,11 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     the same for every request and never a request parameter (an aggregator-chosen or set-dependent
     value would let requests difference out the imputed people). The cells count the imputed people
     with their imputed genotype.
+
+    ``source``: ``"gt"`` the hard calls; ``"hard"`` the hard calls PLINK 2 derives from the
+    site's imputed dosages; ``"dosage"`` the imputed dosages themselves (float, NaN = missing; the
+    imputation value is their mean rounded to a whole genotype, and the cells count each person
+    at their dosage rounded to the nearest whole genotype).
     """
     idx, flip = _block_args(cohort, arrays)
     onehots = []
@@ -468,12 +478,28 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         onehots.append(oh)
     offsets = np.cumsum([0] + [oh.shape[1] for oh in onehots])
     all_onehots = np.hstack(onehots) if onehots else None
-    for s in range(0, len(idx), SUB_BLOCK):
-        full = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+    step = SUB_BLOCK if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
+    for s in range(0, len(idx), step):
+        real = None
+        if source == "gt":
+            full = cohort.block(idx[s : s + step], flip[s : s + step])
+        elif source == "hard":
+            full = cohort.dosage_hardcalls(idx[s : s + step], flip[s : s + step])
+        else:
+            from fedgen.cohort.dosage import to_float, to_hardcalls
+
+            u = cohort._dosage_rows(idx[s : s + step])
+            real = to_float(u, flip[s : s + step])
+            full = to_hardcalls(u, flip[s : s + step], threshold=0.5)  # nearest whole genotype
         g = full[:, keep]
         fill = None
         gc, fc = g, full
-        if impute:  # over all the site's analysed samples: the same for every request (red-team round 5)
+        if real is not None and impute:
+            n_called = (~np.isnan(real)).sum(1)
+            fill = np.rint(np.where(n_called > 0, np.nansum(real, axis=1) / np.maximum(n_called, 1), 0.0))
+            gc = np.where(g >= 0, g, fill[:, None].astype(g.dtype))
+            fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
+        elif impute:  # over all the site's analysed samples: the same for every request (red-team round 5)
             called = full >= 0
             n_called = called.sum(1)
             tot = np.where(called, full, 0).sum(1, dtype=np.int64)
@@ -493,7 +519,7 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             a2 = ((fc >= 0) & (fc < 2)).astype(np.float32) @ all_onehots
             both = np.rint(np.stack([a1, a2], axis=2)).astype(np.int64)
             atoms = [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
-        yield s, g, fill, np.stack([carriers, other], axis=1), atoms
+        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other], axis=1), atoms
 
 
 ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
@@ -529,7 +555,9 @@ def assoc_counts(cohort: Any, req: AnalysisRequest):
     out = np.zeros((len(idx), 4), dtype=np.float64 if impute else np.int64)
     cells = np.zeros((len(idx), 2), dtype=np.int64)
     atom_cells = [np.zeros((len(idx), M.shape[1], 2), dtype=np.int64) for _, M in req.rules.cell_structures]
-    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures):
+    source = "hard" if req.params.get("dosage") is True else "gt"  # the allelic test counts hard calls
+    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures,
+                                           source=source):
         cells[s : s + len(g)] = c
         for k, a in enumerate(atoms):
             atom_cells[k][s : s + len(g)] = a
@@ -597,7 +625,9 @@ def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[di
     rows = {k: _per_row(req.arrays, k) for k in per_row}
     parts, cells = [], []
     atom_cells: list[list[np.ndarray]] = [[] for _ in req.rules.cell_structures]
-    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures):
+    source = "dosage" if req.params.get("dosage") is True else "gt"
+    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures,
+                                           source=source):
         if haploid:  # chrY/MT calls are one allele: PLINK 2 codes them 0/1 (a het call 0.5)
             g = np.where(g >= 0, 0.5 * g, -1.0)
             fill = None if fill is None else 0.5 * fill

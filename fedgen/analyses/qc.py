@@ -19,6 +19,12 @@ from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
 
 SUB_BLOCK = 4096  # variants decoded at once at the site
+DOSAGE_ELEMS = 1 << 23  # dosages decoded at once (8-byte work arrays: 64 MB whatever the sample count)
+
+
+def dosage_step(n_samples: int) -> int:
+    """Variants per sub-block when decoding dosages: SUB_BLOCK, fewer for large cohorts."""
+    return max(1, min(SUB_BLOCK, DOSAGE_ELEMS // max(1, n_samples)))
 
 
 def encode_variant_table(chrom, pos, ids, ref, alt) -> np.ndarray:
@@ -159,22 +165,76 @@ def _block_args(cohort, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
     return idx, flip
 
 
+def dosage_param(params: Mapping[str, Any]) -> bool:
+    """The request's ``dosage`` flag (``study.dosage``): use the site's imputed dosages."""
+    d = params.get("dosage", False)
+    if not isinstance(d, bool):
+        raise FedgenError("'dosage' must be true or false")
+    return d
+
+
+def _counts_rule(out: dict[str, np.ndarray], rules: Any, n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """:func:`called_count_rule`, and for dosage sums the same: a variant with a dosage in
+    1..min_count-1 samples at the site is reported as having none there."""
+    out, mask = called_count_rule(out, rules, n_samples)
+    if "dosage_sums" in out:
+        d = np.array(out["dosage_sums"], copy=True)
+        small = (d[:, 1] > 0) & (d[:, 1] < int(rules.min_count))
+        d[small] = 0
+        out = {**out, "dosage_sums": d}
+        mask = small if mask is None else (mask | small)
+    return out, mask
+
+
 @register(
     "genotype_counts",
     Spec(
+        params=frozenset({"dosage"}),
         inputs=VARIANT_INPUTS,
-        outputs={"counts": arr("i8", "v", 4)},
+        outputs={"counts": arr("i8", "v", 4), "dosage_sums": arr("i8", "v", 2, optional=True)},
         meta=frozenset({"n_samples", "suppressed"}),
         contributors=meta_count("n_samples"),
-        suppress=called_count_rule,
+        suppress=_counts_rule,
         sample_sets=lambda cohort, req: [np.ones(cohort.n_samples, bool)],
         doc="per variant: hom-REF, het, hom-ALT, missing counts (a variant called in fewer than "
-        "min_count samples at the site is reported as all-missing there)",
+        "min_count samples at the site is reported as all-missing there); with dosage: the counts of "
+        "the hard calls PLINK 2 derives from the dosages, and dosage_sums = (Σ ALT dosage in 1/16384 "
+        "units, samples with a dosage), likewise withheld below min_count",
     ),
 )
 def genotype_counts(cohort: Any, req: AnalysisRequest):
-    """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64."""
+    """Per variant: (hom-REF, het, hom-ALT, missing) counts over the analysed samples, (V, 4) int64.
+
+    With ``dosage: true``: counts of the hard calls derived from the dosages (as PLINK 2's
+    ``--missing``/``--hardy`` count them) and ``dosage_sums`` (V, 2) int64."""
+    if dosage_param(req.params):
+        counts, sums = dosage_class_counts(cohort, req.arrays)
+        return {"counts": counts, "dosage_sums": sums}, {"n_samples": cohort.n_samples}
     return {"counts": genotype_class_counts(cohort, req.arrays)}, {"n_samples": cohort.n_samples}
+
+
+def dosage_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(V, 4) hard-call class counts derived from the dosages and (V, 2) dosage sums (Σ units, n)."""
+    from fedgen.cohort.dosage import MISSING, UNIT, to_hardcalls
+
+    cohort.require_dosages()
+    idx, flip = _block_args(cohort, arrays)
+    counts = np.empty((len(idx), 4), dtype=np.int64)
+    sums = np.empty((len(idx), 2), dtype=np.int64)
+    step = dosage_step(cohort.n_samples)
+    for s in range(0, len(idx), step):
+        u = cohort._dosage_rows(idx[s : s + step])
+        f = flip[s : s + step]
+        g = to_hardcalls(u, f)
+        for k, code in enumerate((0, 1, 2, -1)):
+            counts[s : s + step, k] = np.count_nonzero(g == code, axis=1)
+        have = u != MISSING
+        v = np.where(have, u, 0).astype(np.int64)
+        tot = v.sum(1)
+        n_have = have.sum(1)
+        sums[s : s + step, 0] = np.where(f, 2 * UNIT * n_have - tot, tot)
+        sums[s : s + step, 1] = n_have
+    return counts, sums
 
 
 def genotype_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -23,11 +23,12 @@ import numpy as np
 from fedgen.cohort.contigs import autosome_number, harmonise_contig
 from fedgen.cohort.samples import SamplesTable, read_samples_table
 from fedgen.cohort.vcf import file_fingerprint
-from fedgen.errors import InputError
+from fedgen.errors import FedgenError, InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: unusable (polyploid) calls counted; 3: multi-allelic records split (bcftools norm -m-any)
+CACHE_VERSION = 4  # 2: unusable (polyploid) calls counted; 3: multi-allelic records split (bcftools norm -m-any);
+# 4: dosage store (dosage.u16) for inputs with imputed dosages
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Cohort:
     sample_cols: np.ndarray
     table_rows: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)
+    #: (variants, VCF samples) uint16 ALT dosages in 1/16384 units (65535 = missing), memory-mapped;
+    #: None when the input carries no dosages (see :mod:`fedgen.cohort.dosage`)
+    dosage16: np.ndarray | None = None
 
     @property
     def n_samples(self) -> int:
@@ -77,6 +81,33 @@ class Cohort:
             sub = g[f]
             g[f] = np.where(sub < 0, sub, 2 - sub)
         return g
+
+    def require_dosages(self) -> np.ndarray:
+        """The dosage store, or a one-line error when the site's genotypes carry no dosages."""
+        if self.dosage16 is None:
+            raise FedgenError(f"study.dosage: this site's genotypes ({self.vcf.name}) carry no imputed dosages (FORMAT "
+                              "DS or GP in a VCF/BCF, dosages in a .pgen); run the study without study.dosage")
+        return self.dosage16
+
+    def dosage_block(self, idx: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+        """Imputed dosages of variants ``idx`` for the analysed samples, (len(idx), n_samples)
+        float64 in multiples of 1/16384 (as PLINK 2 stores them), NaN = missing."""
+        from fedgen.cohort.dosage import to_float
+
+        return to_float(self._dosage_rows(idx), flip)
+
+    def dosage_hardcalls(self, idx: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+        """Hard calls derived from the dosages as PLINK 2 does (``--hard-call-threshold`` 0.1),
+        int8 like :meth:`block`."""
+        from fedgen.cohort.dosage import to_hardcalls
+
+        return to_hardcalls(self._dosage_rows(idx), flip)
+
+    def _dosage_rows(self, idx: np.ndarray) -> np.ndarray:
+        u = read_rows(self.require_dosages(), np.asarray(idx, dtype=np.int64))
+        if len(self.sample_cols) != u.shape[1] or not self._all_cols:
+            u = u[:, self.sample_cols]
+        return u
 
     @property
     def _all_cols(self) -> bool:
@@ -300,6 +331,7 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
                 meter.update(n_var)
     if n_var == 0:
         raise InputError(f"{vcf}: VCF has no biallelic variant records ({stats.records} records read)")
+    dosage_field = _build_dosage_store(vcf, out, fp, n_var, n)
     np.savez(
         out / "variants.npz",
         chrom=np.asarray(chrom),
@@ -321,7 +353,9 @@ def _build_cache(vcf: Path, out: Path, fp: Mapping[str, Any], *, progress: bool)
             "general_path_records": stats.general_path,
             "records_without_gt": stats.no_gt,
             "unusable_calls": int(stats.extra.get("unusable_calls", 0)),
+            "dosage_store": int(dosage_field is not None),  # imputed dosages kept (dosage.u16)
         },
+        "dosage_field": dosage_field,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     (out / "meta.json").write_text(json.dumps(meta))
@@ -336,7 +370,53 @@ def _open_cache(path: Path) -> dict[str, Any]:
     v = np.load(path / "variants.npz")
     n = len(meta["samples"])
     dosage = np.memmap(path / "dosage.i8", dtype=np.int8, mode="r", shape=(meta["n_variants"], n))
-    return {"meta": meta, "variants": {k: v[k] for k in v.files}, "dosage": dosage}
+    dosage16 = None
+    if meta.get("dosage_field"):
+        dosage16 = np.memmap(path / "dosage.u16", dtype=np.uint16, mode="r", shape=(meta["n_variants"], n))
+    return {"meta": meta, "variants": {k: v[k] for k in v.files}, "dosage": dosage, "dosage16": dosage16}
+
+
+def _build_dosage_store(vcf: Path, out: Path, fp: Mapping[str, Any], n_var: int, n: int) -> str | None:
+    """Write ``dosage.u16`` beside the hard calls when the input carries imputed dosages: a VCF/BCF
+    whose header declares FORMAT DS (else GP), or a .pgen with dosages (kept only if some dosage
+    differs from its hard call). Streams in blocks; a call without a DS/GP value takes its GT dosage.
+    Returns the source (``"DS"``, ``"GP"``, ``"pgen"``) or None (no store)."""
+    from fedgen.cohort import dosage as ds
+
+    kind = fp.get("kind")
+    if kind == "bed":
+        return None
+    if kind == "pgen":
+        from fedgen.cohort.plinkfiles import read_fileset_dosages
+
+        source: str | None = "pgen"
+        blocks = read_fileset_dosages(vcf)
+    else:
+        paths = [vcf, *(Path(f["path"]) for f in fp.get("files", []))]
+        fields = [ds.vcf_dosage_field(p) for p in paths]
+        if not any(fields):
+            return None
+        source = "DS" if "DS" in fields else "GP"
+        blocks = ds.read_vcf_dosages(paths, fields)
+    hard = np.memmap(out / "dosage.i8", dtype=np.int8, mode="r", shape=(n_var, n))
+    differs = False
+    row = 0
+    with open(out / "dosage.u16", "wb") as fh:
+        for blk in blocks:
+            gt = ds.from_hardcalls(read_rows(hard, np.arange(row, min(row + len(blk), n_var))))
+            if gt.shape != blk.shape:
+                raise InputError(f"{vcf}: dosages and genotype calls disagree on the number of variants")
+            u = np.where(blk == ds.ABSENT, gt, blk)
+            differs = differs or bool(np.any(u != gt))
+            fh.write(np.ascontiguousarray(u).tobytes())
+            row += len(blk)
+    del hard
+    if row != n_var:
+        raise InputError(f"{vcf}: dosages and genotype calls disagree on the number of variants")
+    if kind == "pgen" and not differs:  # hard calls only
+        (out / "dosage.u16").unlink()
+        return None
+    return source
 
 
 def _match(site: str, vcf: Path, geno: dict[str, Any], table: SamplesTable) -> Cohort:
@@ -376,6 +456,7 @@ def _match(site: str, vcf: Path, geno: dict[str, Any], table: SamplesTable) -> C
         ref=var["ref"],
         alt=var["alt"],
         dosage=geno["dosage"],
+        dosage16=geno.get("dosage16"),
         vcf_samples=vcf_samples,
         contigs=contigs,
         table=table,

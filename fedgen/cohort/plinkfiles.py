@@ -179,3 +179,51 @@ def read_fileset(prefix: str | Path, kind: str) -> tuple[VcfHeader, Iterator[Rec
             reader.close()
 
     return header, blocks(), stats
+
+
+def read_fileset_dosages(prefix: str | Path) -> Iterator[np.ndarray]:
+    """The dosages of a .pgen (pgenlib ``read_dosages_range``; hard calls where a variant stores
+    none) as uint16 blocks of 1/16384 units (:mod:`fedgen.cohort.dosage`), row for row as
+    :func:`read_fileset` gives variants (a multi-allelic variant: one row per ALT)."""
+    import pgenlib
+
+    from fedgen.cohort.dosage import MISSING, UNIT
+
+    geno, var_path, sam_path = fileset_paths(prefix, "pgen")
+    n = len(_samples(sam_path, "pgen"))
+    _, variants = _variants(var_path, "pgen")
+    kw = {}
+    if any("," in v[4] for v in variants):
+        offsets = np.zeros(len(variants) + 1, dtype=np.uintp)
+        offsets[1:] = np.cumsum([1 + len(v[4].split(",")) for v in variants])
+        kw = {"variant_ct": len(variants), "allele_idx_offsets": offsets}
+    reader = pgenlib.PgenReader(str(geno).encode(), raw_sample_ct=n, **kw)
+
+    def units(d: np.ndarray) -> np.ndarray:
+        u = np.floor(d * UNIT + 0.5)
+        return np.where(d < 0, MISSING, u).astype(np.uint16)  # pgenlib: -9 = missing
+
+    try:
+        buf = np.empty((BLOCK, n), dtype=np.float64)
+        one = np.empty(n, dtype=np.float64)
+        for s in range(0, len(variants), BLOCK):
+            e = min(len(variants), s + BLOCK)
+            out = buf[: e - s]
+            reader.read_dosages_range(s, e, out)
+            if all("," not in v[4] and v[4] not in (".", "*") for v in variants[s:e]):
+                yield units(out)
+                continue
+            rows = []
+            for j, v in enumerate(variants[s:e]):
+                if v[4] in (".", "*"):
+                    continue
+                for a in range(1, len(v[4].split(",")) + 1):
+                    if a == 1:
+                        rows.append(units(out[j]))
+                    else:
+                        reader.read_dosages(s + j, one, a)
+                        rows.append(units(one))
+            if rows:
+                yield np.stack(rows)
+    finally:
+        reader.close()

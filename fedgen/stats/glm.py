@@ -108,7 +108,10 @@ def _geno_block(gb: np.ndarray, fill: np.ndarray | None = None) -> tuple[np.ndar
 
     With ``fill`` (one value per variant), a missing call is imputed with its variant's value
     and every sample counts as present (one sample set for every variant).
+    A float block holds real-valued (imputed) dosages with NaN for missing: :func:`_dosage_block`.
     """
+    if gb.dtype.kind == "f":
+        return _dosage_block(gb, fill)
     if fill is not None:
         G = gb.astype(np.float64)
         miss = gb < 0
@@ -119,6 +122,18 @@ def _geno_block(gb: np.ndarray, fill: np.ndarray | None = None) -> tuple[np.ndar
     G = gb.astype(np.float64)
     G *= M  # -1 -> -0.0
     return M, G
+
+
+def _dosage_block(gb: np.ndarray, fill: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_geno_block` for real-valued dosages (NaN or a negative value = missing, e.g. the
+    haploid 0/0.5/1 coding of chrY/MT calls with -1 for missing): the same mask and values."""
+    miss = np.isnan(gb) | (gb < 0)
+    G = np.where(miss, 0.0, gb).astype(np.float64, copy=False)
+    if fill is not None:
+        if miss.any():
+            G[miss] = np.broadcast_to(np.asarray(fill, dtype=np.float64)[:, None], G.shape)[miss]
+        return np.ones(G.shape), G
+    return (~miss).astype(np.float64), G
 
 
 def _fill_of(fill: Any, sl: slice) -> np.ndarray | None:
@@ -288,7 +303,7 @@ def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None) -> dict[s
     ----------
     g : (V, N) int array
         A1 dosages 0/1/2, ``-1`` for a missing call (that sample is left out of that
-        variant's sums).
+        variant's sums); or a float array of imputed A1 dosages, NaN for missing.
     y : (N,) float
         Phenotype; samples with a missing phenotype must already be removed.
     C : (N, k) float or None

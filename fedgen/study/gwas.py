@@ -191,6 +191,8 @@ def run_association(
         kind = phenotype_kind(info, pheno)
         params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
                   "missing": plan.get("missing", "impute")}
+        if plan.get("dosage"):
+            params["dosage"] = True
         if params["missing"] == "impute":
             # one sample set for the whole study: people with every phenotype and covariate present (two
             # sets that differ by a few dozen people make sites withhold every row with a carrier among them)

@@ -53,6 +53,22 @@ def _min_sites(value: Any, n_sites: int) -> int | None:
     return None if value is None else resolve_min_sites(value, n_sites)
 
 
+def _check_dosage_plan(plan: dict[str, Any], mode: str) -> None:
+    """``study.dosage: true``: what runs on imputed dosages, and what is refused (not built yet)."""
+    if mode == "dp":
+        raise ConfigError("study.dosage: differentially private releases count hard calls; run privacy=dp without "
+                          "study.dosage")
+    if plan.get("pca") is not None:
+        raise ConfigError("study.dosage: the federated PCA reads hard calls, not dosages; run it without study.dosage "
+                          "(study.pcs=0 and no pca in study.analyses)")
+    if "model" in plan["analyses"]:
+        raise ConfigError("study.dosage: risk-model training reads hard calls; run study=risk_model without study.dosage")
+    cc = sorted({"a1countcc", "totallelecc", "a1freqcc"} & set(plan["glm_cols"]))
+    if cc:
+        raise ConfigError(f"study.dosage: study.glm.cols {', '.join(cc)} (case/control dosage counts) are not available "
+                          "with dosages yet; leave them out")
+
+
 def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
     """Validate a composed config and return (plan, node_configs)."""
     from omegaconf import OmegaConf
@@ -139,6 +155,9 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
     missing = str(glm_cfg.get("missing", "impute"))
     if missing not in ("impute", "drop"):
         raise ConfigError(f"study.glm.missing must be impute or drop, got {missing!r}")
+    dosage = study.get("dosage", False)
+    if not isinstance(dosage, bool):
+        raise ConfigError(f"study.dosage must be true or false, got {dosage!r}")
     out = resolved.get("output_dir")
     if not out:
         raise ConfigError("output_dir is not set")
@@ -155,6 +174,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         "glm_block_size": int(study.get("glm_block_size") or 65536),
         "site_covariate": bool(study.get("site_covariate") or False),
         "missing": missing,
+        "dosage": dosage,
         "glm_cols": list(glm_cols),
         "glm_ci": None if glm_ci is None else float(glm_ci),
         "lambda_without_pcs": bool(study.get("lambda_without_pcs", True)),
@@ -212,6 +232,8 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         raise ConfigError("study.analyses: under privacy=dp the risk model's feature scan would have to be the DP top-k, "
                           "which is not wired to training yet; run study=risk_model with privacy=none (training is "
                           "still DP-SGD per site, study.model.dp) and a variant-list file or exact top hits")
+    if dosage:
+        _check_dosage_plan(plan, mode)
     if mode == "dp":
         from fedgen.study.dp import check_dp_plan
 

@@ -140,6 +140,7 @@ def blockwise_task(ctx: StudyContext, analysis: str, aln: Alignment, *, key: str
     """Engine task of :func:`blockwise_sum` (checks every site's reply has ``key`` with one row per variant)."""
     from fedgen.study.engine import BLOCKS_PER_ROUND
 
+    keys = (key,) if isinstance(key, str) else tuple(key)  # several keys: their arrays side by side
     sel = np.arange(len(aln)) if rows is None else np.asarray(rows)
     block = int(ctx.plan.get("block_size") or DEFAULT_BLOCK)
     n_blocks = max(1, -(-len(sel) // block))
@@ -156,9 +157,10 @@ def blockwise_task(ctx: StudyContext, analysis: str, aln: Alignment, *, key: str
         for r, rep_by_site in zip(chunk, replies):
             total = None
             for site, rep in rep_by_site.items():
-                if key not in rep.arrays:
-                    raise FedgenError(f"site {site}: reply to {analysis} has no {key!r} array")
-                a = rep.arrays[key]
+                for k in keys:
+                    if k not in rep.arrays:
+                        raise FedgenError(f"site {site}: reply to {analysis} has no {k!r} array")
+                a = rep.arrays[key] if len(keys) == 1 else np.concatenate([rep.arrays[k] for k in keys], axis=1)
                 if a.shape[0] != len(r):
                     raise FedgenError(f"site {site}: reply to {analysis} has {a.shape[0]} rows, expected {len(r)}")
                 total = a.copy() if total is None else total + a
@@ -380,11 +382,23 @@ def _exact_study(ctx: StudyContext, stage: Path, info: dict[str, Reply], aln: Al
     plan = ctx.plan
     results: dict[str, Any] = {}
     analyses = list(plan.get("analyses") or ["freq", "missing", "hardy"])
+    dosage_sums = None
     with ctx.timed("genotype_counts"):
-        counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
+        if plan.get("dosage"):  # hard calls derived from the dosages, and the dosage sums, in one pass
+            check_dosage_sites(info)
+            if not autosomal(aln).all():
+                from fedgen.errors import ConfigError
+
+                raise ConfigError("study.dosage: dosages on chrX/chrY/MT are not read yet; run the study on autosomes only")
+            both = blockwise_sum(ctx, "genotype_counts", aln, key=("counts", "dosage_sums"), params={"dosage": True},
+                                 label="genotype counts and dosages")
+            counts, dosage_sums = both[:, :4], both[:, 4:]
+        else:
+            counts = blockwise_sum(ctx, "genotype_counts", aln, key="counts", label="genotype counts")
     sex = sex_split_counts(ctx, aln)  # chrX/chrY/MT: counted by the samples' sex, as PLINK 2 does
     with ctx.timed("write_qc"):
-        results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}, sex=sex))
+        results.update(write_qc_outputs(stage, aln, counts, analyses=analyses, qc=plan.get("qc") or {}, sex=sex,
+                                        dosage_sums=dosage_sums))
     if plan.get("pca") is not None:
         from fedgen.study.pca import run_pca
 
@@ -523,16 +537,40 @@ def sex_split_counts(ctx: StudyContext, aln: Alignment) -> tuple[np.ndarray, np.
     return cls.astype(str), sc
 
 
+def check_dosage_sites(info: dict[str, Reply]) -> None:
+    """``study.dosage``: every site must hold imputed dosages (its site_info counts say so)."""
+    from fedgen.errors import ConfigError
+
+    lacking = sorted(s for s, r in info.items() if not (r.meta.get("counts") or {}).get("dosage_store"))
+    if lacking:
+        raise ConfigError(f"study.dosage: site(s) {', '.join(lacking)} hold no imputed dosages (FORMAT DS or GP in "
+                          "a VCF/BCF, or dosages in a .pgen); run the study without study.dosage")
+
+
+def dosage_alt_freq(dosage_sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``--freq`` from dosages: ALT frequency and OBS_CT (2 × samples with a dosage)."""
+    from fedgen.cohort.dosage import UNIT
+
+    s = np.asarray(dosage_sums, dtype=np.int64)
+    obs = 2 * s[:, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return s[:, 0] / (UNIT * obs.astype(np.float64)), obs
+
+
 def write_qc_outputs(
     out: Path, aln: Alignment, counts: np.ndarray, *, analyses: list[str], qc: dict[str, Any],
     sex: tuple[np.ndarray, np.ndarray] | None = None,
     hardy: dict[str, np.ndarray] | None = None,
+    dosage_sums: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write ``freq.afreq``, ``missing.vmiss``, ``hardy.hardy`` (``hardy.x`` for chrX) and the QC pass list.
 
     ``sex`` (from :func:`sex_split_counts`) makes chrX/chrY/MT rows count as PLINK 2 counts them.
     ``hardy``: the ``.hardy`` columns to write and filter on instead of the exact test of ``counts``
-    (privacy=dp passes its noise-aware test)."""
+    (privacy=dp passes its noise-aware test).
+    With ``dosage_sums`` (``study.dosage``) frequencies (and the MAF filter) come from the
+    dosages, as PLINK 2's ``--freq`` reads them; ``counts`` are of the derived hard calls.
+    """
     chrom, ids = aln.chrom.tolist(), aln.ids.tolist()
     ref, alt = aln.ref.tolist(), aln.alt.tolist()
     pos = aln.pos
@@ -559,6 +597,8 @@ def write_qc_outputs(
         hwe_p = np.array(hwe_p, dtype=np.float64)
         hwe_p[~auto] = 1.0  # chrY and MT: no HWE test (--hwe keeps them)
         hwe_p[xrows] = hx["P"]
+    if dosage_sums is not None:
+        f, obs = dosage_alt_freq(dosage_sums)
     if "freq" in analyses:
         write_tsv(out / "freq.afreq", ["#CHROM", "POS", "ID", "REF", "ALT", "ALT_FREQS", "OBS_CT"],
                   [chrom, pos, ids, ref, alt, f, obs])
@@ -579,7 +619,8 @@ def write_qc_outputs(
                       [[x[i] for i in xrows] for x in (chrom, pos, ids, ref, alt)] + [hx[c] for c in HARDY_X_COLS])
             written.append("hardy.x")
     filt = qcstats.qc_pass(counts, maf=qc.get("maf"), geno=qc.get("geno"), hwe=qc.get("hwe"), hwe_p=hwe_p,
-                           freq=f if sex is not None else None, fmiss=fm if sex is not None else None)
+                           freq=f if (sex is not None or dosage_sums is not None) else None,
+                           fmiss=fm if sex is not None else None)
     fails = [k for k in ("fail_geno", "fail_maf", "fail_hwe") if k in filt]
     reason = []
     for i in range(len(aln)):
@@ -602,6 +643,11 @@ def write_qc_outputs(
     out_ = {"files": written, "qc": qc_summary, "qc_pass": filt["pass"]}
     if sex is not None:  # ALT count and allele observations as PLINK 2 counts them (A1 choice of --glm)
         out_["allele_counts"] = (np.where(np.isnan(f), 0.0, f * obs), obs.astype(np.float64))
+    if dosage_sums is not None:  # dosage sums in 1/16384 units (exact): A1 and the pooled frequency
+        from fedgen.cohort.dosage import UNIT
+
+        d = np.asarray(dosage_sums, dtype=np.int64)
+        out_["allele_counts"] = (d[:, 0].astype(np.float64), (2 * UNIT * d[:, 1]).astype(np.float64))
     return out_
 
 
