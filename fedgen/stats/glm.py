@@ -41,8 +41,8 @@ Residual differences from PLINK (measured on the fixtures of ``tests/test_glm.py
   intercept column of its float buffer only when the previous variant of its thread chunk
   had missing calls.  After a variant without missing calls (all N regression samples), a
   variant with nm < N calls keeps intercept = 1 in its SIMD padding lanes, k = min(⌈nm/4⌉·4,
-  N) − nm of them (0–3; float vectors are 4 wide in the x86-64 builds, AVX2 included), while its genotype
-  and covariate padding is 0.  Those lanes enter XᵀVX with weight p*(1 − p*) ≈ 0.2247
+  N) − nm of them (0–3; float vectors are 4 wide in the x86-64 builds, AVX2 included),
+  while its genotype and covariate padding is 0.  Those lanes enter XᵀVX with weight p*(1 − p*) ≈ 0.2247
   (p* ≈ 0.659 = sigmoid(p*), what PLINK's vectorised sigmoid leaves in the padding) but not
   the gradient: β is right, SE too small.  PLINK's SE there equals ours with k·p*(1 − p*)
   added to (XᵀVX)₀₀.  On 2 × 400 simulated people (777 with T2D and covariates, 5,988
