@@ -22,7 +22,7 @@ import numpy as np
 
 from fedgen.analyses import register
 from fedgen.analyses.spec import AnalysisRequest, Rules, Spec, arr, cell_rule, meta_count
-from fedgen.analyses.qc import SUB_BLOCK, VARIANT_INPUTS, _block_args, dosage_step
+from fedgen.analyses.qc import VARIANT_INPUTS, _block_args, dosage_step, genotype_step
 from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
@@ -478,7 +478,7 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         onehots.append(oh)
     offsets = np.cumsum([0] + [oh.shape[1] for oh in onehots])
     all_onehots = np.hstack(onehots) if onehots else None
-    step = SUB_BLOCK if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
+    step = genotype_step(cohort.n_samples) if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
     for s in range(0, len(idx), step):
         real = None
         if source == "gt":

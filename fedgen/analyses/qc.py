@@ -18,8 +18,15 @@ from fedgen.analyses.spec import AnalysisRequest, Spec, arr, called_count_rule, 
 from fedgen.cohort.phenotypes import describe_column
 from fedgen.errors import FedgenError
 
-SUB_BLOCK = 4096  # variants decoded at once at the site
+SUB_BLOCK = 4096  # variants decoded at once at the site (at most)
+GENOTYPE_ELEMS = 1 << 24  # hard calls read at once (int8: 16 MB whatever the sample count)
 DOSAGE_ELEMS = 1 << 23  # dosages decoded at once (8-byte work arrays: 64 MB whatever the sample count)
+
+
+def genotype_step(n_samples: int) -> int:
+    """Variants per sub-block of hard calls: SUB_BLOCK, fewer for large cohorts (a site's memory
+    for a block stays the same whatever its number of samples or variants)."""
+    return max(1, min(SUB_BLOCK, GENOTYPE_ELEMS // max(1, n_samples)))
 
 
 def dosage_step(n_samples: int) -> int:
@@ -241,10 +248,11 @@ def genotype_class_counts(cohort, arrays: Mapping[str, np.ndarray]) -> np.ndarra
     """(V, 4) int64: hom-REF, het, hom-ALT and missing counts of the requested variants."""
     idx, flip = _block_args(cohort, arrays)
     counts = np.empty((len(idx), 4), dtype=np.int64)
-    for s in range(0, len(idx), SUB_BLOCK):  # bounded memory whatever the request size
-        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+    step = genotype_step(cohort.n_samples)
+    for s in range(0, len(idx), step):  # bounded memory whatever the request size
+        g = cohort.block(idx[s : s + step], flip[s : s + step])
         for k, code in enumerate((0, 1, 2, -1)):
-            counts[s : s + SUB_BLOCK, k] = np.count_nonzero(g == code, axis=1)
+            counts[s : s + step, k] = np.count_nonzero(g == code, axis=1)
     if np.any(counts.sum(axis=1) != cohort.n_samples):
         raise FedgenError("internal check failed: genotype codes outside {0,1,2,missing}")
     return counts
@@ -294,10 +302,11 @@ def sex_genotype_counts(cohort: Any, req: AnalysisRequest):
     idx, flip = _block_args(cohort, req.arrays)
     groups = _sex_groups(cohort)
     counts = np.empty((len(idx), 3, 4), dtype=np.int64)
-    for s in range(0, len(idx), SUB_BLOCK):
-        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
+    step = genotype_step(cohort.n_samples)
+    for s in range(0, len(idx), step):
+        g = cohort.block(idx[s : s + step], flip[s : s + step])
         for j, m in enumerate(groups):
             gm = g[:, m]
             for k, code in enumerate((0, 1, 2, -1)):
-                counts[s : s + SUB_BLOCK, j, k] = np.count_nonzero(gm == code, axis=1)
+                counts[s : s + step, j, k] = np.count_nonzero(gm == code, axis=1)
     return {"counts": counts}, {"n_samples": cohort.n_samples}
