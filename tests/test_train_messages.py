@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CONVENTIONS, qc_plan, split_sites
-from test_federation_flower import FakeGrid, _task_identity  # noqa: F401 - the fixture is used by name
+from test_federation_flower import FakeGrid, _task_identity
 
 from fedgen.errors import FedgenError, SiteError
 from fedgen.federation.flower import FlowerTransport
@@ -29,6 +29,8 @@ from fedgen.site import audit
 from fedgen.testing import make_synth
 
 warnings.filterwarnings("ignore", module="opacus")
+
+__all__ = ["_task_identity"]  # the Message-building fixture, applied to every test here (autouse)
 
 POLICY = {"min_count": 1, "extra_analyses": ["model_update"]}
 
