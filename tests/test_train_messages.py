@@ -246,3 +246,23 @@ def test_dp_training_killed_mid_way_resumes_from_the_journal_without_charging_tw
     b = manifest["model"]["site_epsilon_spent"]
     # the killed round 2 was released, then asked again: the site replays its earlier release, uncharged
     assert b == pytest.approx(a, rel=1e-9) and eps(nodes) == pytest.approx(eps(ref_nodes), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_risk_model_on_real_flower_nodes_trains_through_app_train(data, tmp_path):
+    """A SuperLink and two SuperNodes on 127.0.0.1: the model rounds reach each site's
+    @app.train() handler (audited as train messages) and the model equals the in-process run's."""
+    from fedgen.federation.local import LocalFederation
+    from fedgen.study.runner import run_plan
+
+    nodes = split_sites(data, tmp_path / "s", [0.5, 0.5], seed=3, policy=POLICY, conventions=CONVENTIONS[1:3])
+    with LocalFederation(nodes, workdir=tmp_path / "work") as fed:
+        fed.run(_study(tmp_path / "flower"))
+    for nc in nodes.values():
+        sent = [e for e in audit.read(Path(nc["state_dir"])) if e.get("analysis") == "model_update"]
+        assert len(sent) == 2 and all(e["message_type"] == "train" and e["decision"] == "sent" for e in sent)
+    flower = json.loads((tmp_path / "flower" / "model" / "model.json").read_text())
+    inproc = split_sites(data, tmp_path / "i", [0.5, 0.5], seed=3, policy=POLICY, conventions=CONVENTIONS[1:3])
+    run_plan(_study(tmp_path / "inproc"), InProcessTransport(inproc))
+    local = json.loads((tmp_path / "inproc" / "model" / "model.json").read_text())
+    np.testing.assert_allclose(flower["weights"], local["weights"], rtol=1e-12)
