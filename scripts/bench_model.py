@@ -2,10 +2,11 @@
 
 Simulates one population (``fedgen.testing.make_synth``: a binary trait CC driven by a variant,
 age and sex), writes two training sites and an external cohort, trains the study's model with
-FedAvg for each ε per site (DP-SGD with Opacus; ∞ = plain SGD at sites that allow it), scores
-the external cohort with the same code as ``fedgen score``, and prints the AUC next to a pooled
+FedAvg for each ε per site (DP-SGD with Opacus; ∞ = plain SGD at sites that allow it; every
+round a Flower-format ``train`` message per site, combined by ``flwr.serverapp.strategy.FedAvg``),
+scores the external cohort with ``fedgen score``, and prints the AUC next to a pooled
 non-private scikit-learn logistic regression on the same features and training people, plus
-training time and bytes per round per site. Beside it, the federated AUC on the sites' held-out
+training time and the bytes of each site's model-update reply per round (mean over rounds). Beside it, the federated AUC on the sites' held-out
 people (``study.model.holdout``; from the summed histograms, ± the SE of the DP noise, and the
 tie bound of the binning), per round: under DP it costs ``eval_share`` of each site's ε.
 
@@ -42,7 +43,7 @@ def main() -> None:
 
     from fedgen.cohort.cohort import load_cohort
     from fedgen.federation.transport import InProcessTransport
-    from fedgen.learn.score import load_model, score_cohort
+    from fedgen.learn.score import load_model
     from fedgen.study.learn import model_settings
     from fedgen.study.runner import run_plan
     from fedgen.testing import make_synth, write_samples, write_vcf
@@ -89,23 +90,35 @@ def main() -> None:
         run_plan(plan, InProcessTransport(nodes))
         secs = time.perf_counter() - t0
         model = load_model(run / "out" / "model")
-        _, scores, _ = score_cohort(model, ext)
+        scores = _fedgen_score(run / "out" / "model", files["external"], run / "external-scores.tsv", ext)
         ok = np.isfinite(scores) & np.isfinite(y_ext)
         auc = roc_auc_score(y_ext[ok], scores[ok])
         if pooled_auc is None:
             pooled_auc = _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score)
-        per_round = int(np.mean([len(model["weights"]) * 8 for _ in nodes]))
         curve = model["training"]["curve"]
+        per_round = "/".join(str(int(np.mean([c["bytes"][s] for c in curve]))) for s in nodes)
         curves[eps_text] = curve
         last = curve[-1]
         fed = f"{last['auc']:.4f} ± {last['auc_se']:.4f}" if "auc" in last else "not evaluated"
         tie = f"{last['auc_tie_bound']:.4f}" if "auc" in last else ""
-        print(f"{eps_text:>12} {auc:>11.4f} {pooled_auc:>19.4f} {auc - pooled_auc:>+7.4f} {secs:>8.1f} {per_round:>17d}"
+        print(f"{eps_text:>12} {auc:>11.4f} {pooled_auc:>19.4f} {auc - pooled_auc:>+7.4f} {secs:>8.1f} {per_round:>17}"
               f" {fed:>31} {tie:>9}")
     print("\nper-round federated AUC on the held-out people (± SE of the DP noise; exact where ε = inf):")
     for eps_text, curve in curves.items():
         print(f"{eps_text:>12}: " + "  ".join(f"r{c['round']} {c['auc']:.3f}±{c['auc_se']:.3f}" for c in curve if "auc" in c))
     print(f"(data and results in {tmp})", file=sys.stderr)
+
+
+def _fedgen_score(model_dir: Path, site: dict, out: Path, ext) -> np.ndarray:
+    """``fedgen score`` on the external cohort; its SCORE column in the cohort's sample order."""
+    from fedgen.cli import main as cli
+
+    if cli(["score", "--model", str(model_dir), "--vcf", site["vcf"], "--samples", site["samples"], "--out", str(out)]) != 0:
+        raise SystemExit("fedgen score failed")
+    rows = [ln.split("\t") for ln in out.read_text().splitlines()[1:]]
+    by_id = {r[0]: float(r[1]) if r[1] not in ("", "NA", "nan") else math.nan for r in rows}
+    ids = [ext.vcf_samples[j] for j in ext.sample_cols.tolist()]
+    return np.asarray([by_id.get(i, math.nan) for i in ids], dtype=float)
 
 
 def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score) -> float:

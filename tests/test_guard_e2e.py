@@ -50,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
     idx = np.arange(10, dtype=np.int64)
     probes = [
         ("forbidden", "query.fedgen", lambda: query("pca_product", {}, {"idx": idx, "freq": np.full(10, 0.3), "basis": np.ones((10, 2))})),
-        ("foreign", "train", lambda: RecordDict()),
+        ("foreign", "evaluate", lambda: RecordDict()),
+        # a train message (the model-update path) carrying anything but a well-formed model update
+        ("train", "train", lambda: RecordDict()),
         ("per_sample", "query.fedgen", lambda: query("genotype_counts", {"per_sample": True}, {"idx": idx})),
         ("min_count", "query.fedgen", lambda: query("glm_linear", {"phenotype": "RARE", "kind": "quantitative", "covariates": []}, {"idx": idx})),
     ] + [("dp", "query.fedgen", lambda s=s: query("dp_genotype_counts", {"sigma": s}, {"idx": np.arange(50, dtype=np.int64)}))
@@ -119,7 +121,9 @@ def test_curious_serverapp_on_real_nodes(tmp_path):
     for r in by_probe["forbidden"]:
         assert "analysis 'pca_product' is not allowed by the site's policy" in err(r) and not any(r["arrays"].values())
     for r in by_probe["foreign"]:
-        assert "message type 'train' is not one this fedgen site answers" in err(r)
+        assert "message type 'evaluate' is not one this fedgen site answers" in err(r)
+    for r in by_probe["train"]:
+        assert "malformed train message" in err(r) and not any(r["arrays"].values())
     for r in by_probe["per_sample"]:
         assert "'per_sample' are not declared" in err(r)
     mc = sorted(by_probe["min_count"], key=lambda r: err(r) is None)
@@ -135,11 +139,12 @@ def test_curious_serverapp_on_real_nodes(tmp_path):
 
     for site, nc in nodes.items():
         state = Path(nc["state_dir"])
-        entries = [e for e in audit.read(state) if e["study_id"] == "curious" or e["message_type"] == "train"]
+        entries = [e for e in audit.read(state) if e["study_id"] == "curious" or e["message_type"] in ("evaluate", "train")]
         ref = [e for e in entries if e["decision"] == "refused"]
         assert all(e["bytes"] == 0 and e["reason"] for e in ref)
         reasons = " | ".join(e["reason"] for e in ref)
-        for needle in ("not allowed by the site's policy", "message type 'train'", "per_sample", "privacy budget exhausted"):
+        for needle in ("not allowed by the site's policy", "message type 'evaluate'", "malformed train message", "per_sample",
+                       "privacy budget exhausted"):
             assert needle in reasons, (site, needle)
         ok = [e for e in entries if e["decision"] == "sent"]
         # what left for the curious run: site2's legitimate aggregate and the DP releases within budget

@@ -51,7 +51,7 @@ def test_ledger_charges_what_opacus_accounts(data, tmp_path):
     params = {"phenotype": "CC", "kind": "binary", "covariates": [], "model": {"kind": "logistic", "hidden": 4}, "train": train}
     w0 = models.initial_weights("logistic", 5)
     out, meta = execute(nc, "dp_model_update", params, {**idx, "freq": np.full(5, 0.3), "weights": w0},
-                        context={"study_id": "acc"})
+                        context={"study_id": "acc", "message_type": "train"})
     assert out["weights"].shape == w0.shape and not np.allclose(out["weights"], w0)
     assert meta["steps"] == 20 and meta["privacy"]["events"][0]["type"] == "dpsgd"
     acc = RDPAccountant()
@@ -67,18 +67,23 @@ def test_training_refuses_a_budget_too_small_for_the_planned_rounds(data, tmp_pa
     params = {"phenotype": "CC", "kind": "binary", "covariates": [], "model": {"kind": "logistic", "hidden": 4}, "train": train}
     arrays = {"idx": np.arange(3), "flip": np.zeros(3, np.uint8), "freq": np.full(3, 0.3), "weights": np.zeros(4)}
     with pytest.raises(FedgenError, match="remaining privacy budget is too small for the planned rounds"):
-        execute(nc, "dp_model_update", params, arrays, context={"study_id": "tight"})
+        execute(nc, "dp_model_update", params, arrays, context={"study_id": "tight", "message_type": "train"})
     assert Ledger(Path(nc["state_dir"]) / LEDGER_FILE, epsilon_budget=1.0, delta=1e-6).spent()["releases"] == 0
     # and a non-private update is not in the default policy
     nodes = _nodes(data, tmp_path / "d", None)
     with pytest.raises(FedgenError, match="'model_update' is not allowed by the site's policy .*opt-in"):
-        execute(nodes["site1"], "model_update", {**params, "train": {"epochs": 1, "sample_rate": 1.0, "lr": 0.1}}, arrays)
+        execute(nodes["site1"], "model_update", {**params, "train": {"epochs": 1, "sample_rate": 1.0, "lr": 0.1}}, arrays,
+                context={"message_type": "train"})
 
 
 def test_fedavg_of_one_full_batch_epoch_equals_the_central_update(data, tmp_path):
+    """With DP off, flwr's FedAvg (aggregate_train, by num-examples) of one full-batch local epoch
+    per site equals one step on the pooled people (unequal sizes here; equal-size sites over the
+    Flower path: tests/test_train_messages.py)."""
     from fedgen.analyses.assoc import _design
     from fedgen.analyses.learn import features
     from fedgen.analyses.spec import AnalysisRequest
+    from fedgen.federation.train import fedavg as flower_fedavg
 
     nodes = _nodes(data, tmp_path / "s", {"min_count": 1, "extra_analyses": ["model_update"]})
     v = 6
@@ -87,10 +92,9 @@ def test_fedavg_of_one_full_batch_epoch_equals_the_central_update(data, tmp_path
     train = {"epochs": 1, "sample_rate": 1.0, "lr": 0.3}
     params = {"phenotype": "CC", "kind": "binary", "covariates": [], "missing": "impute",
               "model": {"kind": "mlp", "hidden": 4}, "train": train}
-    reps = InProcessTransport(nodes).query(Request("model_update", params=params, arrays={"freq": np.full(v, 0.3), "weights": w0},
+    reps = InProcessTransport(nodes).train(Request("model_update", params=params, arrays={"freq": np.full(v, 0.3), "weights": w0},
                                                    per_site_arrays=idx, study_id="fedavg"))
-    n = {s: r.meta["n"] for s, r in reps.items()}
-    fedavg = sum(n[s] / sum(n.values()) * r.arrays["weights"] for s, r in reps.items())
+    fedavg = flower_fedavg(reps, 1)
     Xs, ys = [], []
     for s, nc in nodes.items():
         cohort = load_cohort(nc)

@@ -146,7 +146,7 @@ def test_held_out_people_are_never_trained_on(data, tmp_path, monkeypatch):
 
         for _ in range(2):  # the same split in every round
             out, meta = execute(nc, "model_update", params, {"idx": np.arange(V), "flip": np.zeros(V, np.uint8), **_arrays(w0)},
-                                context={"study_id": "split"})
+                                context={"study_id": "split", "message_type": "train"})
         cohort = load_cohort(nc)
         y, _, keep = _design(cohort, params)
         held = holds[s]
@@ -226,7 +226,7 @@ def test_dp_ledger_is_opacus_training_plus_evaluation_within_the_study_epsilon(d
         assert spent <= eps + 1e-9 and spent > 0.99 * eps and abs(m["site_epsilon_spent"][s] - spent) < 1e-9
         releases = [r for r in manifest["sites"][s]["privacy_releases"] if r["analysis"] == "dp_model_eval"]
         assert len(releases) == 3
-    # the evaluation travelled with the next round's training: rounds + 1 message rounds for the model
+    # each round's evaluation is a query round of its own after its training round
     curve = [c for c in __import__("json").loads((tmp_path / "out" / "model" / "model.json").read_text())["training"]["curve"]]
     assert all("auc" in c and "auc_tie_bound" in c for c in curve)
     card = (tmp_path / "out" / "model" / "card.md").read_text()

@@ -190,12 +190,15 @@ def _record_site_requests(tmp: Path) -> tuple[list[dict], dict[str, str], Path]:
     cases: list[dict] = []
 
     class Recording(InProcessTransport):
-        def query(self, request):
-            replies = super().query(request)
+        def query(self, request, *, train=False):
+            replies = super().train(request) if train else super().query(request)
             cases.append({"analysis": request.analysis, "params": json.loads(json.dumps(request.params)),
-                          "arrays": request.arrays_for("site1"), "study_id": request.study_id,
+                          "arrays": request.arrays_for("site1"), "study_id": request.study_id, "train": train,
                           "reply": {k: np.asarray(v) for k, v in replies["site1"].arrays.items()}})
             return replies
+
+        def train(self, request):  # model updates: Flower train messages
+            return self.query(request, train=True)
 
     data = make_synth(300, 150, seed=5, missing_rate=0.01, extremes=False)
     extra = [*PLINK_EXACT_POLICY["extra_analyses"], "pca_histograms", "covar_ranges", "model_update", "model_eval_exact"]
@@ -247,17 +250,21 @@ except ImportError:
     pass
 from fedgen.federation.client_app import app
 from fedgen.federation.flower import decode_reply, encode_request
+from fedgen.federation.train import decode_train_reply, encode_train_request
 
 results = []
 for c in cases:
-    msg = Message(encode_request(c["analysis"], c["params"], c["arrays"], study_id=c["study_id"]), 7, "query.fedgen")
+    if c.get("train"):
+        msg = Message(encode_train_request(c["analysis"], c["params"], c["arrays"], study_id=c["study_id"]), 7, "train")
+    else:
+        msg = Message(encode_request(c["analysis"], c["params"], c["arrays"], study_id=c["study_id"]), 7, "query.fedgen")
     msg.metadata.__dict__["_message_id"] = msg.object_id
     ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     reply = app(msg, ctx)
     if reply.has_error():
         results.append({"analysis": c["analysis"], "error": f"Flower error: {reply.error.reason}", "arrays": {}})
         continue
-    arrays, meta, _ = decode_reply(reply.content)
+    arrays, meta, _ = (decode_train_reply if c.get("train") else decode_reply)(reply.content)
     results.append({"analysis": c["analysis"], "error": meta.get("error"), "arrays": arrays})
 study = [m for m in ("msprime", "tskit", "matplotlib", "hydra", "omegaconf", "sklearn", "plotly", "pandas")
          if m in sys.modules]

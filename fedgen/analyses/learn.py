@@ -219,6 +219,7 @@ LEARN_SPEC: dict[str, Any] = dict(
     limits={"v": MAX_FEATURES, "w": 10_000_000},
     meta=frozenset({"n", "steps", "sample_rate", "kind", "noise_multiplier", "clip", "mechanism"}),
     contributors=meta_count("n"),
+    train_message=True,  # model updates travel as Flower train messages (client_app's @app.train())
 )
 
 

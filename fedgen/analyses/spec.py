@@ -95,6 +95,9 @@ class Spec:
     rank: Callable[["AnalysisRequest"], int] | None = None
     #: accepted only for a study whose PCA this site has answered (``pca_product`` rounds)
     needs_study_pca: bool = False
+    #: a model update: answered only when it arrives as a Flower ``train`` message (the
+    #: ``@app.train()`` path); a ``train`` message carrying any other analysis is refused
+    train_message: bool = False
     doc: str = ""
 
 

@@ -5,8 +5,10 @@ Loaded by each SuperNode from the site's INSTALLED fedgen (the FAB carries no co
 (set by the site with ``flower-supernode --node-config``); a request cannot change them.
 
 Every message passes through :mod:`fedgen.site.pipeline`: a message of any type other than
-``query.fedgen`` is refused and logged before Flower's dispatch; a fedgen query is checked
-against the site policy and the analysis' declaration, and its reply is audited.
+``query.fedgen`` and ``train`` is refused and logged before Flower's dispatch; a fedgen query is
+checked against the site policy and the analysis' declaration, and its reply is audited. A
+``train`` message (a risk-model round, :mod:`fedgen.federation.train`) is answered by the
+``@app.train()`` handler through the same pipeline, which accepts it only for a model update.
 """
 
 from __future__ import annotations
@@ -40,16 +42,17 @@ def _context(msg: Message, context: Context) -> dict:
 
 
 class SiteClientApp(ClientApp):
-    """A ClientApp that answers fedgen queries only; anything else is refused and audited."""
+    """A ClientApp that answers fedgen queries and model updates only; anything else is refused and audited."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        from fedgen.site.pipeline import MESSAGE_TYPE, refuse_message
+        from fedgen.site.pipeline import MESSAGE_TYPE, TRAIN_MESSAGE_TYPE, refuse_message
 
         mtype = str(message.metadata.message_type)
-        if mtype != MESSAGE_TYPE:
+        if mtype not in (MESSAGE_TYPE, TRAIN_MESSAGE_TYPE):
             reason = refuse_message(
                 dict(context.node_config), _context(message, context),
-                f"message type {mtype!r} is not one this fedgen site answers (only {MESSAGE_TYPE!r})",
+                f"message type {mtype!r} is not one this fedgen site answers (only {MESSAGE_TYPE!r}, "
+                f"and {TRAIN_MESSAGE_TYPE!r} for a model update)",
             )
             return Message(error_reply(f"site refused: {reason}"), reply_to=message)
         return super().__call__(message, context)
@@ -99,6 +102,32 @@ def handle(msg: Message, context: Context) -> Message:
     log.info("answered %s in %.2f s", "+".join(r[0] for r in requests), time.perf_counter() - t0)
     try:
         content = encode_batch_reply(replies) if batch else encode_reply(*replies[0])
+    except Exception as exc:  # noqa: BLE001 - fail closed: nothing half-encoded leaves
+        log.exception("could not encode the reply")
+        content = error_reply(f"internal error at site: {type(exc).__name__}: {exc}")
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Answer one model update (a Flower ``train`` message, :mod:`fedgen.federation.train`) through
+    the site pipeline, which accepts a ``train`` message only for a model-update analysis (DP-SGD
+    by default) and charges, checks and audits it like any other egress."""
+    from fedgen.federation.train import decode_train_request, encode_train_reply
+
+    node_config = dict(context.node_config)
+    t_wall = time.time()
+    base = _context(msg, context)
+    try:
+        analysis, params, arrays, study_id = decode_train_request(msg.content)
+    except FedgenError as exc:
+        from fedgen.site.pipeline import refuse_message
+
+        return Message(error_reply(refuse_message(node_config, base, f"malformed train message: {exc}")), reply_to=msg)
+    out, meta = _answer(node_config, {**base, "study_id": study_id}, analysis, params, arrays, t_wall)
+    log.info("answered %s (train message)", analysis)
+    try:
+        content = encode_train_reply(out, meta)
     except Exception as exc:  # noqa: BLE001 - fail closed: nothing half-encoded leaves
         log.exception("could not encode the reply")
         content = error_reply(f"internal error at site: {type(exc).__name__}: {exc}")

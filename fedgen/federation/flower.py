@@ -52,7 +52,8 @@ from fedgen.federation.transport import Reply, Request
 
 log = logging.getLogger(__name__)
 
-#: Flower message type of every fedgen request (``@app.query("fedgen")``).
+#: Flower message type of every fedgen request (``@app.query("fedgen")``) but model updates, which
+#: travel as ``train`` messages (``@app.train()``; :mod:`fedgen.federation.train`).
 MESSAGE_TYPE = "query.fedgen"
 PROTOCOL = 2
 _CONFIG_KEY = "fedgen"
@@ -393,6 +394,22 @@ class FlowerTransport:
                     out[start + i][site] = rep
         return out
 
+    def train(self, request: Request) -> dict[str, Reply]:
+        """A model update: one Flower ``train`` message per site (layout: :mod:`fedgen.federation.train`),
+        answered by the sites' ``@app.train()`` handler through their site pipeline."""
+        from fedgen.federation.train import TRAIN_MESSAGE_TYPE, encode_train_request
+
+        sites = list(self._node_of)
+        t0 = time.perf_counter()
+        contents = {s: encode_train_request(request.analysis, request.params, request.arrays_for(s), study_id=request.study_id)
+                    for s in sites}
+        self.last_round = {"encode": time.perf_counter() - t0, "decode": 0.0}
+        got, errors = self._exchange(request.analysis, {s: self._node_of[s] for s in sites}, contents, self._timeout,
+                                     message_type=TRAIN_MESSAGE_TYPE)
+        if errors:
+            _raise_first(errors, sites)
+        return {s: got[s] for s in sites}
+
     # -- internals
 
     def _exchange(
@@ -402,13 +419,14 @@ class FlowerTransport:
         contents: Mapping[str, RecordDict],
         timeout: float,
         batch: int = 0,
+        message_type: str = MESSAGE_TYPE,
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Send one message per site; return (replies, errors) keyed by site."""
         self._round += 1
         group = f"fedgen-{self._round}-{analysis}"
         ttl = max(float(timeout), 1.0) + 30.0
         sites = list(nodes)
-        messages = [Message(contents[s], nodes[s], MESSAGE_TYPE, ttl=ttl, group_id=group) for s in sites]
+        messages = [Message(contents[s], nodes[s], message_type, ttl=ttl, group_id=group) for s in sites]
         replies: dict[str, Reply] = {}
         errors: dict[str, str] = {}
 
@@ -432,7 +450,7 @@ class FlowerTransport:
                     continue
                 t_dec = time.perf_counter()
                 try:
-                    got = self._to_replies(site, nodes[site], msg, batch)
+                    got = self._to_replies(site, nodes[site], msg, batch, train=message_type != MESSAGE_TYPE)
                     replies[site] = got if batch else got[0]
                 except SiteError as exc:
                     errors[site] = exc.reason
@@ -448,7 +466,7 @@ class FlowerTransport:
         return replies, errors
 
     @staticmethod
-    def _to_replies(site: str, node_id: int, msg: Message, n: int = 0) -> list[Reply]:
+    def _to_replies(site: str, node_id: int, msg: Message, n: int = 0, *, train: bool = False) -> list[Reply]:
         """A site's reply message → its replies (``n`` for a batch of n requests, 0 for one request)."""
         if msg.has_error():
             err = msg.error
@@ -456,7 +474,12 @@ class FlowerTransport:
         if msg.metadata.src_node_id != node_id:
             raise SiteError(site, f"reply came from node {msg.metadata.src_node_id}, expected {node_id}")
         try:
-            parts = decode_batch_reply(msg.content, n) if n else [decode_reply(msg.content)]
+            if train:
+                from fedgen.federation.train import decode_train_reply
+
+                parts = [decode_train_reply(msg.content)]
+            else:
+                parts = decode_batch_reply(msg.content, n) if n else [decode_reply(msg.content)]
         except FedgenError as exc:
             raise SiteError(site, str(exc)) from None
         out = []

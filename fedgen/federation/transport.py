@@ -55,6 +55,11 @@ class Transport(Protocol):
         """Independent requests in one round (each site answers each through its own pipeline pass)."""
         ...
 
+    def train(self, request: Request) -> dict[str, Reply]:
+        """A model update (``dp_model_update``/``model_update``): a Flower ``train`` message to every
+        site (:mod:`fedgen.federation.train`), answered through the same site pipeline."""
+        ...
+
 
 class InProcessTransport:
     """Runs each site's handler in this process. Same site code path as Flower; for tests."""
@@ -70,6 +75,13 @@ class InProcessTransport:
         self._configs.pop(site, None)
 
     def query(self, request: Request) -> dict[str, Reply]:
+        return self._ask(request, {})
+
+    def train(self, request: Request) -> dict[str, Reply]:
+        """A model update, as the site sees a Flower ``train`` message (same pipeline)."""
+        return self._ask(request, {"message_type": "train"})
+
+    def _ask(self, request: Request, extra: dict[str, Any]) -> dict[str, Reply]:
         from fedgen.analyses import execute
         from fedgen.errors import FedgenError, SiteError
 
@@ -78,7 +90,7 @@ class InProcessTransport:
             try:
                 arrays, meta = execute(
                     cfg, request.analysis, request.params, request.arrays_for(site),
-                    context={"run_id": "inprocess", "study_id": request.study_id},
+                    context={"run_id": "inprocess", "study_id": request.study_id, **extra},
                 )
             except FedgenError as exc:
                 raise SiteError(site, str(exc)) from None
@@ -132,13 +144,14 @@ def request_digest(analysis: str, params: Mapping[str, Any], arrays: Mapping[str
     return h.hexdigest()
 
 
-def batch_digest(requests: list[Request], *, single: bool) -> str:
+def batch_digest(requests: list[Request], *, single: bool, train: bool = False) -> str:
     """SHA-256 (hex) of one message round as the aggregator sends it (every request, with its
-    per-site arrays; ``single``: sent with :meth:`Transport.query` rather than ``query_many``)."""
+    per-site arrays; ``single``: sent with :meth:`Transport.query` rather than ``query_many``;
+    ``train``: one request sent with :meth:`Transport.train`)."""
     import hashlib
 
     h = hashlib.sha256(b"fedgen-round-v1")
-    _update_framed(h, b"query" if single else f"query_many:{len(requests)}".encode())
+    _update_framed(h, (b"query" if single else f"query_many:{len(requests)}".encode()) if not train else b"train")
     for r in requests:
         per_site = {s: request_digest("", {}, a, "") for s, a in sorted(r.per_site_arrays.items())}
         _update_framed(h, request_digest(r.analysis, r.params, r.arrays, r.study_id, extra=per_site).encode())

@@ -33,8 +33,10 @@ from fedgen.site import audit, state_dir_for
 
 log = logging.getLogger("fedgen.site.pipeline")
 
-#: the only Flower message type a fedgen site answers
+#: the Flower message type of every fedgen request but model updates
 MESSAGE_TYPE = "query.fedgen"
+#: the Flower message type of a model update (``@app.train()``); it carries nothing else
+TRAIN_MESSAGE_TYPE = "train"
 MAX_META_BYTES = 4 << 20
 #: analyses that describe the site or test the connection (no per-person aggregate)
 NEUTRAL_ANALYSES = frozenset({"ping", "site_info"})
@@ -201,8 +203,9 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
 
     _load_builtin()
     # ---------------------------------------------------------------- parse
-    if req.message_type != MESSAGE_TYPE:
-        raise Refused(f"message type {req.message_type!r} is not one this site answers (only {MESSAGE_TYPE!r})")
+    if req.message_type not in (MESSAGE_TYPE, TRAIN_MESSAGE_TYPE):
+        raise Refused(f"message type {req.message_type!r} is not one this site answers (only {MESSAGE_TYPE!r}, "
+                      f"and {TRAIN_MESSAGE_TYPE!r} for a model update)")
     try:
         policy = load_policy(node_config.get("policy"))
     except ValueError as exc:
@@ -211,6 +214,9 @@ def _process(node_config: dict[str, Any], req: SiteRequest, state: Path | None, 
     if analysis not in REGISTRY:
         raise Refused(f"unknown analysis {analysis!r}: not in this site's installed fedgen")
     spec = SPECS[analysis]
+    if spec.train_message != (req.message_type == TRAIN_MESSAGE_TYPE):
+        raise Refused(f"message type {req.message_type!r} is not one this site answers for {analysis!r} "
+                      f"(a model update travels as a {TRAIN_MESSAGE_TYPE!r} message, and nothing else does)")
     if analysis not in policy["allowed_analyses"]:
         extra = " (it releases individual samples' values)" if spec.sample_level else (
             f" (opt-in: {spec.opt_in_reason})" if spec.opt_in_reason else "")

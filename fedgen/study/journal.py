@@ -314,6 +314,16 @@ class JournalTransport:
     def query_many(self, requests: list[Request]) -> list[dict[str, Reply]]:
         return self._round(list(requests), single=False)
 
+    def train(self, request: Request) -> dict[str, Reply]:
+        """A model-update round (Flower ``train`` messages), journaled like any other round."""
+        digest = batch_digest([request], single=True, train=True)
+        hit = self.journal.replay(digest)
+        if hit is not None:
+            return hit[0]
+        out = [self.inner.train(request)]
+        self.journal.append(digest, out)
+        return out[0]
+
     def _round(self, requests: list[Request], *, single: bool) -> list[dict[str, Reply]]:
         digest = batch_digest(requests, single=single)
         hit = self.journal.replay(digest)

@@ -1,9 +1,12 @@
 """Federated risk models at the aggregator: feature choice, FedAvg rounds, model export and card.
 
-Every round sends the current weights to every site (``dp_model_update``, or ``model_update``
-without DP where the sites' policies allow it); each site trains locally and replies its new
-weights; the aggregator averages them weighted by the sites' numbers of people (FedAvg,
-McMahan et al. 2017). The model, its features and standardisation go to ``model/model.json``,
+Every round sends the current weights to every site as a Flower ``train`` message
+(``dp_model_update``, or ``model_update`` without DP where the sites' policies allow it; layout in
+:mod:`fedgen.federation.train`); each site trains locally in its ``@app.train()`` handler, through
+its site pipeline, and replies its new weights with its number of people; the aggregator combines
+them with ``flwr.serverapp.strategy.FedAvg.aggregate_train`` (weighted by ``num-examples``;
+McMahan et al. 2017). The evaluation of each round's model on the held-out people is a query
+round of its own, right after the training round. The model, its features and standardisation go to ``model/model.json``,
 a model card to ``model/card.md``; ``fedgen score`` applies the model at a site.
 """
 
@@ -227,35 +230,30 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
         entry["eval_bytes"] = {s: int(rep.nbytes) for s, rep in replies.items()}
 
     progress = Progress("model training", cfg["rounds"], unit="rounds", every=0.0)
-    for r in range(cfg["rounds"]):
-        req = Request(analysis, params={**params, "train": {**train, "remaining_rounds": cfg["rounds"] - r}},
-                      arrays={"freq": freq, "weights": weights}, per_site_arrays=per_site)
-        batch = [req] + ([eval_request(weights)] if r > 0 and ev["analysis"] else [])
-        with ctx.timed(f"model_round_{r + 1}"):
-            answered = ctx.query_many(batch)  # the previous round's evaluation travels with this round's training
-        replies = answered[0]
-        if len(answered) > 1:
-            record(curve[-1], answered[1])
-        n_site = {s: int(rep.meta["n"]) for s, rep in replies.items()}
-        total = sum(n_site.values())
-        if total <= 0:
-            raise FedgenError("model: no site has people to train on")
-        weights = sum(n_site[s] / total * np.asarray(rep.arrays["weights"], dtype=np.float64) for s, rep in replies.items())
+    def note_spent(replies: dict[str, Any]) -> None:
         for s, rep in replies.items():
             pv = rep.meta.get("privacy") or {}
             if "site_epsilon_spent" in pv:
                 spent[s] = float(pv["site_epsilon_spent"])
+
+    from fedgen.federation.train import fedavg
+
+    for r in range(cfg["rounds"]):
+        req = Request(analysis, params={**params, "train": {**train, "remaining_rounds": cfg["rounds"] - r}},
+                      arrays={"freq": freq, "weights": weights}, per_site_arrays=per_site)
+        with ctx.timed(f"model_round_{r + 1}"):
+            replies = ctx.train(req)  # Flower train messages; each site's @app.train() through its pipeline
+        n_site = {s: int(rep.meta["n"]) for s, rep in replies.items()}
+        weights = fedavg(replies, r + 1)  # flwr.serverapp.strategy.FedAvg.aggregate_train, by num-examples
+        note_spent(replies)
         curve.append({"round": r + 1, "weight_norm": float(np.linalg.norm(weights)),
                       "bytes": {s: int(rep.nbytes) for s, rep in replies.items()}})
+        if ev["analysis"]:  # this round's model on the held-out people: a query round of its own
+            with ctx.timed("model_eval"):
+                answered = ctx.query(eval_request(weights))
+            record(curve[-1], answered)
+            note_spent(answered)
         progress.update(r + 1)
-    if ev["analysis"]:  # the last round's model: one more message round
-        with ctx.timed("model_eval_final"):
-            last = ctx.query(eval_request(weights))
-        record(curve[-1], last)
-        for s, rep in last.items():
-            pv = rep.meta.get("privacy") or {}
-            if "site_epsilon_spent" in pv:
-                spent[s] = float(pv["site_epsilon_spent"])
     features = [{"chrom": str(aln.chrom[i]), "pos": int(aln.pos[i]), "id": str(aln.ids[i]), "ref": str(aln.ref[i]),
                  "alt": str(aln.alt[i]), "scored_allele": str(aln.ref[i] if fl else aln.alt[i]), "freq": float(fr)}
                 for i, fl, fr in zip(rows.tolist(), flip.tolist(), freq.tolist())]

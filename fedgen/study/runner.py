@@ -74,6 +74,17 @@ class StudyContext:
             self._account(request, replies)
         return out
 
+    def train(self, request: Request) -> dict[str, Reply]:
+        """One model-update round: Flower ``train`` messages (``Transport.train``), accounted like a query."""
+        if not request.study_id:
+            request.study_id = str(self.plan.get("study_id") or "")
+        replies = self.transport.train(request)
+        self.rounds += 1
+        for site in replies:
+            self.messages[site] = self.messages.get(site, 0) + 1
+        self._account(request, replies)
+        return replies
+
     def _account(self, request: Request, replies: dict[str, Reply]) -> None:
         for site, r in replies.items():
             self.bytes_sent[site] = self.bytes_sent.get(site, 0) + int(r.nbytes)
