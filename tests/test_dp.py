@@ -322,3 +322,37 @@ def test_assoc_counts_noise_and_selection_scale_match_what_the_site_states(nodes
         assert m["sensitivity"] == pytest.approx(selection_sensitivity(m["n_cases"], m["n_controls"]))
         assert m["gumbel_scale"] == pytest.approx(2 * m["sensitivity"] / eps0)
         assert len(set(rep.arrays["selected"].tolist())) == 3
+
+
+def test_dp_study_trains_its_risk_model_on_its_own_dp_top_k(nodes, tmp_path):
+    """privacy=dp with a model: the features are the DP top-k's variants (in released order), the
+    card says so, and each site's ledger holds the study's ε plus DP-SGD's (no exact release)."""
+    from fedgen.learn.score import load_model
+    from fedgen.study.learn import model_settings
+    from fedgen.study.plan import build_plan, compose_config
+
+    eps, eps_model = 1.0, 1.0
+    for nc in nodes.values():
+        nc["policy"] = json.dumps({"epsilon_budget": 10, "delta": 1e-6})
+    plan = _dp_plan(tmp_path / "out", list(nodes), eps)
+    plan["analyses"].append("model")
+    plan["model"] = model_settings({"phenotype": "BIN", "variants": "top:3", "rounds": 2, "batch": 1024, "epsilon": eps_model,
+                                    "holdout": 0.0, "clump_kb": 0})
+    manifest = run_plan(plan, InProcessTransport(nodes))
+    out = tmp_path / "out"
+    top = [ln.split() for ln in (out / "BIN.dp_topk.assoc").read_text().splitlines()[1:]]
+    model = load_model(out / "model")
+    feats = [(str(v["chrom"]), int(v["pos"])) for v in model["variants"]]
+    assert feats == [(r[0], int(r[2])) for r in top[:3]]  # the released top 3, in its order
+    assert "differentially private top-k release" in (out / "model" / "card.md").read_text()
+    assert "differentially private top-k" in manifest["model"]["features_chosen"]
+    for s, nc in nodes.items():
+        spent = Ledger(Path(nc["state_dir"]) / LEDGER_FILE, epsilon_budget=10, delta=1e-6).spent()["epsilon"]
+        assert eps < spent <= eps + eps_model + 1e-6, (s, spent)
+    # refused at planning: more model variants than the DP top-k releases, or a non-private update
+    base = ["sites=demo", "federation=inprocess", "privacy=dp", "study=dp", f"output_dir={tmp_path}/o",
+            "study.phenotypes=[T2D]", "study.analyses=[freq,topk,model]", "+study.model.phenotype=T2D"]
+    with pytest.raises(ConfigError, match="privacy.topk=20"):
+        build_plan(compose_config([*base, "+study.model.variants=top:20"]))
+    with pytest.raises(ConfigError, match="non-private model update"):
+        build_plan(compose_config([*base, "+study.model.dp=false"]))

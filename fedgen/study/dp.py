@@ -46,7 +46,7 @@ from fedgen.study.writers import atomic_write_text
 
 log = logging.getLogger("fedgen.study")
 
-DP_ANALYSES = ("freq", "missing", "hardy", "assoc", "topk")
+DP_ANALYSES = ("freq", "missing", "hardy", "assoc", "topk", "model")
 DEFAULT_SPLIT = {"counts": 0.2, "assoc": 0.2, "select": 0.5, "topk": 0.1}
 
 
@@ -231,6 +231,7 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
             freq_summary = _write_freq(ctx, stage, aln, info, noisy, len(aln.idx) * sigma_counts**2)
             results["files"].insert(0, "freq.afreq")
     assoc_summary: dict[str, Any] = {}
+    top_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     k = priv["topk"]
     for ph in tested:
         rows = np.flatnonzero(results["qc_pass"])
@@ -297,14 +298,44 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         })
         log.info("%s: DP top-%d from %d candidates; top: %s", ph, kk, U,
                  ", ".join(f"{h['id']} (P={h['p']:.2e})" for h in assoc_summary[ph]["top_hits"][:5]))
+        top_rows[ph] = (sel_rows, np.asarray(rr["chisq"], dtype=np.float64))
     results["association"] = {"phenotypes": assoc_summary, "files": []}
+    model_summary = None
+    if "model" in analyses:
+        model_summary = _dp_model(ctx, stage, info, aln, counts, top_rows, results)
     privacy = {**priv, "rho_total": rho["total"], "releases": releases, "planner": planned,
                "public": "variant lists and numbers of samples, cases and controls per site"}
     if panel_info is not None:
         privacy["panel"] = panel_info
     if freq_summary is not None:
         privacy["frequencies"] = freq_summary
-    return results, {"privacy": privacy}
+    extra: dict[str, Any] = {"privacy": privacy}
+    if model_summary is not None:
+        extra["model"] = model_summary
+    return results, extra
+
+
+def _dp_model(ctx: StudyContext, stage: Path, info, aln, counts: np.ndarray,
+              top_rows: dict[str, tuple[np.ndarray, np.ndarray]], results: dict[str, Any]) -> dict[str, Any]:
+    """The study's risk model under privacy=dp: its variants are the model phenotype's DP top-k
+    (``top:N``, in the order of the released noisy χ²) or a variant list, standardised with the
+    noisy pooled counts (post-processing); training is DP-SGD (study.model.epsilon per site, on
+    top of privacy.epsilon)."""
+    from fedgen.study.learn import run_risk_model
+
+    cfg = ctx.plan["model"]
+    assoc = None
+    if str(cfg["variants"]).startswith("top:"):
+        rows, chisq = top_rows[cfg["phenotype"]]
+        from fedgen.stats.pvalues import chisq1_ln_p
+
+        mlog10p = -chisq1_ln_p(np.where(np.isfinite(chisq), chisq, 0.0)) / np.log(10.0)
+        assoc = {"rows": rows, "association": {cfg["phenotype"]: {
+            "mlog10p": mlog10p, "test": "DP top-k allelic chi-square", "dp": True}}}
+    with ctx.timed("model"):
+        trained = run_risk_model(ctx, stage, info, aln, counts, assoc)
+    results["files"] += trained["files"]
+    return trained["summary"]
 
 
 def _apply_panel(ctx: StudyContext, aln, path: str):

@@ -132,7 +132,8 @@ def select_features(cfg: dict[str, Any], aln: Any, assoc: dict[str, Any] | None,
             chosen.append(r)
         if not chosen:
             raise FedgenError(f"{cfg['phenotype']}: no tested variant to use as a model feature")
-        how = (f"top {len(chosen)} hits of this study's exact GWAS of {cfg['phenotype']} ({res.get('test', 'regression')}), "
+        kind = "differentially private top-k release" if res.get("dp") else "exact GWAS"
+        how = (f"top {len(chosen)} hits of this study's {kind} of {cfg['phenotype']} ({res.get('test', 'regression')}), "
                f"clumped by position ({cfg['clump_kb']} kb)")
         return np.asarray(chosen, dtype=np.int64), how
     path = Path(spec).expanduser()

@@ -53,6 +53,29 @@ def _min_sites(value: Any, n_sites: int) -> int | None:
     return None if value is None else resolve_min_sites(value, n_sites)
 
 
+def _check_dp_model_plan(plan: dict[str, Any]) -> None:
+    """``privacy=dp`` with a risk model: features from the study's DP top-k (``top:N``) or a
+    variant list, trained with DP-SGD only (a non-private update would undo the study's DP)."""
+    model = plan["model"]
+    if not model.get("dp", True):
+        raise ConfigError("study.model.dp = false under privacy=dp: a non-private model update would reveal what the "
+                          "DP releases protect; train with DP-SGD (study.model.dp: true) or run privacy=none")
+    if str(model["variants"]).startswith("top:"):
+        ph = model.get("phenotype")
+        if ph not in (plan.get("phenotypes") or []) or "topk" not in plan["analyses"]:
+            raise ConfigError(f"study.model.variants = {model['variants']} under privacy=dp takes the model's variants from "
+                              f"the study's DP top-k release: add {ph!r} to study.phenotypes and 'topk' to study.analyses, "
+                              "or give a variant-list file")
+        try:
+            n = int(str(model["variants"])[4:])
+        except ValueError:
+            raise ConfigError(f"study.model.variants: 'top:N' needs a whole number, got {model['variants']!r}") from None
+        k = int((plan.get("privacy") or {}).get("topk", 10))
+        if n > k:
+            raise ConfigError(f"study.model.variants = top:{n} under privacy=dp needs a DP top-k release of at least "
+                              f"{n} variants: set privacy.topk={n} (it is {k})")
+
+
 def _check_dosage_plan(plan: dict[str, Any], mode: str) -> None:
     """``study.dosage: true``: what runs on imputed dosages, and what is refused (not built yet)."""
     if mode == "dp":
@@ -229,9 +252,7 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
         panel = str((base / panel).expanduser().resolve())  # relative to where fedgen runs
     plan["dp"] = {"panel": panel}
     if mode == "dp" and "model" in analyses:
-        raise ConfigError("study.analyses: under privacy=dp the risk model's feature scan would have to be the DP top-k, "
-                          "which is not wired to training yet; run study=risk_model with privacy=none (training is "
-                          "still DP-SGD per site, study.model.dp) and a variant-list file or exact top hits")
+        _check_dp_model_plan(plan)
     if dosage:
         _check_dosage_plan(plan, mode)
     if mode == "dp":
