@@ -10,7 +10,14 @@ training time and the bytes of each site's model-update reply per round (mean ov
 people (``study.model.holdout``; from the summed histograms, ± the SE of the DP noise, and the
 tie bound of the binning), per round: under DP it costs ``eval_share`` of each site's ε.
 
-Run: ``python scripts/bench_model.py [--sites 1400,2000] [--external 1500] [--eps 1,3,8,inf]``
+``--select dp`` measures the whole pipeline instead of given features: each ε is then the total
+per site, a share (``--select-share``, default 1/3) spent by a ``privacy=dp`` study whose DP
+top-k release picks the model's variants (``study.model.variants: top:N``) and the rest by
+DP-SGD training; the baseline is the pooled non-private pipeline: the exact top-N of the same
+study without DP, and a pooled scikit-learn model on those variants.
+
+Run: ``python scripts/bench_model.py [--sites 1400,2000] [--external 1500] [--eps 1,3,8,inf]
+[--select given|dp] [--top 50]``
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--eval-share", type=float, default=0.1)
+    ap.add_argument("--select", choices=("given", "dp"), default="given",
+                    help="given: a fixed list of 50 variants; dp: the study's own DP top-N (end to end)")
+    ap.add_argument("--top", type=int, default=50, help="--select dp: N variants from the DP top-k release")
+    ap.add_argument("--select-share", type=float, default=1 / 3, help="--select dp: share of each ε for the selection")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -67,6 +78,8 @@ def main() -> None:
     (tmp / "features.txt").write_text("\n".join(feats) + "\n")
     ext = load_cohort({**files["external"], "state_dir": str(tmp / "external" / "state")})
     y_ext = ext.sample_values("CC")
+    if args.select == "dp":
+        return end_to_end(args, tmp, files, parts, data, ext, y_ext)
 
     print(f"training sites {sizes}, external cohort {args.external}, {len(feats)} variants + age, sex; "
           f"{args.rounds} FedAvg rounds; {100 * args.holdout:.0f}% of each site held out for the federated evaluation")
@@ -106,6 +119,59 @@ def main() -> None:
     print("\nper-round federated AUC on the held-out people (± SE of the DP noise; exact where ε = inf):")
     for eps_text, curve in curves.items():
         print(f"{eps_text:>12}: " + "  ".join(f"r{c['round']} {c['auc']:.3f}±{c['auc_se']:.3f}" for c in curve if "auc" in c))
+    print(f"(data and results in {tmp})", file=sys.stderr)
+
+
+def end_to_end(args, tmp: Path, files: dict, parts: dict, data, ext, y_ext) -> None:
+    """--select dp: DP top-N selection + DP-SGD within each total ε, against exact top-N + pooled sklearn."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from fedgen.federation.transport import InProcessTransport
+    from fedgen.learn.score import load_model
+    from fedgen.study.learn import model_settings
+    from fedgen.study.runner import run_plan
+
+    def plan_for(run: Path, eps_total: float) -> dict:
+        model = {"phenotype": "CC", "covariates": ["age", "sex"], "variants": f"top:{args.top}", "rounds": args.rounds,
+                 "lr": 0.5, "batch": 256, "holdout": args.holdout, "eval_share": args.eval_share, "clump_kb": 0}
+        plan = {"name": "bench", "study_id": "bench-model", "output_dir": str(run / "out"),
+                "sites": [s for s in files if s != "external"], "federation": "inprocess", "phenotypes": ["CC"],
+                "covariates": [], "qc": {"maf": None, "geno": None, "hwe": None}, "block_size": 65536,
+                "missing": "impute"}
+        if math.isfinite(eps_total):
+            eps_sel = args.select_share * eps_total
+            plan.update(analyses=["freq", "topk", "model"],
+                        privacy={"mode": "dp", "epsilon": eps_sel, "delta": 1e-6, "topk": args.top, "force": True},
+                        model=model_settings({**model, "dp": True, "epsilon": eps_total - eps_sel}))
+        else:  # the non-private pipeline: exact top-N (allelic test), non-private training
+            plan.update(analyses=["freq", "assoc", "model"], model=model_settings({**model, "dp": False}))
+        return plan
+
+    print(f"end to end: training sites {[len(p) for k, p in parts.items() if k != 'external']}, external cohort "
+          f"{len(parts['external'])}; the model's {args.top} variants from the study's own DP top-k "
+          f"({args.select_share:.2f} of each ε; the rest DP-SGD), + age, sex; {args.rounds} rounds")
+    print(f"{'epsilon/site (total)':>21} {'AUC fedgen':>11} {'AUC pooled exact pipeline':>26} {'gap':>7} "
+          f"{'causal variant picked':>22} {'train s':>8}")
+    pooled_auc = None
+    causal = data.ids[40]
+    for eps_text in ["inf", *[e for e in args.eps.split(",") if e.strip() not in ("inf", "∞")]]:
+        eps = math.inf if eps_text == "inf" else float(eps_text)
+        run = tmp / f"e2e-{eps_text}"
+        nodes = {s: {**files[s], "state_dir": str(run / s), "policy":
+                     '{"extra_analyses": ["model_update", "model_eval_exact"], "min_count": 5, "epsilon_budget": 100}'}
+                 for s in files if s != "external"}
+        t0 = time.perf_counter()
+        run_plan(plan_for(run, eps), InProcessTransport(nodes))
+        secs = time.perf_counter() - t0
+        model = load_model(run / "out" / "model")
+        scores = _fedgen_score(run / "out" / "model", files["external"], run / "external-scores.tsv", ext)
+        ok = np.isfinite(scores) & np.isfinite(y_ext)
+        auc = roc_auc_score(y_ext[ok], scores[ok])
+        if pooled_auc is None:  # exact top-N (this first, non-private run) + pooled sklearn on the same people
+            pooled_auc = _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score)
+        picked = any(v["id"] == causal for v in model["variants"])
+        print(f"{eps_text:>21} {auc:>11.4f} {pooled_auc:>26.4f} {auc - pooled_auc:>+7.4f} {str(picked):>22} {secs:>8.1f}")
     print(f"(data and results in {tmp})", file=sys.stderr)
 
 
