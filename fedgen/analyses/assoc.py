@@ -513,10 +513,22 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
         carriers = np.count_nonzero(gc > 0, axis=1)
         other = np.count_nonzero((gc >= 0) & (gc < 2), axis=1)
+        if real is not None:
+            # a dosage that rounds away (0.3 → 0, 1.7 → 2) still enters the dosage-weighted sums: a
+            # side with no rounded carriers but someone's non-zero dosage of that allele counts as one
+            # carrier, a small cell (red-team: a lone 0.3 made an "empty" cell, and Σg·y/Σg was y)
+            rk = real[:, keep]
+            carriers = np.where((carriers == 0) & np.any(rk > 0, axis=1), 1, carriers)
+            other = np.where((other == 0) & np.any(rk < 2, axis=1), 1, other)
         atoms = []
         if onehots:  # every structure's atoms in one product (0/1 float32 sums are exact below 2^24)
             a1 = (fc > 0).astype(np.float32) @ all_onehots
             a2 = ((fc >= 0) & (fc < 2)).astype(np.float32) @ all_onehots
+            if real is not None:  # the same per atom
+                s1 = ((real > 0) & (fc == 0)).astype(np.float32) @ all_onehots
+                s2 = ((real < 2) & (fc == 2)).astype(np.float32) @ all_onehots
+                a1 = np.where((a1 == 0) & (s1 > 0), np.float32(1), a1)
+                a2 = np.where((a2 == 0) & (s2 > 0), np.float32(1), a2)
             both = np.rint(np.stack([a1, a2], axis=2)).astype(np.int64)
             atoms = [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
         yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other], axis=1), atoms
