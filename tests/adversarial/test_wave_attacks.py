@@ -88,3 +88,66 @@ def test_the_sub_half_dosage_attack_works_without_the_cell_rule(tmp_path):
     assert abs(ys[0] - truth) < 1e-6 and abs(ys[1] - truth) < 1e-6
     assert abs(ds[0] - 0.3) < 1e-3 and abs(ds[1] - 0.3) < 1e-3
     assert not withheld.any()
+
+
+# -------------------------------------------------------------------------------- sex-split counts
+def _write_sex(site: Site, sex: np.ndarray) -> None:
+    lines = site.samples.read_text().splitlines()
+    out = [lines[0] + "\tsex"] + [f"{line}\t{'NA' if s == 0 else s}" for line, s in zip(lines[1:], sex.tolist())]
+    site.samples.write_text("\n".join(out) + "\n")
+
+
+LONE_ROWS = np.arange(3, 13)  # variants where one man alone has a call among the men
+
+
+def _lone_male_site(root: Path, policy: dict | None = None) -> tuple[Site, int]:
+    """Men and women alternate; at LONE_ROWS every man's call is missing except man 0's, while every
+    woman is called: the men's group is called in one sample there."""
+    site = Site(root, n=120, v=40, policy=policy)
+    n = len(site.members)
+    sex = np.where(np.arange(n) % 2 == 0, 1, 2)
+    target = 0
+    cols = site.members
+    for j in LONE_ROWS:
+        g = site.data.dosage[j]
+        men = cols[sex == 1]
+        g[men] = -1
+        g[cols[target]] = 1 + (j % 2)  # het or hom-ALT
+        g[cols[sex == 2]] = np.where(g[cols[sex == 2]] < 0, 0, g[cols[sex == 2]])
+        site.data.half_call[j] = False
+        site.data.haploid[j] = False
+    write_vcf(site.data, site.vcf, cols=site.members, with_multiallelic=False)
+    _write_sex(site, sex)
+    return site, target
+
+
+def _lone_male_attack(site: Site) -> np.ndarray | None:
+    """All-sample counts minus the women's and the unknown-sex counts: the men's counts, which the
+    site withheld (called in one man) — that man's genotype."""
+    agg = HostileAggregator(site.node_config)
+    V = site.n_variants
+    total = agg.ask("genotype_counts", {}, idx(V))[0]["counts"]
+    split = agg.try_ask("sex_genotype_counts", {}, idx(V))
+    if split is None:
+        return None
+    c = split[0]["counts"]
+    men = total - c[:, 1] - c[:, 2]
+    called = men[LONE_ROWS, :3]
+    return np.where(called.sum(1) == 1, called.argmax(1), -1)
+
+
+def test_a_withheld_sex_group_is_not_recovered_from_the_all_sample_counts(tmp_path):
+    """The men's group is reported all-missing where one man is called; the all-sample counts are
+    not (the women make them large): subtracting the women's counts would give that man's calls."""
+    site, target = _lone_male_site(tmp_path / "hk")
+    g_hat = _lone_male_attack(site)
+    truth = site.genotype(target)[LONE_ROWS]
+    assert g_hat is not None  # answered: the groups are large
+    assert not np.array_equal(g_hat, truth), "the lone called man's genotypes were recovered"
+    assert (g_hat == -1).all()  # every group is withheld at those variants
+
+
+def test_the_lone_male_attack_works_without_the_called_count_rule(tmp_path):
+    """Control: with min_count 1 the same subtraction gives the man's genotypes."""
+    site, target = _lone_male_site(tmp_path / "open", policy=OPEN)
+    np.testing.assert_array_equal(_lone_male_attack(site), site.genotype(target)[LONE_ROWS])
