@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hostile import HostileAggregator, Site, idx
 
 from fedgen.cohort.dosage import UNIT, quantise
@@ -22,9 +21,11 @@ OPEN = {"min_count": 1, "min_cell": 1}
 class SubHalfDosageSite:
     """Imputed dosages where one person (TARGET) alone has a non-zero dosage below one half at
     variant 0 (everyone else exactly 0), and alone a dosage above 1.5 but below 2 at variant 1
-    (everyone else exactly 2): rounded to whole genotypes, nobody carries the rare allele."""
+    (everyone else exactly 2): rounded to whole genotypes, nobody carries the rare allele. The
+    phenotype Y_ONE is Y with one person's value (ONE) missing."""
 
     N, V, TARGET = 120, 12, 17
+    ONE = 5  # Y_ONE is missing for this person only
 
     def __init__(self, root: Path, policy: dict | None = None) -> None:
         import json
@@ -43,7 +44,8 @@ class SubHalfDosageSite:
         rng = np.random.default_rng(9)
         self.y = np.round(rng.normal(5.0, 1.0, self.N), 3)
         self.samples = root / "samples.tsv"
-        self.samples.write_text("IID\tY\n" + "".join(f"{s}\t{v}\n" for s, v in zip(self.data.samples, self.y)))
+        self.samples.write_text("IID\tY\tY_ONE\n" + "".join(
+            f"{s}\t{v}\t{'NA' if k == self.ONE else v}\n" for k, (s, v) in enumerate(zip(self.data.samples, self.y))))
         self.node_config = {"site": "hk", "vcf": str(self.vcf), "samples": str(self.samples), "state_dir": str(root / "state")}
         if policy is not None:
             self.node_config["policy"] = json.dumps(policy)
@@ -88,6 +90,36 @@ def test_the_sub_half_dosage_attack_works_without_the_cell_rule(tmp_path):
     assert abs(ys[0] - truth) < 1e-6 and abs(ys[1] - truth) < 1e-6
     assert abs(ds[0] - 0.3) < 1e-3 and abs(ds[1] - 0.3) < 1e-3
     assert not withheld.any()
+
+
+def _missing_phenotype_attack(site: SubHalfDosageSite) -> tuple[np.ndarray, np.ndarray] | None:
+    """dosage_sums rest on everyone; a dosage GLM of Y_ONE rests on everyone but ONE: Σ dosage
+    (dosage_sums) minus Σg (the GLM's XᵀX entry) is ONE's dosage at every variant."""
+    agg = HostileAggregator(site.node_config)
+    rows = np.arange(2, site.V)
+    sums = agg.ask("genotype_counts", {"dosage": True}, idx(rows))[0]["dosage_sums"]
+    rep = agg.try_ask("glm_linear", {"phenotype": "Y_ONE", "kind": "quantitative", "covariates": [], "dosage": True},
+                      idx(rows))
+    if rep is None:
+        assert "differenc" in agg.refusals[-1], agg.refusals  # the released-sample-set register's refusal
+        return None
+    a = rep[0]
+    ok = (a.get("withheld", np.zeros(len(rows))) == 0) & (sums[:, 1] > 0)
+    return sums[ok, 0] / UNIT - a["XtX_triu"][ok, 1], site.units[rows[ok], site.ONE] / UNIT
+
+
+def test_a_missing_phenotype_does_not_difference_a_dosage_out_of_the_dosage_sums(tmp_path):
+    site = SubHalfDosageSite(tmp_path / "hk")
+    agg_refused = _missing_phenotype_attack(site)
+    assert agg_refused is None, "a dosage GLM over everyone but one person was answered beside the dosage sums"
+
+
+def test_the_missing_phenotype_dosage_attack_works_without_the_register(tmp_path):
+    """Control: with min_count 1 the difference is the person's dosage at every answered variant."""
+    site = SubHalfDosageSite(tmp_path / "open", policy=OPEN)
+    got, truth = _missing_phenotype_attack(site)
+    assert len(truth) >= 5
+    np.testing.assert_allclose(got, truth, atol=1e-9)
 
 
 # -------------------------------------------------------------------------------- sex-split counts
@@ -151,3 +183,70 @@ def test_the_lone_male_attack_works_without_the_called_count_rule(tmp_path):
     """Control: with min_count 1 the same subtraction gives the man's genotypes."""
     site, target = _lone_male_site(tmp_path / "open", policy=OPEN)
     np.testing.assert_array_equal(_lone_male_attack(site), site.genotype(target)[LONE_ROWS])
+
+
+# --------------------------------------------------------------------- chrX vs autosome GLM sets
+def _unknown_sex_attack(tmp: Path, policy: dict) -> tuple[float | None, float]:
+    """A chrX regression (sex_model X) drops the people of unknown sex; an autosomal one keeps them.
+    With one unknown-sex person, Σy (the intercept entry of Xᵀy) of the two differs by their phenotype."""
+    from test_sex_chromosomes import make_data, make_sites
+
+    from fedgen.cohort.cohort import load_cohort
+
+    data = make_data(n=120, n_unknown=1)
+    _, sex, _, qt, _, _ = data
+    cfg = make_sites(tmp, data, fractions=(1.0,), policy=policy)["site1"]
+    cohort = load_cohort(cfg)
+    agg = HostileAggregator(cfg)
+    params = {"phenotype": "QT", "kind": "quantitative", "covariates": []}
+    auto = agg.ask("glm_linear", params, idx(np.flatnonzero(cohort.chrom == "1")))[0]
+    x = agg.try_ask("glm_linear", {**params, "sex_model": "X"}, idx(np.flatnonzero(cohort.chrom == "X")))
+    truth = float(qt[np.flatnonzero(sex == 0)[0]])
+    if x is None:
+        assert "differenc" in agg.refusals[-1], agg.refusals
+        return None, truth
+    return float(auto["Xty"][0, 0] - x[0]["Xty"][0, 0]), truth
+
+
+def test_the_unknown_sex_person_is_not_differenced_out_of_chrx_and_autosome_regressions(tmp_path):
+    got, truth = _unknown_sex_attack(tmp_path / "hk", {})
+    assert got is None or abs(got - truth) > 1e-6, "the unknown-sex person's phenotype was recovered"
+    assert got is None  # refused by the released-sample-set register
+
+
+def test_the_unknown_sex_attack_works_where_no_rule_stops_it(tmp_path):
+    """Control: with min_count 1 the chrX request is answered and the difference is the phenotype."""
+    got, truth = _unknown_sex_attack(tmp_path / "open", OPEN)
+    assert got is not None and abs(got - truth) < 1e-6
+
+
+# ------------------------------------------------------------------------- replayed DP releases
+def _dp_averaging_attack(node_config: dict, k: int = 4) -> tuple[list[np.ndarray], list[dict]]:
+    """A "restarted" study (drop-out, federation.min_sites) sends the same DP request again and again,
+    hoping for fresh noise to average away. Returns the replies and the site's audit entries."""
+    from fedgen.site import audit
+
+    agg = HostileAggregator(node_config)
+    replies = [agg.ask("dp_genotype_counts", {"sigma": 5.0}, idx(8), study_id="s-restarted")[0]["counts"] for _ in range(k)]
+    entries = [e for e in audit.read(Path(node_config["state_dir"])) if e.get("analysis") == "dp_genotype_counts"]
+    return replies, entries
+
+
+def test_a_restarted_study_gets_the_same_dp_noise_again(tmp_path):
+    """The same DP request of the same study is answered with the payload already released: the
+    mean of the replies is the first reply (nothing averages out), and nothing more is charged."""
+    site = Site(tmp_path / "hk", n=60, v=8)
+    replies, entries = _dp_averaging_attack(site.node_config)
+    for r in replies[1:]:
+        np.testing.assert_array_equal(r, replies[0])
+    assert [bool(e.get("replay_of")) for e in entries] == [False, True, True, True]
+    assert [e["epsilon"] > 0 for e in entries] == [True, False, False, False]
+
+
+def test_without_kept_payloads_each_repeat_is_fresh_noise_and_charged(tmp_path):
+    """Control: where the site keeps no payload (audit_payloads = false) the replay cannot be served,
+    so each repeat is new noise (which averaging would shrink) — and is charged as a new release."""
+    site = Site(tmp_path / "open", n=60, v=8)
+    replies, entries = _dp_averaging_attack({**site.node_config, "audit_payloads": "false"})
+    assert any(not np.array_equal(r, replies[0]) for r in replies[1:])
+    assert all(e["epsilon"] > 0 and not e.get("replay_of") for e in entries)
