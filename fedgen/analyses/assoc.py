@@ -307,7 +307,8 @@ def _parsed_design(cohort: Cohort, phenotype: str, kind: str, covariates: list[A
 
 
 def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
-    """No phenotype or numeric covariate may single out 1..min_count-1 of the samples used.
+    """No phenotype or numeric covariate may single out 1..min_count-1 of the samples used, by a
+    rare value or by values that dominate the rest (:func:`_dominated`).
 
     A column equal to its most common value for all but a few people (a 0/1 flag set for one
     person, whatever ``kind`` it is declared as) makes Σ g·x that person's genotypes; a column
@@ -332,6 +333,26 @@ def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, 
         if 0 < others < min_count or small_value:
             raise FedgenError(f"column {name!r}: some of its values are held by fewer than the site's min_count of the "
                               "samples used; they would single those people out")
+        if _dominated(x, min_count):
+            raise FedgenError(f"column {name!r}: a few of the samples used hold values so far from the rest that sums "
+                              "weighted by the column would single them out; clean or cap its outliers")
+
+
+def _dominated(x: np.ndarray, min_count: int) -> bool:
+    """True when the column's deviations from its median have an effective size
+    (Σ|d|)² / Σd² of fewer than ``min_count`` people.
+
+    Route closed: one value far from all the others (an age typed as 1e6) makes Σg·x that
+    person's genotype times it, plus less than half a unit (red-team: every genotype of the
+    outlier from one regression). A 0/1 flag held by k people has effective size k, so this is
+    the rare-flag rule above for columns whose values are all distinct."""
+    d = np.asarray(x, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return False
+    d = np.abs(d - np.median(d))
+    s1, s2 = float(d.sum()), float((d * d).sum())
+    return s2 > 0 and s1 * s1 < (int(min_count) - 1e-9) * s2
 
 
 def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int) -> None:

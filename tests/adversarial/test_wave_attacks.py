@@ -250,3 +250,60 @@ def test_without_kept_payloads_each_repeat_is_fresh_noise_and_charged(tmp_path):
     replies, entries = _dp_averaging_attack({**site.node_config, "audit_payloads": "false"})
     assert any(not np.array_equal(r, replies[0]) for r in replies[1:])
     assert all(e["epsilon"] > 0 and not e.get("replay_of") for e in entries)
+
+
+# ------------------------------------------------------------------- a covariate that one person dominates
+OUTLIER = 9  # this person's OUT value is a data-entry error: their age typed as 1e6
+
+
+def _outlier_site(root: Path, policy: dict | None = None) -> Site:
+    site = Site(root, n=160, v=60, policy=policy)
+    lines = site.samples.read_text().splitlines()
+    out = [lines[0] + "\tOUT"] + [f"{line}\t{1e6 if k == OUTLIER else site.age[k]}" for k, line in enumerate(lines[1:])]
+    site.samples.write_text("\n".join(out) + "\n")
+    return site
+
+
+def _outlier_attack(site: Site) -> tuple[np.ndarray, np.ndarray] | None:
+    """covar_moments gives OUT's exact mean and SD (a plausible standardisation); a GLM with OUT as
+    a covariate gives Σg·OUT per variant, which the one huge value dominates: Σg·OUT / max(OUT) is
+    the outlier's genotype (the others add less than half a unit)."""
+    agg = HostileAggregator(site.node_config)
+    site.refusals = agg.refusals
+    mom = agg.try_ask("covar_moments", {"names": ["OUT"]})
+    if mom is None:
+        return None
+    s1, s2, n = mom[0]["moments"][0]
+    mean, sd = s1 / n, float(np.sqrt((s2 - s1 * s1 / n) / (n - 1)))
+    params = {"phenotype": "Y", "kind": "quantitative", "covariates": [{"name": "OUT", "kind": "numeric", "mean": mean, "sd": sd}]}
+    rep = agg.try_ask("glm_linear", params, idx(site.n_variants))
+    if rep is None:
+        return None
+    a = rep[0]
+    s_g, s_gc = a["XtX_triu"][:, 1], a["XtX_triu"][:, 4]
+    big = float(np.sqrt(s2))  # the outlier's value, nearly
+    g_hat = np.rint((sd * s_gc + mean * s_g) / big)
+    truth = site.genotype(OUTLIER).astype(float)
+    ok = (a.get("withheld", np.zeros(len(s_g))) == 0) & (truth >= 0)
+    return g_hat[ok], truth[ok]
+
+
+def test_a_covariate_dominated_by_one_person_does_not_spell_out_their_genotypes(tmp_path):
+    """Every value of OUT is distinct (no rare value, no rare flag), yet one of them is so large that
+    Σg·OUT is that person's genotype times it."""
+    site = _outlier_site(tmp_path / "hk")
+    got = _outlier_attack(site)
+    if got is not None:
+        g_hat, truth = got
+        assert len(truth) < 10 or np.mean(g_hat == truth) < 0.9, "the outlier's genotypes were recovered"
+    assert got is None and "single them out" in site.refusals[-1], site.refusals
+    # the same column without its outlier is an ordinary covariate and is answered
+    site.samples.write_text(site.samples.read_text().replace("\t1000000.0\n", f"\t{site.age[OUTLIER]}\n"))
+    assert _outlier_attack(site) is not None
+
+
+def test_the_outlier_attack_works_without_the_rule(tmp_path):
+    """Control: with min_count 1 the same requests give the outlier's genotypes at every answered variant."""
+    g_hat, truth = _outlier_attack(_outlier_site(tmp_path / "open", policy=OPEN))
+    assert len(truth) >= 10
+    np.testing.assert_array_equal(g_hat, truth)
