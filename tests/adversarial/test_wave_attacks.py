@@ -26,6 +26,8 @@ class SubHalfDosageSite:
 
     N, V, TARGET = 120, 12, 17
     ONE = 5  # Y_ONE is missing for this person only
+    A = np.arange(60, 80)  # Y_A is missing for these 20 people
+    TARGET_A = 65
 
     def __init__(self, root: Path, policy: dict | None = None) -> None:
         import json
@@ -38,14 +40,18 @@ class SubHalfDosageSite:
         ds[1] = 2.0
         ds[1, self.TARGET] = 1.7
         ds[2] = np.round(np.random.default_rng(1).uniform(0.0, 2.0, self.N), 3)  # an ordinary variant
+        ds[3] = 0.0  # ten carriers outside A, and in A only TARGET_A's sub-half dosage
+        ds[3, 40:50] = 1.0
+        ds[3, self.TARGET_A] = 0.3
         self.units = quantise(ds).astype(np.int64)
         self.vcf = root / "g.vcf"
         write_dosage_vcf(self.data, ds, self.vcf)
         rng = np.random.default_rng(9)
         self.y = np.round(rng.normal(5.0, 1.0, self.N), 3)
         self.samples = root / "samples.tsv"
-        self.samples.write_text("IID\tY\tY_ONE\n" + "".join(
-            f"{s}\t{v}\t{'NA' if k == self.ONE else v}\n" for k, (s, v) in enumerate(zip(self.data.samples, self.y))))
+        self.samples.write_text("IID\tY\tY_ONE\tY_A\n" + "".join(
+            f"{s}\t{v}\t{'NA' if k == self.ONE else v}\t{'NA' if k in self.A else v}\n"
+            for k, (s, v) in enumerate(zip(self.data.samples, self.y))))
         self.node_config = {"site": "hk", "vcf": str(self.vcf), "samples": str(self.samples), "state_dir": str(root / "state")}
         if policy is not None:
             self.node_config["policy"] = json.dumps(policy)
@@ -90,6 +96,31 @@ def test_the_sub_half_dosage_attack_works_without_the_cell_rule(tmp_path):
     assert abs(ys[0] - truth) < 1e-6 and abs(ys[1] - truth) < 1e-6
     assert abs(ds[0] - 0.3) < 1e-3 and abs(ds[1] - 0.3) < 1e-3
     assert not withheld.any()
+
+
+def _sub_half_difference_attack(site: SubHalfDosageSite) -> float | None:
+    """Dosage GLMs of Y (everyone) and Y_A (everyone but A, 20 people) at variant 3: each row has
+    ten carriers; their difference rests on A, where only TARGET_A has a (sub-half) dosage."""
+    agg = HostileAggregator(site.node_config)
+    P = {"kind": "quantitative", "covariates": [], "dosage": True}
+    full = agg.ask("glm_linear", {**P, "phenotype": "Y"}, idx(np.array([3])))[0]
+    part = agg.try_ask("glm_linear", {**P, "phenotype": "Y_A"}, idx(np.array([3])))
+    if part is None:
+        return None
+    part = part[0]
+    sg = full["XtX_triu"][0, 1] - part["XtX_triu"][0, 1]
+    return float((full["Xty"][0, 1] - part["Xty"][0, 1]) / sg) if sg else None
+
+
+def test_a_sub_half_dosage_alone_in_the_difference_of_two_sets_is_not_revealed(tmp_path):
+    site = SubHalfDosageSite(tmp_path / "hk")
+    got = _sub_half_difference_attack(site)
+    assert got is None or abs(got - site.y[site.TARGET_A]) > 1e-6, "the sub-half carrier's phenotype was recovered"
+
+
+def test_the_sub_half_difference_attack_works_without_the_cell_rule(tmp_path):
+    site = SubHalfDosageSite(tmp_path / "open", policy=OPEN)
+    assert abs(_sub_half_difference_attack(site) - site.y[site.TARGET_A]) < 1e-6
 
 
 def _missing_phenotype_attack(site: SubHalfDosageSite) -> tuple[np.ndarray, np.ndarray] | None:
