@@ -450,8 +450,12 @@ def covar_moments(cohort: Any, req: AnalysisRequest):
     """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
     values = _covariate_values(cohort, req)
     out = np.zeros((len(values), 3))
+    names = req.params.get("names") or []
     for j, x in enumerate(values):
         x = x[~np.isnan(x)]
+        if _dominated(x, req.rules.min_count):  # √Σx² would be the outlier's value, nearly
+            raise FedgenError(f"covar_moments: column {names[j]!r}: a few samples hold values so far from the rest "
+                              "that its sums would single them out; clean or cap its outliers")
         out[j] = (x.sum(), (x * x).sum(), len(x))
     present = out[:, 2][out[:, 2] > 0]  # a covariate absent at this site reveals nothing
     return {"moments": out}, {"n_min": int(present.min()) if len(present) else cohort.n_samples}
