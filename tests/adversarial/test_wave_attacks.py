@@ -340,3 +340,25 @@ def test_the_outlier_attack_works_without_the_rule(tmp_path):
     g_hat, truth = _outlier_attack(_outlier_site(tmp_path / "open", policy=OPEN))
     assert len(truth) >= 10
     np.testing.assert_array_equal(g_hat, truth)
+
+
+def _outlier_phenotype_attack(site: Site) -> tuple[np.ndarray, np.ndarray] | None:
+    """The same column as the phenotype: Σg·y (Xᵀy) / max(y) is the outlier's genotype."""
+    agg = HostileAggregator(site.node_config)
+    site.refusals = agg.refusals
+    rep = agg.try_ask("glm_linear", {"phenotype": "OUT", "kind": "quantitative", "covariates": []}, idx(site.n_variants))
+    if rep is None:
+        return None
+    a = rep[0]
+    g_hat = np.rint(a["Xty"][:, 1] / 1e6)
+    truth = site.genotype(OUTLIER).astype(float)
+    ok = (a.get("withheld", np.zeros(len(g_hat))) == 0) & (truth >= 0)
+    return g_hat[ok], truth[ok]
+
+
+def test_a_phenotype_dominated_by_one_person_is_refused_too(tmp_path):
+    site = _outlier_site(tmp_path / "hk")
+    assert _outlier_phenotype_attack(site) is None and "single them out" in site.refusals[-1]
+    control = _outlier_phenotype_attack(_outlier_site(tmp_path / "open", policy=OPEN))
+    assert control is not None and len(control[1]) >= 10
+    np.testing.assert_array_equal(*control)
