@@ -545,6 +545,17 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             rk = real[:, keep]
             carriers = np.where((carriers == 0) & np.any(rk > 0, axis=1), 1, carriers)
             other = np.where((other == 0) & np.any(rk < 2, axis=1), 1, other)
+        # people whose value differs from the row's most common one: Σ(g − c)·y is known for any c
+        # (Σy is), so everyone het but one hom-ALT, or one dosage of 1.3 among people imputed at 1,
+        # is that one person's y (red-team: both recovered with every carrier cell large)
+        if real is None:
+            mode_v, mode_n = _whole_mode(gc)
+            vals_k = gc
+        else:
+            vals_k = real[:, keep] if fill is None else np.where(np.isnan(real[:, keep]), fill[:, None], real[:, keep])
+            mode_v, mode_n = _mode(vals_k)
+        present = (vals_k >= 0) if real is None else ~np.isnan(vals_k)
+        odd = np.maximum(present.sum(1) - mode_n, 0)
         atoms = []
         if onehots:  # every structure's atoms in one product (0/1 float32 sums are exact below 2^24)
             a1 = (fc > 0).astype(np.float32) @ all_onehots
@@ -554,9 +565,39 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
                 s2 = ((real < 2) & (fc == 2)).astype(np.float32) @ all_onehots
                 a1 = np.where((a1 == 0) & (s1 > 0), np.float32(1), a1)
                 a2 = np.where((a2 == 0) & (s2 > 0), np.float32(1), a2)
-            both = np.rint(np.stack([a1, a2], axis=2)).astype(np.int64)
+            if real is None:  # the same per atom, against the most common value of all the site's samples
+                vals_f = fc
+                c_row = _whole_mode(fc)[0]
+                a3 = ((fc >= 0) & (fc != c_row[:, None])).astype(np.float32) @ all_onehots
+            else:
+                vals_f = real if fill is None else np.where(np.isnan(real), fill[:, None], real)
+                c_row = _mode(vals_f)[0]
+                a3 = (~np.isnan(vals_f) & (vals_f != c_row[:, None])).astype(np.float32) @ all_onehots
+            both = np.rint(np.stack([a1, a2, a3], axis=2)).astype(np.int64)
             atoms = [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
-        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other], axis=1), atoms
+        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other, odd], axis=1), atoms
+
+
+def _whole_mode(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of whole genotypes (-1 = absent): the most common of 0, 1, 2 and how many hold it."""
+    n = np.stack([np.count_nonzero(g == k, axis=1) for k in (0, 1, 2)], axis=1)
+    return n.argmax(axis=1).astype(g.dtype), n.max(axis=1)
+
+
+def _mode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of real values (NaN = absent): the most common value and how many hold it."""
+    rows, n = v.shape
+    if n == 0:
+        return np.zeros(rows), np.zeros(rows, dtype=np.int64)
+    srt = np.sort(v, axis=1)  # NaN last
+    new = np.ones(srt.shape, dtype=bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    pos = np.arange(n)
+    run = pos - np.maximum.accumulate(np.where(new, pos, 0), axis=1) + 1
+    run[np.isnan(srt)] = 0
+    best = run.argmax(axis=1)
+    r = np.arange(rows)
+    return srt[r, best], run[r, best]
 
 
 ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
@@ -590,8 +631,8 @@ def assoc_counts(cohort: Any, req: AnalysisRequest):
     idx = np.asarray(req.arrays.get("idx", []))
     impute = missing_mode(req) == "impute"
     out = np.zeros((len(idx), 4), dtype=np.float64 if impute else np.int64)
-    cells = np.zeros((len(idx), 2), dtype=np.int64)
-    atom_cells = [np.zeros((len(idx), M.shape[1], 2), dtype=np.int64) for _, M in req.rules.cell_structures]
+    cells = np.zeros((len(idx), 3), dtype=np.int64)  # carriers of A1, of A2, people unlike the row's most common genotype
+    atom_cells = [np.zeros((len(idx), M.shape[1], 3), dtype=np.int64) for _, M in req.rules.cell_structures]
     source = "hard" if req.params.get("dosage") is True else "gt"  # the allelic test counts hard calls
     for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures,
                                            source=source):

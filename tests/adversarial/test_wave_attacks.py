@@ -362,3 +362,103 @@ def test_a_phenotype_dominated_by_one_person_is_refused_too(tmp_path):
     control = _outlier_phenotype_attack(_outlier_site(tmp_path / "open", policy=OPEN))
     assert control is not None and len(control[1]) >= 10
     np.testing.assert_array_equal(*control)
+
+
+# ------------------------------------------------------- everyone alike but one: Σ(g − c)·y for the common c
+ALIKE = 11  # the one person who differs
+
+
+def _alike_site(root: Path, policy: dict | None = None) -> Site:
+    """Variants 0..7: everyone het except ALIKE, who is hom-ALT (an artefact row: a duplicated
+    region). Each allele has 120 carriers, so the carrier cells are large."""
+    site = Site(root, n=120, v=40, policy=policy)
+    for j in range(8):
+        site.data.dosage[j, site.members] = 1
+        site.data.dosage[j, site.members[ALIKE]] = 2
+        site.data.half_call[j] = False
+        site.data.haploid[j] = False
+    write_vcf(site.data, site.vcf, cols=site.members, with_multiallelic=False)
+    return site
+
+
+def _alike_attack(site: Site) -> list[float] | None:
+    """Σg·y − Σy = Σ(g − 1)·y = y of the one person who is not het (and Σg − n = 1 says so)."""
+    agg = HostileAggregator(site.node_config)
+    site.refusals = agg.refusals
+    rep = agg.try_ask("glm_linear", {"phenotype": "Y", "kind": "quantitative", "covariates": []}, idx(np.arange(8)))
+    if rep is None:
+        return None
+    a = rep[0]
+    w = a.get("withheld", np.zeros(8))
+    return [float(a["Xty"][r, 1] - a["Xty"][r, 0]) for r in range(8) if not w[r] and a["XtX_triu"][r, 1] - a["n"][r] == 1]
+
+
+def test_one_person_unlike_everyone_else_is_not_revealed(tmp_path):
+    site = _alike_site(tmp_path / "hk")
+    got = _alike_attack(site)
+    assert got is not None and not any(abs(v - site.y[ALIKE]) < 1e-6 for v in got), "the odd one out's phenotype was recovered"
+
+
+def test_the_odd_one_out_attack_works_without_the_cell_rule(tmp_path):
+    site = _alike_site(tmp_path / "open", policy=OPEN)
+    got = _alike_attack(site)
+    assert len(got) == 8 and all(abs(v - site.y[ALIKE]) < 1e-6 for v in got)
+
+
+def _lone_dosage_site(root: Path, policy: dict | None = None) -> SubHalfDosageSite:
+    site = SubHalfDosageSite(root, policy=policy)
+    ds = np.full((site.V, site.N), np.nan)
+    ds[:] = site.units / UNIT
+    ds[4] = np.nan
+    ds[4, site.TARGET] = 1.3  # the only dosage at variant 4: every other sample is imputed with rint(1.3) = 1
+    site.units = quantise(ds).astype(np.int64)
+    write_dosage_vcf(site.data, ds, site.vcf)
+    return site
+
+
+def _lone_dosage_attack(site: SubHalfDosageSite) -> float | None:
+    """Σg·y − 1·Σy = (1.3 − 1)·y and Σg − n = 0.3: the one person with a dosage."""
+    agg = HostileAggregator(site.node_config)
+    rep = agg.try_ask("glm_linear", {"phenotype": "Y", "kind": "quantitative", "covariates": [], "dosage": True},
+                      idx(np.array([4])))
+    assert rep is not None
+    a = rep[0]
+    d = a["XtX_triu"][0, 1] - a["n"][0]
+    return float((a["Xty"][0, 1] - a["Xty"][0, 0]) / d) if d else None
+
+
+def test_the_one_dosage_among_imputed_ones_is_not_revealed(tmp_path):
+    site = _lone_dosage_site(tmp_path / "hk")
+    got = _lone_dosage_attack(site)
+    assert got is None or abs(got - site.y[site.TARGET]) > 1e-6, "the one person with a dosage was revealed"
+
+
+def test_the_lone_dosage_attack_works_without_the_cell_rule(tmp_path):
+    site = _lone_dosage_site(tmp_path / "open", policy=OPEN)
+    assert abs(_lone_dosage_attack(site) - site.y[site.TARGET]) < 1e-6
+
+
+def _alike_ld_attack(site: Site) -> tuple[np.ndarray, np.ndarray]:
+    """LD sums over a window starting at an everyone-het-but-one variant: Σg_i·g_j − Σg_j =
+    (g_i − 1)·g_j summed, nonzero only for the odd one out: their genotype at every j."""
+    agg = HostileAggregator(site.node_config)
+    chrom = np.asarray(site.data.chrom)
+    win = np.flatnonzero(chrom == chrom[0])[:16]
+    pairs = agg.ask("ld_pair_sums", {"n_first": 1, "window": len(win)}, idx(win))[0]["pairs"][0].astype(np.int64)
+    truth = site.genotype(ALIKE)[win[1:]].astype(np.int64)
+    ok = truth >= 0
+    return (pairs[:, 5] - pairs[:, 3])[ok], truth[ok]  # Σg_i g_j − Σg_j
+
+
+FAR = {"ld_max_window_bp": 10**9}  # the synthetic variants lie megabases apart: the cell rule is under test here
+
+
+def test_ld_at_an_everyone_alike_variant_spells_out_no_genotypes(tmp_path):
+    got, truth = _alike_ld_attack(_alike_site(tmp_path / "hk", policy=FAR))
+    assert not np.array_equal(got, truth), "the odd one out's genotypes were recovered from LD sums"
+
+
+def test_the_alike_ld_attack_works_without_the_cell_rule(tmp_path):
+    got, truth = _alike_ld_attack(_alike_site(tmp_path / "open", policy={**OPEN, **FAR}))
+    assert len(truth) >= 8
+    np.testing.assert_array_equal(got, truth)
