@@ -1,8 +1,10 @@
 """A curious aggregator plays today's new egress against one site at the default policy: the
 sex-split genotype counts and the GLM's ``sex_model``, imputed dosages (``dosage_sums`` and GLM on
-real-valued dosages), and replayed DP releases. Each attack tries to reconstruct one person's
-genotype, dosage or phenotype from well-formed requests; each has a control showing the same
-attack succeeds where the protecting rule is relaxed (so the test can fail)."""
+real-valued dosages), and replayed DP releases; and two routes found on the way that hold for
+hard calls too (a column dominated by one person's value; a row where everyone is alike but one
+person). Each attack tries to reconstruct one person's genotype, dosage or phenotype from
+well-formed requests; each has a control showing the same attack succeeds where the protecting
+rule is relaxed (so the test can fail)."""
 
 from __future__ import annotations
 
