@@ -307,7 +307,8 @@ def _parsed_design(cohort: Cohort, phenotype: str, kind: str, covariates: list[A
 
 
 def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, keep: np.ndarray, min_count: int) -> None:
-    """No phenotype or numeric covariate may single out 1..min_count-1 of the samples used.
+    """No phenotype or numeric covariate may single out 1..min_count-1 of the samples used, by a
+    rare value or by values that dominate the rest (:func:`_dominated`).
 
     A column equal to its most common value for all but a few people (a 0/1 flag set for one
     person, whatever ``kind`` it is declared as) makes Σ g·x that person's genotypes; a column
@@ -332,6 +333,26 @@ def _check_rare_values(params: Mapping[str, Any], y: np.ndarray, C: np.ndarray, 
         if 0 < others < min_count or small_value:
             raise FedgenError(f"column {name!r}: some of its values are held by fewer than the site's min_count of the "
                               "samples used; they would single those people out")
+        if _dominated(x, min_count):
+            raise FedgenError(f"column {name!r}: a few of the samples used hold values so far from the rest that sums "
+                              "weighted by the column would single them out; clean or cap its outliers")
+
+
+def _dominated(x: np.ndarray, min_count: int) -> bool:
+    """True when the column's deviations from its median have an effective size
+    (Σ|d|)² / Σd² of fewer than ``min_count`` people.
+
+    Route closed: one value far from all the others (an age typed as 1e6) makes Σg·x that
+    person's genotype times it, plus less than half a unit (red-team: every genotype of the
+    outlier from one regression). A 0/1 flag held by k people has effective size k, so this is
+    the rare-flag rule above for columns whose values are all distinct."""
+    d = np.asarray(x, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return False
+    d = np.abs(d - np.median(d))
+    s1, s2 = float(d.sum()), float((d * d).sum())
+    return s2 > 0 and s1 * s1 < (int(min_count) - 1e-9) * s2
 
 
 def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int) -> None:
@@ -429,8 +450,12 @@ def covar_moments(cohort: Any, req: AnalysisRequest):
     """Per numeric covariate: sum, sum of squares and count over samples where it is present."""
     values = _covariate_values(cohort, req)
     out = np.zeros((len(values), 3))
+    names = req.params.get("names") or []
     for j, x in enumerate(values):
         x = x[~np.isnan(x)]
+        if _dominated(x, req.rules.min_count):  # √Σx² would be the outlier's value, nearly
+            raise FedgenError(f"covar_moments: column {names[j]!r}: a few samples hold values so far from the rest "
+                              "that its sums would single them out; clean or cap its outliers")
         out[j] = (x.sum(), (x * x).sum(), len(x))
     present = out[:, 2][out[:, 2] > 0]  # a covariate absent at this site reveals nothing
     return {"moments": out}, {"n_min": int(present.min()) if len(present) else cohort.n_samples}
@@ -513,13 +538,66 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
         carriers = np.count_nonzero(gc > 0, axis=1)
         other = np.count_nonzero((gc >= 0) & (gc < 2), axis=1)
+        if real is not None:
+            # a dosage that rounds away (0.3 → 0, 1.7 → 2) still enters the dosage-weighted sums: a
+            # side with no rounded carriers but someone's non-zero dosage of that allele counts as one
+            # carrier, a small cell (red-team: a lone 0.3 made an "empty" cell, and Σg·y/Σg was y)
+            rk = real[:, keep]
+            carriers = np.where((carriers == 0) & np.any(rk > 0, axis=1), 1, carriers)
+            other = np.where((other == 0) & np.any(rk < 2, axis=1), 1, other)
+        # people whose value differs from the row's most common one: Σ(g − c)·y is known for any c
+        # (Σy is), so everyone het but one hom-ALT, or one dosage of 1.3 among people imputed at 1,
+        # is that one person's y (red-team: both recovered with every carrier cell large)
+        if real is None:
+            mode_v, mode_n = _whole_mode(gc)
+            vals_k = gc
+        else:
+            vals_k = real[:, keep] if fill is None else np.where(np.isnan(real[:, keep]), fill[:, None], real[:, keep])
+            mode_v, mode_n = _mode(vals_k)
+        present = (vals_k >= 0) if real is None else ~np.isnan(vals_k)
+        odd = np.maximum(present.sum(1) - mode_n, 0)
         atoms = []
         if onehots:  # every structure's atoms in one product (0/1 float32 sums are exact below 2^24)
             a1 = (fc > 0).astype(np.float32) @ all_onehots
             a2 = ((fc >= 0) & (fc < 2)).astype(np.float32) @ all_onehots
-            both = np.rint(np.stack([a1, a2], axis=2)).astype(np.int64)
+            if real is not None:  # the same per atom
+                s1 = ((real > 0) & (fc == 0)).astype(np.float32) @ all_onehots
+                s2 = ((real < 2) & (fc == 2)).astype(np.float32) @ all_onehots
+                a1 = np.where((a1 == 0) & (s1 > 0), np.float32(1), a1)
+                a2 = np.where((a2 == 0) & (s2 > 0), np.float32(1), a2)
+            if real is None:  # the same per atom, against the most common value of all the site's samples
+                vals_f = fc
+                c_row = _whole_mode(fc)[0]
+                a3 = ((fc >= 0) & (fc != c_row[:, None])).astype(np.float32) @ all_onehots
+            else:
+                vals_f = real if fill is None else np.where(np.isnan(real), fill[:, None], real)
+                c_row = _mode(vals_f)[0]
+                a3 = (~np.isnan(vals_f) & (vals_f != c_row[:, None])).astype(np.float32) @ all_onehots
+            both = np.rint(np.stack([a1, a2, a3], axis=2)).astype(np.int64)
             atoms = [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
-        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other], axis=1), atoms
+        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other, odd], axis=1), atoms
+
+
+def _whole_mode(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of whole genotypes (-1 = absent): the most common of 0, 1, 2 and how many hold it."""
+    n = np.stack([np.count_nonzero(g == k, axis=1) for k in (0, 1, 2)], axis=1)
+    return n.argmax(axis=1).astype(g.dtype), n.max(axis=1)
+
+
+def _mode(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of real values (NaN = absent): the most common value and how many hold it."""
+    rows, n = v.shape
+    if n == 0:
+        return np.zeros(rows), np.zeros(rows, dtype=np.int64)
+    srt = np.sort(v, axis=1)  # NaN last
+    new = np.ones(srt.shape, dtype=bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    pos = np.arange(n)
+    run = pos - np.maximum.accumulate(np.where(new, pos, 0), axis=1) + 1
+    run[np.isnan(srt)] = 0
+    best = run.argmax(axis=1)
+    r = np.arange(rows)
+    return srt[r, best], run[r, best]
 
 
 ROW_OUTPUTS = {"withheld": arr("u1", "v", optional=True)}
@@ -553,8 +631,8 @@ def assoc_counts(cohort: Any, req: AnalysisRequest):
     idx = np.asarray(req.arrays.get("idx", []))
     impute = missing_mode(req) == "impute"
     out = np.zeros((len(idx), 4), dtype=np.float64 if impute else np.int64)
-    cells = np.zeros((len(idx), 2), dtype=np.int64)
-    atom_cells = [np.zeros((len(idx), M.shape[1], 2), dtype=np.int64) for _, M in req.rules.cell_structures]
+    cells = np.zeros((len(idx), 3), dtype=np.int64)  # carriers of A1, of A2, people unlike the row's most common genotype
+    atom_cells = [np.zeros((len(idx), M.shape[1], 3), dtype=np.int64) for _, M in req.rules.cell_structures]
     source = "hard" if req.params.get("dosage") is True else "gt"  # the allelic test counts hard calls
     for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures,
                                            source=source):

@@ -304,8 +304,12 @@ def ld_pair_sums(cohort: Any, req: AnalysisRequest):
     for s in range(0, len(idx), SUB_BLOCK):
         g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])
         gi = best_guess(g) if impute else g
-        small[s : s + len(g)] = small_cells(np.stack([(gi > 0).sum(1), ((gi >= 0) & (gi < 2)).sum(1)], axis=1),
-                                                   req.rules.min_cell)
+        # carriers of A1, of A2, and people unlike the variant's most common genotype (a variant where
+        # everyone is het but one person makes Σ(g_i − 1)·g_j that person's genotypes)
+        n_k = np.stack([np.count_nonzero(gi == k, axis=1) for k in (0, 1, 2)], axis=1)
+        odd = n_k.sum(1) - n_k.max(1)
+        small[s : s + len(g)] = small_cells(np.stack([(gi > 0).sum(1), ((gi >= 0) & (gi < 2)).sum(1), odd], axis=1),
+                                            req.rules.min_cell)
     for s in range(0, n_first, SUB_BLOCK):
         first = min(SUB_BLOCK, n_first - s)
         rows = slice(s, min(s + first + window - 1, len(idx)))

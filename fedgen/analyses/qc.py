@@ -268,17 +268,21 @@ def _sex_groups(cohort) -> list[np.ndarray]:
 
 def sex_called_count_rule(out: dict[str, np.ndarray], rules, n_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Sex-split genotype counts: a group called in 1..min_count-1 of its samples at a variant is
-    reported as all-missing in that group (the rule of ``genotype_counts``, per sex group)."""
+    reported as all-missing in that group (the rule of ``genotype_counts``, per sex group), and so
+    is every other group at that variant: the groups add up to the all-sample counts, which
+    ``genotype_counts`` releases when the other groups make them large, so the all-sample counts
+    minus the groups left would be the withheld group's (red-team: one man called among the men,
+    every woman called, gave that man's genotype)."""
     if not out:
         return out, None
     c = np.array(out["counts"], copy=True)
     size = c.sum(axis=2)
     called = c[:, :, :3].sum(axis=2)
-    mask = (called > 0) & (called < int(rules.min_count))
-    if mask.any():
-        c[mask] = 0
-        c[mask, 3] = size[mask]
-    return {**out, "counts": c}, mask.any(axis=1)
+    rows = ((called > 0) & (called < int(rules.min_count))).any(axis=1)
+    if rows.any():
+        c[rows] = 0
+        c[rows, :, 3] = size[rows]
+    return {**out, "counts": c}, rows
 
 
 @register(

@@ -302,7 +302,8 @@ def cell_rule(*, kish: bool = False):
 
     The analysis returns, beside its arrays, a site-only ``_cells`` array: per row the number of
     carriers of A1 and of carriers of A2 (people with at least one copy of each allele) among the
-    samples the row rests on. A row with a cell of
+    samples the row rests on, and (association rows) of people unlike the row's most common
+    genotype or dosage (Σ(g − c)·y is known for any c). A row with a cell of
     1..``min_cell``-1 people is withheld (zeroed; its ``withheld`` flag set): its sums would be
     a few identifiable people's values (route: small carrier cells). With ``kish``, a row whose
     IRLS weights have a Kish effective size below ``min_count`` is withheld too (route: a β
