@@ -205,7 +205,8 @@ def test_local_run_takes_inline_site_policy_from_the_sites_file(sites, tmp_path,
             f"output_dir={tmp_path / 'out'}"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "site site2: analysis 'genotype_counts' is not allowed by the site's policy" in err
+    assert "site site2: failed during" in err and "analysis 'genotype_counts' is not allowed by the site's policy" in err
+    assert "federation.min_sites=2" in err  # the default: every site is needed
     assert not (tmp_path / "out").exists()
     (e,) = [x for x in audit.read(tmp_path / "site2") if x["decision"] == "refused"]
     assert e["analysis"] == "genotype_counts" and e["site"] == "site2"
