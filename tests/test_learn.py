@@ -107,11 +107,29 @@ def test_fedavg_of_one_full_batch_epoch_equals_the_central_update(data, tmp_path
     np.testing.assert_allclose(fedavg, central, rtol=1e-10, atol=1e-12)
 
 
-def test_risk_model_study_exports_a_model_that_fedgen_score_reproduces(data, tmp_path):
+def test_risk_model_study_exports_a_model_that_fedgen_score_reproduces(data, tmp_path, monkeypatch):
+    import fedgen.analyses.learn as site_learn
+
+    # record each site's training design (its people and the features it trained on) as it trains
+    trained: dict[str, dict] = {}
+    last: dict[str, object] = {}
+    features, train_round = site_learn.features, site_learn.local_round
+
+    def recording_features(cohort, req, keep):  # also called by the evaluation: kept only if training follows
+        last.update(site=cohort.site, ids=[cohort.vcf_samples[j] for j in cohort.sample_cols[keep].tolist()])
+        return features(cohort, req, keep)
+
+    def recording_round(X, *args, **kw):
+        trained[last["site"]] = {"ids": last["ids"], "X": np.array(X)}
+        return train_round(X, *args, **kw)
+
+    monkeypatch.setattr(site_learn, "features", recording_features)
+    monkeypatch.setattr(site_learn, "local_round", recording_round)
     nodes = _nodes(data, tmp_path / "s", {"min_count": 1})
     plan = qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "missing", "hardy", "assoc", "model"], phenotypes=["CC"],
                    covariates=[], qc={"maf": 0.05, "geno": None, "hwe": None}, pca=None, pcs=0, missing="impute")
-    plan["model"] = model_settings({"phenotype": "CC", "variants": "top:8", "rounds": 2, "covariates": ["age"], "epsilon": 2.0})
+    plan["model"] = model_settings({"phenotype": "CC", "variants": "top:8", "rounds": 2, "covariates": ["age"], "epsilon": 2.0,
+                                    "holdout": 0.0})
     manifest = run_plan(plan, InProcessTransport(nodes))
     m = manifest["model"]
     assert m["features"] <= 8 and m["dp"] and all(abs(e - 2.0) < 1e-6 for e in m["site_epsilon_spent"].values())
@@ -142,6 +160,15 @@ def test_risk_model_study_exports_a_model_that_fedgen_score_reproduces(data, tmp
         ok = np.isfinite(age)
         np.testing.assert_allclose(scores[ok], want[ok], rtol=1e-12)
         assert np.all(np.isnan(scores[~ok]))
+    # fedgen score on a site's own data reproduces the scores of the final model on the very
+    # design matrix the site trained on (same people, same standardised features and covariates)
+    for s, nc in nodes.items():
+        rec = trained[s]
+        assert "X" in rec and rec["X"].shape == (len(rec["ids"]), len(model["variants"]) + 1)
+        at_training = models.predict("logistic", np.asarray(model["weights"]), rec["X"], binary=True)
+        iids, scores, _ = score_cohort(model, load_cohort(nc))
+        by_id = dict(zip(iids, scores.tolist()))
+        np.testing.assert_allclose([by_id[i] for i in rec["ids"]], at_training, rtol=1e-12)
     # the score CLI writes IID, SCORE and reports the AUC against the phenotype
     from fedgen.cli import main
 
