@@ -200,7 +200,8 @@ def _record_site_requests(tmp: Path) -> tuple[list[dict], dict[str, str], Path]:
         def train(self, request):  # model updates: Flower train messages
             return self.query(request, train=True)
 
-    data = make_synth(300, 150, seed=5, missing_rate=0.01, extremes=False)
+    # chrX too: its sex-split counts and the chrX regression model are site analyses like the others
+    data = make_synth(300, 150, seed=5, missing_rate=0.01, extremes=False, contigs=("1", "2", "X"))
     extra = [*PLINK_EXACT_POLICY["extra_analyses"], "pca_histograms", "covar_ranges", "model_update", "model_eval_exact"]
     policy = {**PLINK_EXACT_POLICY, "epsilon_budget": 100, "extra_analyses": extra}
     nodes = split_sites(data, tmp / "sites", [0.5, 0.5], seed=1, policy=policy, conventions=CONVENTIONS[:2])

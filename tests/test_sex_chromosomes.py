@@ -192,3 +192,17 @@ def test_sex_chromosome_glm_equals_pooled_plink2(tmp_path, with_sex_covariate):
         assert float(r[col["effect_allele_frequency"]]) == pytest.approx(expect, abs=1e-5), r
         checked += 1
     assert checked > 0
+
+
+def test_allelic_test_only_study_with_sex_chromosome_rows(tmp_path):
+    """A study whose only association test is the allelic one (autosomes only) still plots and
+    ranks its rows when chrX/chrY/MT variants are among them."""
+    data = make_data()
+    nodes = make_sites(tmp_path / "sites", data)
+    manifest = run_plan(qc_plan(tmp_path / "out", list(nodes), analyses=["freq", "assoc"], phenotypes=["BIN"],
+                                covariates=[], qc=NO_QC), InProcessTransport(nodes))
+    rows = _read(tmp_path / "out" / "BIN.assoc")[1:]
+    assert rows and all(r[0].strip() not in ("X", "Y", "MT", "23", "24", "26") for r in rows)
+    hits = manifest["association"]["BIN"]["top_hits"]
+    assert hits and all(h["chrom"] not in ("X", "Y", "MT") for h in hits)
+    assert (tmp_path / "out" / "plots" / "BIN_manhattan.png").exists()

@@ -187,6 +187,7 @@ def run_association(
         cov_columns = cov_columns + [f"PC{i + 1}" for i in range(n_pcs)]
     summary: dict[str, Any] = {}
     tasks: dict[str, Task] = {}
+    assoc_at: dict[str, np.ndarray] = {}  # positions in ``rows`` of each allelic test's rows (autosomes)
     for pheno in phenos:
         kind = phenotype_kind(info, pheno)
         params = {"phenotype": pheno, "kind": kind, "covariates": covs, "site_columns": site_cols, "pcs": pc_spec,
@@ -206,6 +207,7 @@ def run_association(
                                  "regression tables)")
             if len(a_rows):
                 tasks[f"assoc:{pheno}"] = _chisq(ctx, aln, a_rows, a1_ref[auto[0]], params, out)
+                assoc_at[pheno] = auto[0] if auto[1] is params else np.zeros(0, dtype=np.int64)
         if "glm" not in analyses:
             continue
         if kind == "binary" and ctx.sites_not_allowing("glm_logistic"):
@@ -241,7 +243,9 @@ def run_association(
         if f"glm_without_pcs:{pheno}" in done:
             res["mlog10p_without_pcs"] = done[f"glm_without_pcs:{pheno}"][1]
         if "mlog10p" not in res and chisq is not None:  # no regression: λGC, top hits and plots from the allelic test
-            res["mlog10p"] = chisq[1]
+            full = np.full(len(rows), np.nan)  # its rows are the autosomal ones
+            full[assoc_at[pheno]] = chisq[1]
+            res["mlog10p"] = full
             res["test"] = "allelic chi-square"
     return {"files": files, "association": summary, "rows": rows, "a1_ref": a1_ref}
 
