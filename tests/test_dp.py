@@ -343,7 +343,12 @@ def test_dp_study_trains_its_risk_model_on_its_own_dp_top_k(nodes, tmp_path):
     top = [ln.split() for ln in (out / "BIN.dp_topk.assoc").read_text().splitlines()[1:]]
     model = load_model(out / "model")
     feats = [(str(v["chrom"]), int(v["pos"])) for v in model["variants"]]
-    assert feats == [(r[0], int(r[2])) for r in top[:3]]  # the released top 3, in its order
+    # the released top 3, in its order, standardised with freq.afreq's post-processed frequencies
+    assert feats == [(r[0], int(r[2])) for r in top[:3]]
+    afreq = {(r[0], int(r[1])): float(r[5]) for r in (ln.split("\t") for ln in (out / "freq.afreq").read_text().splitlines()[1:])}
+    for v in model["variants"]:
+        f = afreq[(str(v["chrom"]), int(v["pos"]))]
+        assert v["freq"] == pytest.approx(min(f, 1 - f), rel=1e-5) and 0 < v["freq"] <= 0.5  # printed to 6 digits
     assert "differentially private top-k release" in (out / "model" / "card.md").read_text()
     assert "differentially private top-k" in manifest["model"]["features_chosen"]
     for s, nc in nodes.items():

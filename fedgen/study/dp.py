@@ -302,7 +302,8 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
     results["association"] = {"phenotypes": assoc_summary, "files": []}
     model_summary = None
     if "model" in analyses:
-        model_summary = _dp_model(ctx, stage, info, aln, counts, top_rows, results)
+        model_summary = _dp_model(ctx, stage, info, aln, counts, top_rows, results,
+                                  noisy=noisy, noise_var=len(aln.idx) * sigma_counts**2)
     privacy = {**priv, "rho_total": rho["total"], "releases": releases, "planner": planned,
                "public": "variant lists and numbers of samples, cases and controls per site"}
     if panel_info is not None:
@@ -316,10 +317,12 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
 
 
 def _dp_model(ctx: StudyContext, stage: Path, info, aln, counts: np.ndarray,
-              top_rows: dict[str, tuple[np.ndarray, np.ndarray]], results: dict[str, Any]) -> dict[str, Any]:
+              top_rows: dict[str, tuple[np.ndarray, np.ndarray]], results: dict[str, Any], *,
+              noisy: np.ndarray, noise_var: float) -> dict[str, Any]:
     """The study's risk model under privacy=dp: its variants are the model phenotype's DP top-k
     (``top:N``, in the order of the released noisy χ²) or a variant list, standardised with the
-    noisy pooled counts (post-processing); training is DP-SGD (study.model.epsilon per site, on
+    frequencies of freq.afreq (post-processed from the noisy counts: shrunk, so never 0 or 1 for
+    a variant that varies); training is DP-SGD (study.model.epsilon per site, on
     top of privacy.epsilon)."""
     from fedgen.study.learn import run_risk_model
 
@@ -332,8 +335,12 @@ def _dp_model(ctx: StudyContext, stage: Path, info, aln, counts: np.ndarray,
         mlog10p = -chisq1_ln_p(np.where(np.isfinite(chisq), chisq, 0.0)) / np.log(10.0)
         assoc = {"rows": rows, "association": {cfg["phenotype"]: {
             "mlog10p": mlog10p, "test": "DP top-k allelic chi-square", "dp": True}}}
+    from fedgen.study.dpfreq import dp_alt_freq
+
+    n_total = sum(int(r.meta["counts"]["samples"]) for r in info.values())
+    freq = dp_alt_freq(noisy, n_total, noise_var)["alt_freq"]
     with ctx.timed("model"):
-        trained = run_risk_model(ctx, stage, info, aln, counts, assoc)
+        trained = run_risk_model(ctx, stage, info, aln, counts, assoc, alt_freq=freq)
     results["files"] += trained["files"]
     return trained["summary"]
 

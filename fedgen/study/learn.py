@@ -155,7 +155,7 @@ def select_features(cfg: dict[str, Any], aln: Any, assoc: dict[str, Any] | None,
 
 
 def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts: np.ndarray, assoc: dict[str, Any] | None,
-                   covs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   covs: list[dict[str, Any]] | None = None, alt_freq: np.ndarray | None = None) -> dict[str, Any]:
     """Train the study's risk model (``ctx.plan["model"]``) with FedAvg; write ``model/``; return its summary."""
     from fedgen.analyses.learn import noise_multiplier_for
     from fedgen.study.gwas import phenotype_kind, prepare_covariates
@@ -167,7 +167,8 @@ def run_risk_model(ctx: Any, stage: Path, info: dict[str, Any], aln: Any, counts
 
     rows = rows[autosomal(aln)[rows]]  # sites score diploid dosages: autosomes only
     # scored allele: the minor allele by pooled frequency; standardised with its pooled frequency
-    f_alt, _ = variant_alt_freq(np.asarray(counts)[rows])
+    # (privacy=dp passes ``alt_freq``, the post-processed frequencies of freq.afreq)
+    f_alt = np.asarray(alt_freq, dtype=np.float64)[rows] if alt_freq is not None else variant_alt_freq(np.asarray(counts)[rows])[0]
     flip = f_alt > 0.5
     freq = np.where(flip, 1 - f_alt, f_alt)
     ok = np.isfinite(freq) & (freq > 0) & (freq < 1)
