@@ -536,8 +536,13 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             # request's set lets differencing across sets keep only the imputed people)
             gc = np.where(g >= 0, g, fill[:, None].astype(g.dtype))
             fc = np.where(full >= 0, full, fill[:, None].astype(full.dtype))
-        carriers = np.count_nonzero(gc > 0, axis=1)
-        other = np.count_nonzero((gc >= 0) & (gc < 2), axis=1)
+        if real is None:  # whole genotypes: one count per value gives every cell (and the row's mode)
+            n_val = np.stack([np.count_nonzero(gc == k, axis=1) for k in (0, 1, 2)], axis=1)
+            carriers = n_val[:, 1] + n_val[:, 2]
+            other = n_val[:, 0] + n_val[:, 1]
+        else:
+            carriers = np.count_nonzero(gc > 0, axis=1)
+            other = np.count_nonzero((gc >= 0) & (gc < 2), axis=1)
         if real is not None:
             # a dosage that rounds away (0.3 → 0, 1.7 → 2) still enters the dosage-weighted sums: a
             # side with no rounded carriers but someone's non-zero dosage of that allele counts as one
@@ -549,13 +554,10 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         # (Σy is), so everyone het but one hom-ALT, or one dosage of 1.3 among people imputed at 1,
         # is that one person's y (red-team: both recovered with every carrier cell large)
         if real is None:
-            mode_v, mode_n = _whole_mode(gc)
-            vals_k = gc
+            odd = n_val.sum(1) - n_val.max(1)
         else:
             vals_k = real[:, keep] if fill is None else np.where(np.isnan(real[:, keep]), fill[:, None], real[:, keep])
-            mode_v, mode_n = _mode(vals_k)
-        present = (vals_k >= 0) if real is None else ~np.isnan(vals_k)
-        odd = np.maximum(present.sum(1) - mode_n, 0)
+            odd = np.maximum((~np.isnan(vals_k)).sum(1) - _mode(vals_k)[1], 0)
         atoms = []
         if onehots:  # every structure's atoms in one product (0/1 float32 sums are exact below 2^24)
             a1 = (fc > 0).astype(np.float32) @ all_onehots

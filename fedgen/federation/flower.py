@@ -164,15 +164,22 @@ def encode_request(
     )
 
 
+def json_object(text: Any, where: str, field: str) -> dict[str, Any]:
+    """The JSON object in a message's ``field`` (``text``; None if absent); FedgenError naming
+    ``where`` and ``field`` if it is absent, not JSON or not an object."""
+    try:
+        value = json.loads(str(text)) if text is not None else None
+    except ValueError as exc:
+        raise FedgenError(f"malformed {where}: bad {field} ({exc})") from None
+    if not isinstance(value, dict):
+        raise FedgenError(f"malformed {where}: {field} must be a JSON object")
+    return value
+
+
 def decode_request(content: RecordDict) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
     """RecordDict → (analysis, params, arrays). Raises FedgenError if malformed."""
     rec = _config(content, "request")
-    try:
-        params = json.loads(str(rec["params"]))
-    except (KeyError, ValueError) as exc:
-        raise FedgenError(f"malformed request: bad params ({exc})") from None
-    if not isinstance(params, dict):
-        raise FedgenError("malformed request: params must be a JSON object")
+    params = json_object(rec.get("params"), "request", "params")
     return str(rec.get("analysis", "")), params, _arrays_of(rec)
 
 
@@ -202,12 +209,7 @@ def decode_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, 
     """RecordDict → (arrays, meta, nbytes as received: array payloads + meta JSON)."""
     rec = _config(content, "reply")
     meta_json = str(rec.get("meta", "{}"))
-    try:
-        meta = json.loads(meta_json)
-    except ValueError as exc:
-        raise FedgenError(f"malformed reply: bad meta ({exc})") from None
-    if not isinstance(meta, dict):
-        raise FedgenError("malformed reply: meta must be a JSON object")
+    meta = json_object(meta_json, "reply", "meta")
     blob = rec.get(_ARRAYS_KEY, b"")
     arrays = _arrays_of(rec)
     return arrays, meta, len(blob) + len(meta_json.encode("utf-8"))

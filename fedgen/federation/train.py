@@ -38,7 +38,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedgen.errors import FedgenError
-from fedgen.federation.flower import PROTOCOL, pack_arrays, unpack_arrays
+from fedgen.federation.flower import PROTOCOL, json_object, pack_arrays, unpack_arrays
 from fedgen.federation.transport import Reply
 
 #: Flower message type of a model update (``flwr.app.MessageType.TRAIN``; ``@app.train()``)
@@ -95,12 +95,7 @@ def decode_train_request(content: RecordDict) -> tuple[str, dict[str, Any], dict
     if rec is None or len(content.config_records) != 1 or content.metric_records:
         raise FedgenError(f"malformed train message: needs exactly one ConfigRecord {_CONFIG_REC!r} and no metrics")
     _protocol(rec, "train message")
-    try:
-        params = json.loads(str(rec["params"]))
-    except (KeyError, ValueError) as exc:
-        raise FedgenError(f"malformed train message: bad params ({exc})") from None
-    if not isinstance(params, dict):
-        raise FedgenError("malformed train message: params must be a JSON object")
+    params = json_object(rec.get("params"), "train message", "params")
     blob = rec.get("arrays", b"")
     if not isinstance(blob, (bytes, bytearray)):
         raise FedgenError("malformed train message: 'arrays' must be bytes")
@@ -136,12 +131,7 @@ def decode_train_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], dict
         raise FedgenError(f"malformed train reply: no {_FEDGEN_REC!r} config record")
     _protocol(rec, "train reply")
     meta_json = str(rec.get("meta", "{}"))
-    try:
-        meta = json.loads(meta_json)
-    except ValueError as exc:
-        raise FedgenError(f"malformed train reply: bad meta ({exc})") from None
-    if not isinstance(meta, dict):
-        raise FedgenError("malformed train reply: meta must be a JSON object")
+    meta = json_object(meta_json, "train reply", "meta")
     blob = rec.get("arrays", b"")
     if not isinstance(blob, (bytes, bytearray)):
         raise FedgenError("malformed train reply: 'arrays' must be bytes")
