@@ -419,6 +419,8 @@ def test_node_init_writes_private_files_and_keeps_keys(site, tmp_path):
         "policy": str(state / "policy.toml"),
         "audit_payloads": "true",
         "audit_payload_retention_days": "0",
+        "threads": "0",
+        "row_cache_mb": "256",
     }
     fp = pki.fingerprint_public_key(c.public_key)
     with pytest.raises(ConfigError, match="already exists"):

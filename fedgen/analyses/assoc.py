@@ -23,6 +23,8 @@ import numpy as np
 from fedgen.analyses import register
 from fedgen.analyses.spec import AnalysisRequest, Rules, Spec, arr, cell_rule, meta_count
 from fedgen.analyses.qc import VARIANT_INPUTS, _block_args, dosage_step, genotype_step
+from fedgen.analyses.rowcache import row_cache
+from fedgen.analyses.threads import blas_single_threaded, chunk_slices, site_pool
 from fedgen.cohort.cohort import Cohort
 from fedgen.cohort.phenotypes import _numeric, build_design
 from fedgen.errors import FedgenError
@@ -190,8 +192,7 @@ def check_design(cohort: Any, req: AnalysisRequest) -> None:
     for cv in req.params.get("covariates") or []:
         if not isinstance(cv, Mapping) or cv.get("kind") != "numeric":
             continue
-        vals = [cohort.table.require(str(cv["name"]))[i] for i in cohort.table_rows.tolist()]
-        x = _numeric(vals)
+        x = _site_numeric(cohort, str(cv["name"]))
         if x is None:
             continue  # the design builder reports it
         x = x[~np.isnan(x)]
@@ -355,6 +356,46 @@ def _dominated(x: np.ndarray, min_count: int) -> bool:
     return s2 > 0 and s1 * s1 < (int(min_count) - 1e-9) * s2
 
 
+def _site_column_memo(cohort: Any) -> dict:
+    """Per-cohort memo of parsed samples-table columns (the table is fixed for a cohort's lifetime:
+    a changed file is a new cohort). Requests re-read the same columns round after round; parsing
+    them per request looped over the samples in Python."""
+    memo = getattr(cohort, "_column_memo", None)
+    if memo is None:
+        memo = cohort._column_memo = {}
+    return memo
+
+
+def _site_numeric(cohort: Any, name: str) -> np.ndarray | None:
+    """Column ``name`` of the analysed samples as float (NaN missing), or None if not numeric; read-only."""
+    memo = _site_column_memo(cohort)
+    key = ("numeric", name)
+    if key not in memo:
+        col = cohort.table.require(name)
+        x = _numeric([col[i] for i in cohort.table_rows.tolist()])
+        if x is not None:
+            x.setflags(write=False)
+        memo[key] = x
+    return memo[key]
+
+
+def _site_level_counts(cohort: Any, name: str) -> dict[str, int]:
+    """How many analysed samples hold each non-missing value of column ``name``."""
+    from fedgen.cohort.phenotypes import _is_missing
+
+    memo = _site_column_memo(cohort)
+    key = ("levels", name)
+    if key not in memo:
+        col = cohort.table.require(name)
+        counts: dict[str, int] = {}
+        for i in cohort.table_rows.tolist():
+            v = col[i]
+            if not _is_missing(v):
+                counts[v] = counts.get(v, 0) + 1
+        memo[key] = counts
+    return dict(memo[key])
+
+
 def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int) -> None:
     """A column used as a categorical covariate must have no value held by 1..min_count-1 people here.
 
@@ -362,18 +403,10 @@ def _check_site_levels(cohort: Cohort, params: Mapping[str, Any], min_count: int
     the site's published levels (site_info) do not: otherwise "levels unknown to the study" is an
     oracle for whether anyone has a given value (route: level-list probing).
     """
-    from fedgen.cohort.phenotypes import _is_missing
-
     for cv in params.get("covariates") or []:
         if cv.get("kind") != "categorical":
             continue
-        counts: dict[str, int] = {}
-        col = cohort.table.require(str(cv["name"]))
-        for i in cohort.table_rows.tolist():
-            v = col[i]
-            if not _is_missing(v):
-                counts[v] = counts.get(v, 0) + 1
-        if any(c < min_count for c in counts.values()):
+        if any(c < min_count for c in _site_level_counts(cohort, str(cv["name"])).values()):
             raise FedgenError(f"covariate {cv['name']!r}: a category would hold fewer than the site's min_count of the "
                               "samples (merge or recode its categories)")
 
@@ -389,7 +422,6 @@ def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, n
     params = req.params
     y, C, keep = _design(cohort, params, req.rules)
     n = cohort.n_samples
-    rows = cohort.table_rows.tolist()
     def with_complement(name: str, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """A 0/1 column is a sum over its 1s and, through the set's total, over its 0s."""
         seen = x[~np.isnan(x)]
@@ -409,7 +441,7 @@ def design_attributes(cohort: Cohort, req: AnalysisRequest) -> list[tuple[str, n
                 attrs.append((f"x:{cv['name']}={lev}", np.nan_to_num(C[:, col + j]) != 0))
             col += max(0, len(cv["levels"]) - 1)
         else:
-            raw = _numeric([cohort.table.require(str(cv["name"]))[i] for i in rows])
+            raw = _site_numeric(cohort, str(cv["name"]))
             attrs += [(f"x:{cv['name']}", np.ones(n, bool))] if raw is None else with_complement(f"x:{cv['name']}", raw)
             col += 1
     attrs.append(("g", np.ones(n, bool)))  # Σg over the set itself (every design releases it)
@@ -468,8 +500,7 @@ def _covariate_values(cohort: Any, req: AnalysisRequest) -> list[np.ndarray]:
     req.rules.check_columns(names)
     out = []
     for name in names:
-        vals = [cohort.table.require(name)[i] for i in cohort.table_rows.tolist()]
-        x = _numeric(vals)
+        x = _site_numeric(cohort, name)
         if x is None:
             raise FedgenError(f"{cohort.table.path}: covariate {name!r} is not numeric at this site")
         out.append(x)
@@ -495,6 +526,8 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     at their dosage rounded to the nearest whole genotype).
     """
     idx, flip = _block_args(cohort, arrays)
+    if np.asarray(keep).dtype != bool:
+        raise TypeError("keep must be a boolean mask over the site's analysed samples")
     onehots = []
     for labels, M in structures:
         oh = np.zeros((len(labels), M.shape[1]), dtype=np.float32)
@@ -504,8 +537,18 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     offsets = np.cumsum([0] + [oh.shape[1] for oh in onehots])
     all_onehots = np.hstack(onehots) if onehots else None
     step = genotype_step(cohort.n_samples) if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
+    # what these steps derive from a row does not depend on β: IRLS rounds read it from the memo
+    memo = row_cache(cohort).context(source, impute, keep, structures)
     for s in range(0, len(idx), step):
+        if memo is not None:
+            hit = memo.get(idx[s : s + step], flip[s : s + step])
+            if hit is not None:
+                g_out, fill, cells, both = hit
+                yield s, g_out, fill, cells, ([] if both is None else
+                                              [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])])
+                continue
         real = None
+        both = None
         if source == "gt":
             full = cohort.block(idx[s : s + step], flip[s : s + step])
         elif source == "hard":
@@ -516,7 +559,7 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             u = cohort._dosage_rows(idx[s : s + step])
             real = to_float(u, flip[s : s + step])
             full = to_hardcalls(u, flip[s : s + step], threshold=0.5)  # nearest whole genotype
-        g = full[:, keep]
+        g = full.compress(keep, axis=1)  # C order (full[:, keep] is column-major: the kernels ran 1.5x slower)
         fill = None
         gc, fc = g, full
         if real is not None and impute:
@@ -547,7 +590,7 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             # a dosage that rounds away (0.3 → 0, 1.7 → 2) still enters the dosage-weighted sums: a
             # side with no rounded carriers but someone's non-zero dosage of that allele counts as one
             # carrier, a small cell (red-team: a lone 0.3 made an "empty" cell, and Σg·y/Σg was y)
-            rk = real[:, keep]
+            rk = real.compress(keep, axis=1)
             carriers = np.where((carriers == 0) & np.any(rk > 0, axis=1), 1, carriers)
             other = np.where((other == 0) & np.any(rk < 2, axis=1), 1, other)
         # people whose value differs from the row's most common one: Σ(g − c)·y is known for any c
@@ -556,7 +599,8 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
         if real is None:
             odd = n_val.sum(1) - n_val.max(1)
         else:
-            vals_k = real[:, keep] if fill is None else np.where(np.isnan(real[:, keep]), fill[:, None], real[:, keep])
+            rk = real.compress(keep, axis=1)
+            vals_k = rk if fill is None else np.where(np.isnan(rk), fill[:, None], rk)
             odd = np.maximum((~np.isnan(vals_k)).sum(1) - _mode(vals_k)[1], 0)
         atoms = []
         if onehots:  # every structure's atoms in one product (0/1 float32 sums are exact below 2^24)
@@ -577,7 +621,11 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
                 a3 = (~np.isnan(vals_f) & (vals_f != c_row[:, None])).astype(np.float32) @ all_onehots
             both = np.rint(np.stack([a1, a2, a3], axis=2)).astype(np.int64)
             atoms = [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])]
-        yield s, (g if real is None else real[:, keep]), fill, np.stack([carriers, other, odd], axis=1), atoms
+        g_out = g if real is None else real.compress(keep, axis=1)
+        cells = np.stack([carriers, other, odd], axis=1)
+        if memo is not None:
+            memo.put(idx[s : s + step], flip[s : s + step], g_out, fill, cells, both)
+        yield s, g_out, fill, cells, atoms
 
 
 def _whole_mode(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -706,16 +754,24 @@ def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[di
     parts, cells = [], []
     atom_cells: list[list[np.ndarray]] = [[] for _ in req.rules.cell_structures]
     source = "dosage" if req.params.get("dosage") is True else "gt"
-    for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute, structures=req.rules.cell_structures,
-                                           source=source):
-        if haploid:  # chrY/MT calls are one allele: PLINK 2 codes them 0/1 (a het call 0.5)
-            g = np.where(g >= 0, 0.5 * g, -1.0)
-            fill = None if fill is None else 0.5 * fill
-        extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
-        parts.append(fn(g, y[keep], C[keep], *extra, fill=fill))
-        cells.append(c)
-        for k, a in enumerate(atoms):
-            atom_cells[k].append(a)
+    y_k, C_k = y[keep], C[keep]
+    pool = site_pool(cohort)
+    with blas_single_threaded(pool is not None):
+        for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute,
+                                               structures=req.rules.cell_structures, source=source):
+            if haploid:  # chrY/MT calls are one allele: PLINK 2 codes them 0/1 (a het call 0.5)
+                g = np.where(g >= 0, 0.5 * g, -1.0)
+                fill = None if fill is None else 0.5 * fill
+            extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
+            if pool is None:
+                parts.append(fn(g, y_k, C_k, *extra, fill=fill))
+            else:  # the site's cores share the block: numpy and BLAS release the GIL
+                chunks = chunk_slices(len(g), glm.block_rows(len(y_k)))
+                parts.extend(pool.map(lambda sl: fn(g[sl], y_k, C_k, *[None if e is None else e[sl] for e in extra],
+                                                    fill=None if fill is None else fill[sl]), chunks))
+            cells.append(c)
+            for k, a in enumerate(atoms):
+                atom_cells[k].append(a)
     out = _stack(parts)
     if cells:
         out["_cells"] = np.concatenate(cells)

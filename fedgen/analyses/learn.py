@@ -124,7 +124,7 @@ def features(cohort: Any, req: AnalysisRequest, keep: np.ndarray) -> np.ndarray:
         raise FedgenError("'freq' must give each feature variant's scored-allele frequency in (0, 1)")
     out = np.empty((int(keep.sum()), len(idx)))
     for s in range(0, len(idx), SUB_BLOCK):
-        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK])[:, keep].astype(np.float64)
+        g = cohort.block(idx[s : s + SUB_BLOCK], flip[s : s + SUB_BLOCK]).compress(keep, axis=1).astype(np.float64)
         ff = f[s : s + SUB_BLOCK, None]
         z = (g - 2 * ff) / np.sqrt(2 * ff * (1 - ff))
         z[g < 0] = 0.0

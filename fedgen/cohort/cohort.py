@@ -57,6 +57,10 @@ class Cohort:
     #: (variants, VCF samples) uint16 ALT dosages in 1/16384 units (65535 = missing), memory-mapped;
     #: None when the input carries no dosages (see :mod:`fedgen.cohort.dosage`)
     dosage16: np.ndarray | None = None
+    #: memory (MB) for the per-variant work reused across IRLS rounds (fedgen.analyses.rowcache)
+    row_cache_mb: float = 256.0
+    #: threads for block work (0 = every core; fedgen.analyses.threads)
+    threads: int = 0
 
     @property
     def n_samples(self) -> int:
@@ -75,7 +79,7 @@ class Cohort:
         """
         g = read_rows(self.dosage, np.asarray(idx, dtype=np.int64))
         if len(self.sample_cols) != g.shape[1] or not self._all_cols:
-            g = g[:, self.sample_cols]
+            g = g.take(self.sample_cols, axis=1)  # C order: a[:, idx] is column-major and halves later passes
         if flip is not None and np.any(flip):
             f = np.asarray(flip, dtype=bool)
             sub = g[f]
@@ -106,7 +110,7 @@ class Cohort:
     def _dosage_rows(self, idx: np.ndarray) -> np.ndarray:
         u = read_rows(self.require_dosages(), np.asarray(idx, dtype=np.int64))
         if len(self.sample_cols) != u.shape[1] or not self._all_cols:
-            u = u[:, self.sample_cols]
+            u = u.take(self.sample_cols, axis=1)
         return u
 
     @property
@@ -249,16 +253,49 @@ def load_cohort(node_config: Mapping[str, Any], *, progress: bool = False) -> Co
         raise InputError(f"{samples}: samples table not found")
     sp = file_fingerprint(samples)
     memo_key = json.dumps([site, fp, sp, str(state)], sort_keys=True)
+    budget, threads = _row_cache_mb(node_config), _threads(node_config)
     hit = _COHORTS.get(memo_key)
     if hit is not None:
+        hit.row_cache_mb, hit.threads = budget, threads
         return hit
     geno = _load_or_build_cache(vcf, state, fp, progress=progress)
     table = read_samples_table(samples)
     cohort = _match(site, vcf, geno, table)
     while len(_COHORTS) >= 8:  # keep memory bounded (in-process runs hold several sites)
         _COHORTS.pop(next(iter(_COHORTS)))
+    cohort.row_cache_mb, cohort.threads = budget, threads
     _COHORTS[memo_key] = cohort
     return cohort
+
+
+def _threads(node_config: Mapping[str, Any]) -> int:
+    """The site's ``threads`` for block work (0 or unset: every core the process may use)."""
+    raw = node_config.get("threads")
+    if raw is None or str(raw).strip() == "":
+        return 0
+    try:
+        n = int(str(raw).strip())
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 4096:
+        raise InputError(f"threads = {raw!r}: give a whole number of threads (0 = every core)")
+    return n
+
+
+def _row_cache_mb(node_config: Mapping[str, Any]) -> float:
+    """The site's ``row_cache_mb`` (memory for per-variant work reused across IRLS rounds)."""
+    from fedgen.analyses.rowcache import DEFAULT_BUDGET_MB
+
+    raw = node_config.get("row_cache_mb")
+    if raw is None or str(raw).strip() == "":
+        return float(DEFAULT_BUDGET_MB)
+    try:
+        mb = float(raw)
+    except (TypeError, ValueError):
+        mb = -1.0
+    if not (0.0 <= mb <= 1 << 20):
+        raise InputError(f"row_cache_mb = {raw!r}: give a number of megabytes (0 turns the memo off)")
+    return mb
 
 
 def _cache_key(fp: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any, Mapping
 
+from fedgen.analyses.threads import available_cores
 from fedgen.errors import ConfigError, FedgenError
 
 log = logging.getLogger("fedgen.federation")
@@ -221,6 +222,11 @@ class LocalFederation:
             if nc.setdefault("site", site) != site:
                 raise ConfigError(f"site {site}: node config says site={nc['site']!r}")
             self.node_configs[site] = nc
+        # every site runs on this machine: each gets its share of the cores for block work
+        share = str(max(1, available_cores() // len(self.node_configs)))
+        for nc in self.node_configs.values():
+            if not nc.get("threads"):
+                nc["threads"] = share
         self.workdir = Path(workdir).expanduser().resolve()
         self.startup_timeout = float(startup_timeout)
         self.port_attempts = int(port_attempts)

@@ -6,7 +6,7 @@ A **site node config** (``node.toml``, written by ``fedgen node init``; annotate
     [site]        name, vcf, samples, state_dir, policy
     [aggregator]  address (host:port of the study's SuperLink), ca_cert (the study CA)
     [auth]        private_key, public_key (the node's ECDSA key pair, OpenSSH format)
-    [node]        runtime_port, poll_interval, log_level   (optional)
+    [node]        runtime_port, poll_interval, log_level, threads, row_cache_mb   (optional)
 
 An **aggregator config** (``aggregator.toml``, ``fedgen aggregator init``;
 ``nodes/aggregator.example.toml``)::
@@ -170,7 +170,7 @@ _SITE_KEYS = {
              "audit_payload_retention_days"),
     "aggregator": ("address", "ca_cert"),
     "auth": ("private_key", "public_key"),
-    "node": ("runtime_port", "poll_interval", "log_level"),
+    "node": ("runtime_port", "poll_interval", "log_level", "threads", "row_cache_mb"),
 }
 
 
@@ -193,6 +193,10 @@ class SiteConfig:
     log_level: str = "INFO"
     audit_payloads: bool = True
     audit_payload_retention_days: float = 0.0  # 0 = keep for ever
+    #: threads for block work (0 = every core the node may use)
+    threads: int = 0
+    #: memory for per-variant work reused across IRLS rounds (fedgen.analyses.rowcache), MB
+    row_cache_mb: float = 256.0
     #: which key ``vcf`` came from: "vcf" (VCF/BCF file), "pgen" or "bed" (PLINK fileset prefix)
     genotype_kind: str = "vcf"
     #: declared genome build ("GRCh37"/"GRCh38"), when the genotype files' headers do not show it
@@ -208,6 +212,8 @@ class SiteConfig:
             "policy": str(self.policy),
             "audit_payloads": "true" if self.audit_payloads else "false",
             "audit_payload_retention_days": f"{self.audit_payload_retention_days:g}",
+            "threads": str(self.threads),
+            "row_cache_mb": f"{self.row_cache_mb:g}",
             **({"build": self.build} if self.build else {}),
         }
 
@@ -250,6 +256,8 @@ def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
         runtime_port=r.integer("node", "runtime_port", DEFAULT_RUNTIME_PORT, lo=1, hi=65535),
         poll_interval=r.number("node", "poll_interval", DEFAULT_POLL, lo=0.01, hi=60.0),
         log_level=r.level("node", "log_level"),
+        threads=r.integer("node", "threads", 0, lo=0, hi=4096),
+        row_cache_mb=r.number("node", "row_cache_mb", 256.0, lo=0.0, hi=1048576.0),
         audit_payloads=r.boolean("site", "audit_payloads", True),
         audit_payload_retention_days=r.number("site", "audit_payload_retention_days", 0.0, lo=0.0, hi=36500.0),
     )
@@ -311,6 +319,12 @@ runtime_port = {int(runtime_port)}
 # Seconds between polls of the aggregator while idle.
 poll_interval = {float(poll_interval)!r}
 log_level = "INFO"
+# Threads for the site's block work (GLM sums): 0 = every core the node may use.
+threads = 0
+# Memory (MB) for per-variant work that logistic/Firth rounds reuse (the variants' rows for the
+# study's sample set and their disclosure-rule cells): about variants × samples bytes covers a
+# whole study; 0 turns it off. It changes speed, never results.
+row_cache_mb = 256
 """
 
 

@@ -110,8 +110,14 @@ def _as_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return g, y, C
 
 
+def block_rows(n_samples: int) -> int:
+    """Variants per kernel block: a site that splits its work (``threads``) splits it on these
+    boundaries, so every variant's sums come from the same arithmetic whatever the thread count."""
+    return max(1, _BLOCK_ELEMS // max(1, n_samples))
+
+
 def _blocks(n_variants: int, n_samples: int) -> list[slice]:
-    step = max(1, _BLOCK_ELEMS // max(1, n_samples))
+    step = block_rows(n_samples)
     return [slice(s, min(s + step, n_variants)) for s in range(0, n_variants, step)]
 
 
@@ -420,22 +426,38 @@ def _fitted_block(beta: np.ndarray, G: np.ndarray, C: np.ndarray, *, y: np.ndarr
     With ``y`` and ``M`` also returns Σ M [y ln p + (1-y) ln(1-p)], computed from η without
     cancellation (``-log(1 + e^∓η)``), so that it stays finite where p rounds to 0 or 1.
     """
-    eta = beta[:, 2:] @ C.T if C.shape[1] else np.zeros(G.shape)
-    eta += beta[:, 0:1]
+    # -η in one product: [-β0, -βc] against [1, C] (no separate intercept and negation passes)
+    nb = np.concatenate([beta[:, 0:1], beta[:, 2:]], axis=1)
+    np.negative(nb, out=nb)  # contiguous: numpy 2.4.6's negative is wrong on strided in/out views
+    neta = nb @ _with_ones(C).T
     tmp = np.multiply(G, beta[:, 1:2])
-    eta += tmp
+    neta -= tmp
     loglik = None
-    if y is not None and M is not None:
-        np.multiply(eta, np.where(y > 0.5, -1.0, 1.0)[None, :], out=tmp)
+    if y is not None and M is not None:  # Σ M ln p(y) = -Σ M log(1 + e^(∓η))
+        np.multiply(neta, np.where(y > 0.5, 1.0, -1.0)[None, :], out=tmp)
         np.logaddexp(0.0, tmp, out=tmp)
         tmp *= M
         loglik = -tmp.sum(1)
     # 1 / (1 + exp(-η)) in place; numpy's SIMD exp is ~6x faster than scipy's expit
-    np.negative(eta, out=eta)
     with np.errstate(over="ignore"):
-        np.exp(eta, out=eta)
-    eta += 1.0
-    return np.reciprocal(eta, out=eta), loglik
+        np.exp(neta, out=neta)
+    neta += 1.0
+    return np.divide(1.0, neta, out=neta), loglik
+
+
+def _with_ones(C: np.ndarray) -> np.ndarray:
+    """[1, C] (N, 1 + k), remembered for the last C seen (every block of a request shares it)."""
+    hit = _ONES_MEMO.get("C")
+    if hit is not None and hit[0] is C:
+        return hit[1]
+    out = np.empty((C.shape[0], 1 + C.shape[1]))
+    out[:, 0] = 1.0
+    out[:, 1:] = C
+    _ONES_MEMO["C"] = (C, out)
+    return out
+
+
+_ONES_MEMO: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 class _SiteTerms:

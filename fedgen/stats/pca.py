@@ -343,7 +343,7 @@ class BlockKrylovPCA:
 # --------------------------------------------------------------------------- LD pruning
 
 
-def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128, fill: Any = None) -> np.ndarray:
+def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 64, fill: Any = None) -> np.ndarray:
     """Pairwise-complete sums for each variant and its next ``window - 1`` neighbours.
 
     Parameters
@@ -378,16 +378,19 @@ def site_ld_pair_sums(dosage: Any, n_first: int, window: int, *, tile: int = 128
         present = np.ones(g.shape, dtype)
         g0 = np.where(g >= 0, g, np.asarray(fill, dtype=np.float64)[: g.shape[0], None]).astype(dtype)
     g2 = g0 * g0
-    stacked = np.stack([present, g0, g2])  # (3, R, N)
+    left = np.stack([present, g0, g2])  # (3, R, N)
+    right = left[:2]  # present, g
     d = np.arange(1, W1 + 1)
     for t in range(0, n_first, tile):
         r = slice(t, min(t + tile, n_first))
         c = slice(t, min(r.stop + W1, rows_used))
         nr, nc = r.stop - t, c.stop - t
-        # one GEMM: [present; g; g²]_rows x [present; g; g²]_colsᵀ, then pick the six blocks
-        prod = stacked[:, r].reshape(3 * nr, -1) @ stacked[:, c].reshape(3 * nc, -1).T
-        blocks = prod.reshape(3, nr, 3, nc)
-        mats = (blocks[0, :, 0], blocks[1, :, 0], blocks[2, :, 0], blocks[0, :, 1], blocks[0, :, 2], blocks[1, :, 1])
+        # the six sums from two products: [present; g; g²]_rows x [present; g]_colsᵀ (five of its
+        # six blocks are needed) and present_rows x g²_colsᵀ (the 3 x 3 product wasted a third)
+        prod = left[:, r].reshape(3 * nr, -1) @ right[:, c].reshape(2 * nc, -1).T
+        blocks = prod.reshape(3, nr, 2, nc)
+        p_g2 = present[r] @ g2[c].T
+        mats = (blocks[0, :, 0], blocks[1, :, 0], blocks[2, :, 0], blocks[0, :, 1], p_g2, blocks[1, :, 1])
         ii = np.arange(nr)[:, None]
         jj = ii + d[None, :]
         ok = jj < nc

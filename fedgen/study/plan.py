@@ -141,6 +141,9 @@ def build_plan(cfg: Any, *, base_dir: Path | None = None) -> tuple[dict[str, Any
                 nc["build"] = str(sc["build"])
             if sc.get("policy") is not None:
                 nc["policy"] = _site_policy(name, sc["policy"], base)
+            for key in ("threads", "row_cache_mb"):  # the site's resources (see nodes/README.md)
+                if sc.get(key) is not None:
+                    nc[key] = str(sc[key])
         node_configs[str(name)] = nc
     analyses = list(study.get("analyses") or KNOWN_ANALYSES[:3])
     unknown = [a for a in analyses if a not in KNOWN_ANALYSES]
