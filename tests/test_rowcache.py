@@ -143,3 +143,21 @@ def test_replies_do_not_depend_on_threads_or_the_memo(tmp_path):
         for k in a.arrays:
             assert a.arrays[k].tobytes() == b.arrays[k].tobytes(), (req.analysis, k)
     assert load_cohort({**nc1, "row_cache_mb": "0"})._row_cache.nbytes == 0
+
+
+def test_a_site_too_big_for_its_memo_keeps_the_counts_and_re_reads_the_rows(cohort):
+    """Room for every row's cells but few rows' genotypes (a biobank site): later rounds skip the
+    counting, re-read the genotypes, and give exactly what a fresh site gives."""
+    n, V = cohort.n_samples, cohort.dosage.shape[0]
+    keep = np.ones(n, bool)
+    keep[::5] = False
+    arrays = {"idx": np.arange(V), "flip": (np.arange(V) % 3 == 0).astype(np.uint8)}
+    cohort.row_cache_mb = (V * 24 + 10 * n) / (1 << 20)  # every row's 3 cells, about ten rows' genotypes
+    cohort._row_cache = None
+    first = list(assoc._genotypes(cohort, arrays, keep, impute=True))
+    ctx = cohort._row_cache.context("gt", True, keep, ())
+    assert ctx.n == V and 0 < ctx.n_g < V // 4
+    assert ctx.get(arrays["idx"], arrays["flip"].astype(bool))[0] is None  # genotypes to re-read
+    again = list(assoc._genotypes(cohort, arrays, keep, impute=True))
+    _same(first, again)
+    _same(again, _fresh(cohort, arrays, keep, impute=True))

@@ -544,6 +544,10 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
             hit = memo.get(idx[s : s + step], flip[s : s + step])
             if hit is not None:
                 g_out, fill, cells, both = hit
+                if g_out is None:  # the rows' work is memoised but not their genotypes: re-read them
+                    ib, fb = idx[s : s + step], flip[s : s + step]
+                    full = cohort.block(ib, fb) if source == "gt" else cohort.dosage_hardcalls(ib, fb)
+                    g_out = full.compress(keep, axis=1)
                 yield s, g_out, fill, cells, ([] if both is None else
                                               [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])])
                 continue
