@@ -228,7 +228,9 @@ def bench_pca(args, mode, tmp: Path, data: Path, sites: list[str], fedgen: list[
     pooled_inputs(data, sites, tmp, mode["binary"])
     exe = "/usr/lib/plink2/plink2-avx2" if Path("/usr/lib/plink2/plink2-avx2").exists() else "plink2"
     common = [exe, "--vcf", str(tmp / "pooled.vcf.gz"), "--keep", str(tmp / "keep.txt"),
-              "--geno", "0.1", "--hwe", "1e-6", "--maf", "0.05", "--threads", str(args.threads)]
+              "--geno", "0.1", "--hwe", "1e-6", "--maf", "0.05", "--threads", str(args.threads),
+              # split multi-allelic records share their ID; --indep-pairwise needs unique ones
+              "--set-all-var-ids", "@:#:$r:$a", "--new-id-max-allele-len", "1000", "truncate"]
     t0 = time.perf_counter()
     subprocess.run([*common, "--indep-pairwise", "50", "5", "0.2", "--out", str(tmp / "prune")], check=True, capture_output=True)
     subprocess.run([*common, "--extract", str(tmp / "prune.prune.in"), "--pca", "approx", "10", "--seed", "1",
