@@ -538,7 +538,7 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     all_onehots = np.hstack(onehots) if onehots else None
     step = genotype_step(cohort.n_samples) if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
     # what these steps derive from a row does not depend on β: IRLS rounds read it from the memo
-    memo = row_cache(cohort).context(source, impute, keep, structures)
+    memo = row_cache(cohort).context(source, impute, keep, structures, rows=len(idx))
     for s in range(0, len(idx), step):
         if memo is not None:
             hit = memo.get(idx[s : s + step], flip[s : s + step])
