@@ -537,26 +537,23 @@ def _genotypes(cohort: Cohort, arrays: Mapping[str, np.ndarray], keep: np.ndarra
     offsets = np.cumsum([0] + [oh.shape[1] for oh in onehots])
     all_onehots = np.hstack(onehots) if onehots else None
     step = genotype_step(cohort.n_samples) if source == "gt" else dosage_step(cohort.n_samples)  # 8-byte dosage work arrays: fewer at once
+    hard_calls = cohort.block if source == "gt" else cohort.dosage_hardcalls
     # what these steps derive from a row does not depend on β: IRLS rounds read it from the memo
-    memo = row_cache(cohort).context(source, impute, keep, structures, rows=len(idx))
+    memo = row_cache(cohort).context(source, impute, keep, structures)
     for s in range(0, len(idx), step):
         if memo is not None:
             hit = memo.get(idx[s : s + step], flip[s : s + step])
             if hit is not None:
                 g_out, fill, cells, both = hit
                 if g_out is None:  # the rows' work is memoised but not their genotypes: re-read them
-                    ib, fb = idx[s : s + step], flip[s : s + step]
-                    full = cohort.block(ib, fb) if source == "gt" else cohort.dosage_hardcalls(ib, fb)
-                    g_out = full.compress(keep, axis=1)
+                    g_out = hard_calls(idx[s : s + step], flip[s : s + step]).compress(keep, axis=1)
                 yield s, g_out, fill, cells, ([] if both is None else
                                               [both[:, o0:o1] for o0, o1 in zip(offsets[:-1], offsets[1:])])
                 continue
         real = None
         both = None
-        if source == "gt":
-            full = cohort.block(idx[s : s + step], flip[s : s + step])
-        elif source == "hard":
-            full = cohort.dosage_hardcalls(idx[s : s + step], flip[s : s + step])
+        if source in ("gt", "hard"):
+            full = hard_calls(idx[s : s + step], flip[s : s + step])
         else:
             from fedgen.cohort.dosage import to_float, to_hardcalls
 

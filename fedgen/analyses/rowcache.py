@@ -19,8 +19,7 @@ The memo lives on the opened cohort (a new or changed input file is a new cohort
 and is bounded by ``row_cache_mb`` in the site's node config (default 256 MB; 0 turns it off).
 Contexts are evicted oldest first. A row's derived values (tens of bytes) are kept before its
 genotypes (a byte per sample), and genotypes only when all the site's rows would fit in half the
-budget:
-a site too large to hold its genotypes keeps only the derived values, skips the counting in later
+budget: a site too large to hold its genotypes keeps only the derived values, skips the counting in later
 rounds and re-reads the rows; rows that would not fit at all are simply not kept.
 """
 
@@ -71,7 +70,6 @@ class _Context:
         self.atoms: np.ndarray | None = None
         self.meta_bytes = self.g_bytes = 0
         self.started = False
-        self.expected_rows = 0  # variants of the request that opened the context
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +111,7 @@ class _Context:
             if not self.regenerable:  # derived values only with their genotypes
                 self.cap = int(min(self.pos.size, budget // max(1, self.meta_bytes + self.g_bytes)))
             self.cap_g = int(min(self.pos.size, budget // max(1, self.g_bytes)))
-            if self.regenerable and max(self.expected_rows, self.pos.size) * self.g_bytes > budget // 2:
+            if self.regenerable and self.pos.size * self.g_bytes > budget // 2:
                 # the site's genotypes would not fit: holding a few percent of them saves a few
                 # percent of the reads but costs the whole budget in resident memory
                 self.cap_g = 0
@@ -163,9 +161,8 @@ class RowCache:
         self.budget = max(0, int(budget_bytes))
         self._contexts: OrderedDict[str, _Context] = OrderedDict()
 
-    def context(self, source: str, impute: bool, keep: np.ndarray, structures: Sequence[tuple], *,
-                rows: int = 0) -> _Context | None:
-        """The context of a request over ``rows`` variants (it sizes the genotype tier)."""
+    def context(self, source: str, impute: bool, keep: np.ndarray, structures: Sequence[tuple]) -> _Context | None:
+        """The memo of one request context, or None when the memo is off."""
         if self.budget <= 0:
             return None
         # a row's atom counts depend on each structure's labels and number of atoms, not on which
@@ -175,7 +172,6 @@ class RowCache:
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = self._contexts[key] = _Context(self.n_variants, self, regenerable=source in ("gt", "hard"))
-            ctx.expected_rows = int(rows)
         self._contexts.move_to_end(key)
         return ctx
 

@@ -446,18 +446,11 @@ def _fitted_block(beta: np.ndarray, G: np.ndarray, C: np.ndarray, *, y: np.ndarr
 
 
 def _with_ones(C: np.ndarray) -> np.ndarray:
-    """[1, C] (N, 1 + k), remembered for the last C seen (every block of a request shares it)."""
-    hit = _ONES_MEMO.get("C")
-    if hit is not None and hit[0] is C:
-        return hit[1]
+    """[1, C] (N, 1 + k)."""
     out = np.empty((C.shape[0], 1 + C.shape[1]))
     out[:, 0] = 1.0
     out[:, 1:] = C
-    _ONES_MEMO["C"] = (C, out)
     return out
-
-
-_ONES_MEMO: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 class _SiteTerms:
