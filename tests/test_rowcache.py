@@ -165,3 +165,47 @@ def test_a_site_too_big_for_its_memo_keeps_the_counts_and_re_reads_the_rows(coho
     _same(first, again)
     _same(again, _fresh(cohort, arrays, keep, impute=True))
 
+
+
+def test_hostile_aggregator_cannot_borrow_large_cells_for_a_small_set(tmp_path):
+    """The attack the memo could open: ask for a rare variant's sums over everyone (its carrier cell
+    is large, the row is released and memoised), then over a set that leaves only a few carriers (a
+    site column missing for the others). If the memo served the first set's cells, the small-cell
+    rule would pass the second reply and Σg·y over two carriers would leave the site. The site must
+    withhold that row, and the attacker's difference of the two replies must give nothing.
+    (Here the changed design also changes the rules' cell structures, a second part of the memo's
+    key; with neither in the key the memo serves rows of the wrong width and the site fails closed.)"""
+    from fedgen.federation.transport import InProcessTransport, Request
+
+    data = make_synth(300, 200, seed=12, missing_rate=0.0, extremes=False)
+    policy = {"min_count": 5, "min_cell": 5, "allow_per_variant_sample_sets": True}
+    nc = next(iter(split_sites(data, tmp_path / "s", [1.0], seed=2, policy=policy).values()))
+    c = load_cohort(nc)
+    g = c.block(np.arange(c.dosage.shape[0]))
+    carriers = (g > 0).sum(1)
+    v = int(np.flatnonzero((carriers >= 6) & (carriers <= 9) & ((g < 2).sum(1) >= 5))[0])
+    keep_two = np.flatnonzero(g[v] > 0)[:2]  # the two carriers the attacker wants to isolate
+    # the other carriers, and enough non-carriers that the two sets differ by min_count or more
+    # (a smaller difference is refused outright by the site's set register)
+    drop = set(np.flatnonzero(g[v] > 0)[2:].tolist()) | set(np.flatnonzero(g[v] == 0)[:6].tolist())
+    # a site column that is missing for every other carrier (the "planted covariate")
+    lines = open(nc["samples"]).read().splitlines()
+    row_of = {int(r): j for j, r in enumerate(c.table_rows.tolist())}
+    out = [lines[0] + "\tx"]
+    for t, line in enumerate(lines[1:]):
+        j = row_of.get(t)
+        out.append(line + ("\tNA" if j is not None and j in drop else f"\t{t % 7}"))
+    open(nc["samples"], "w").write("\n".join(out) + "\n")
+    tr = InProcessTransport({"a": nc})
+    arrays = {"idx": np.array([v], dtype=np.int64), "flip": np.zeros(1, np.uint8)}
+    base = {"phenotype": "QT", "kind": "quantitative", "missing": "drop"}
+    everyone = tr.query(Request("glm_linear", params={**base, "covariates": []}, arrays=arrays))["a"]
+    assert not everyone.arrays["withheld"].any()  # released, and memoised
+    few = tr.query(Request("glm_linear", params={**base, "covariates": [{"name": "x", "kind": "numeric", "mean": 3.0, "sd": 2.0}]},
+                           arrays=arrays))["a"]
+    assert few.arrays["withheld"].all()  # two carriers left: withheld, not answered with the memoised cells
+    assert not np.any(few.arrays["Xty"]) and not np.any(few.arrays["XtX_triu"])
+    # the attacker's reconstruction: over the small set Σ g·y is the two carriers' phenotypes
+    y = load_cohort(nc).sample_values("QT")
+    truth = float((g[v, keep_two] * y[keep_two]).sum())
+    assert abs(truth) > 1e-6 and not np.isclose(few.arrays["Xty"][0, 1], truth)
