@@ -24,16 +24,19 @@ Releases, for ``v`` requested variants:
 ``dp_topk_select``
     the indices of k variants chosen by the one-shot Gumbel mechanism (Durfee & Rogers 2019),
     equivalent to k peeled exponential-mechanism picks of ε₀ each; each pick is ε₀²/8-zCDP
-    (bounded range), so ρ = k ε₀² / 8. The score of a variant is the difference between cases
-    and controls of a variance-stabilised allele frequency, s = |h(A_case / 2R) − h(A_ctrl / 2S)|,
-    with R, S the site's (public) numbers of cases and controls, a missing call counted as no
-    copy of A1, and h = arcsin √x continued linearly outside [c, 1 − c] (c = 0.05) so that it is
-    L-Lipschitz with L = 1 / (2√(c(1 − c))). Adding or removing one individual moves one allele
-    count by at most 2, so s moves by at most Δ = L / min(R, S), whatever the data. Relative to
-    the spread of the score without association this is far smaller than the worst-case
-    sensitivity of the allelic χ² (dominated by near-empty tables), which is what makes the
-    selection useful at moderate ε. For MAF ≥ c the score is the arcsine test (null SD
-    √(1/8R + 1/8S)), asymptotically equivalent to the allelic χ².
+    (bounded range), so ρ = k ε₀² / 8. The score of a variant is its case-control allele
+    frequency difference, weighted: s = w · |A_case / 2R − A_ctrl / 2S|, with R, S the site's
+    (public) numbers of cases and controls, a missing call counted as no copy of A1, and w in
+    [0, 1] a weight per variant that the request carries (the aggregator's, computed from public
+    or already released numbers; a weight outside [0, 1] is refused). Adding or removing one
+    individual moves one allele count by at most 2, so s moves by at most Δ = 1 / min(R, S),
+    whatever the data and the weights. The study sends w = min(1, √(f₀(1 − f₀) / f(1 − f))) with
+    f the variant's released pooled frequency and f₀ = :data:`SELECT_FREQ`: variants more common
+    than f₀ are ranked by their allelic z-score, rarer ones by their frequency difference. Against
+    a variance-stabilised score (arcsine, whose bound must take the transform's steepest slope,
+    2.3× that of the raw difference), this halves the noise relative to the signal of common
+    variants; in simulations on the real per-site counts of 3 × 5,000 people at ε = 3 the recall
+    of the exact top 10's causal loci went from 0.46 to 0.93 (docs and ``scripts/bench_dp.py``).
 """
 
 from __future__ import annotations
@@ -162,28 +165,41 @@ def dp_assoc_counts(cohort: Any, req: AnalysisRequest):
 # ----------------------------------------------------------------------------- top-k selection
 
 
-STABILISE_EDGE = 0.05
-LIPSCHITZ = 1.0 / (2.0 * math.sqrt(STABILISE_EDGE * (1.0 - STABILISE_EDGE)))
+#: the frequency from which a variant's selection weight tempers its larger null spread
+SELECT_FREQ = 0.25
 
 
-def stabilised(x: np.ndarray) -> np.ndarray:
-    """arcsin √x on [c, 1 − c], continued linearly (slope L) outside it; x clipped to [0, 1]."""
-    c = STABILISE_EDGE
-    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
-    lo, hi = math.asin(math.sqrt(c)), math.asin(math.sqrt(1.0 - c))
-    mid = np.arcsin(np.sqrt(np.clip(x, c, 1.0 - c)))
-    return np.where(x < c, lo - LIPSCHITZ * (c - x), np.where(x > 1.0 - c, hi + LIPSCHITZ * (x - (1.0 - c)), mid))
+def selection_weights(freq: np.ndarray, f0: float = SELECT_FREQ) -> np.ndarray:
+    """w = min(1, √(f₀(1 − f₀) / f(1 − f))) per variant (1 where f is 0, 1 or not finite)."""
+    f = np.asarray(freq, dtype=np.float64)
+    v = np.where(np.isfinite(f), np.clip(f, 0.0, 1.0), 0.0)
+    v = v * (1.0 - v)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.sqrt(f0 * (1.0 - f0) / v)
+    return np.where(v > 0, np.minimum(1.0, w), 1.0)
 
 
-def selection_scores(counts: np.ndarray, n_cases: int, n_controls: int) -> np.ndarray:
-    """|h(A_case / 2R) − h(A_ctrl / 2S)| per row of (A1 case, ·, A1 control, ·) counts."""
+def selection_scores(counts: np.ndarray, n_cases: int, n_controls: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """w · |A_case / 2R − A_ctrl / 2S| per row of (A1 case, ·, A1 control, ·) counts (w = 1 if not given)."""
     c = np.asarray(counts, dtype=np.float64)
-    return np.abs(stabilised(c[:, 0] / (2.0 * n_cases)) - stabilised(c[:, 2] / (2.0 * n_controls)))
+    s = np.abs(c[:, 0] / (2.0 * n_cases) - c[:, 2] / (2.0 * n_controls))
+    return s if weight is None else s * np.asarray(weight, dtype=np.float64)
 
 
 def selection_sensitivity(n_cases: int, n_controls: int) -> float:
-    """Δ of :func:`selection_scores` under adding or removing one individual: L / min(R, S)."""
-    return LIPSCHITZ / min(n_cases, n_controls)
+    """Δ of :func:`selection_scores` under adding or removing one individual, any weights in [0, 1]: 1 / min(R, S)."""
+    return 1.0 / min(n_cases, n_controls)
+
+
+def _check_weights(arrays: Mapping[str, Any], n: int) -> np.ndarray | None:
+    w = arrays.get("weight")
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or w.min(initial=0.0) < 0.0 or w.max(initial=0.0) > 1.0:
+        raise FedgenError("selection weights must be one number per requested variant, each in [0, 1] "
+                          "(a larger weight would break the score's sensitivity bound)")
+    return w
 
 
 def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
@@ -198,14 +214,14 @@ def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
     "dp_topk_select",
     Spec(
         params=DP_ASSOC_PARAMS | {"k", "epsilon_per_pick"},
-        inputs=VARIANT_INPUTS,
+        inputs={**VARIANT_INPUTS, "weight": arr("f8", "v", optional=True)},
         outputs={"selected": arr("i8", "k")},
         param_dims=lambda params, nc: {"k": int(params["k"])},
         limits={"k": MAX_TOPK},
         meta=frozenset({"n_cases", "n_controls", "sensitivity", "gumbel_scale", "epsilon_per_pick", "mechanism"}),
         contributors=meta_count("n_cases", "n_controls"),
         dp_cost=_topk_cost,
-        doc="k variant positions chosen by the one-shot Gumbel mechanism on the site's allelic χ²",
+        doc="k variant positions chosen by the one-shot Gumbel mechanism on the site's weighted allele-frequency differences",
     ),
 )
 def dp_topk_select(cohort: Any, req: AnalysisRequest):
@@ -220,13 +236,14 @@ def dp_topk_select(cohort: Any, req: AnalysisRequest):
     # scale in the reply reveals nothing beyond them.
     n_cases, n_controls = (max(1, x) for x in _public_case_counts(cohort, req, case))
     # A missing call counts as no copy of A1 (fixed denominators 2R, 2S): the bound holds per variant.
+    weight = _check_weights(req.arrays, len(np.asarray(req.arrays.get("idx", []))))
     counts = case_control_allele_counts(cohort, req.arrays, case, keep, missing_as_zero=True)
-    scores = selection_scores(counts, n_cases, n_controls)
+    scores = selection_scores(counts, n_cases, n_controls, weight)
     k = int(params["k"])
     eps0 = _positive(params, "epsilon_per_pick")
     delta_s = selection_sensitivity(n_cases, n_controls)
     sel = gumbel_top_k(scores, k, epsilon_per_pick=eps0, sensitivity=delta_s, source=_noise_source())
     meta = {"n_cases": n_cases, "n_controls": n_controls, "sensitivity": float(delta_s),
             "gumbel_scale": 2.0 * delta_s / eps0, "epsilon_per_pick": eps0,
-            "mechanism": "one-shot Gumbel top-k (Durfee & Rogers 2019) on a variance-stabilised allele-frequency difference"}
+            "mechanism": "one-shot Gumbel top-k (Durfee & Rogers 2019) on a weighted case-control allele-frequency difference"}
     return {"selected": np.asarray(sel, dtype=np.int64)}, meta

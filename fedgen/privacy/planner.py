@@ -18,8 +18,9 @@ sites' public sizes (samples, cases, controls) and predicts, for every release:
   holds, the share the DP top-k holds too. Each simulated draw ranks the exact pooled statistic
   and the DP pipeline on the same data, so both top-k lists come from one draw and the ratio is
   taken per draw (draws whose exact top-k holds no causal locus are left out), then averaged.
-  The simulation follows the study step by step: at each site the variance-stabilised score
-  |h(p̂_case) − h(p̂_ctrl)| with its sampling noise, the one-shot Gumbel top-k with the site's
+  The simulation follows the study step by step: at each site the weighted score
+  w(f) · |p̂_case − p̂_ctrl| with its sampling noise (null variants at frequencies drawn from
+  ``af_spectrum``), the one-shot Gumbel top-k with the site's
   own scale 2Δ/ε₀, the union of the sites' picks, the noisy counts of that union and the
   noise-aware pooled test that ranks it.
 
@@ -54,10 +55,16 @@ from typing import Any
 
 import numpy as np
 
-# the site selection score's transform and sensitivity, as the sites compute them
-from fedgen.analyses.dp import selection_sensitivity, stabilised
+# the site selection score's weights and sensitivity, as the sites compute them; the pooled
+# ranking is modelled on the variance-stabilised (arcsine) scale
+from fedgen.analyses.dp import selection_sensitivity, selection_weights
 from fedgen.privacy.accounting import rho_for_epsilon
 from fedgen.privacy.mechanisms import sigma_for_rho
+
+def stabilised(x: np.ndarray) -> np.ndarray:
+    """arcsin √x: the variance-stabilised frequency scale on which the pooled test is modelled."""
+    return np.arcsin(np.sqrt(np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)))
+
 
 USEFUL_AF = 0.9        # shrunk MAE below this share of the know-nothing guess's MAE
 USEFUL_LOCI = 0.5      # top-k: at least this many causal loci more than chance
@@ -159,15 +166,20 @@ def predict_af(sites: list[Site], s: Settings, *, rng: np.random.Generator, n_si
             "af_mae_know_nothing": guess, "useful": mae_shrunk < USEFUL_AF * guess}
 
 
-def _site_scores(rng, m_null: int, eff: Effect, site: Site, reps: int) -> np.ndarray:
-    """(reps, n_causal + m_null) site selection scores: causal loci first."""
+def _site_scores(rng, m_null: int, eff: Effect, site: Site, reps: int, f_null: np.ndarray) -> np.ndarray:
+    """(reps, n_causal + m_null) site selection scores, causal loci first: the weighted
+    case-control allele-frequency difference of :func:`fedgen.analyses.dp.selection_scores`,
+    with null variants at the frequencies ``f_null``."""
     f0, f1 = eff.per_locus()
     R, S = max(site.cases, 1), max(site.controls, 1)
-    sd = math.sqrt(1.0 / (8.0 * R) + 1.0 / (8.0 * S))
-    delta = stabilised(f1) - stabilised(f0)
-    z = rng.normal(0.0, sd, (reps, eff.n_causal + m_null))
-    z[:, : eff.n_causal] += delta
-    return np.abs(z)
+    fbar = np.concatenate([(f0 + f1) / 2.0, f_null])
+    w = selection_weights(fbar)
+    var_c = f1 * (1.0 - f1) / (2.0 * R) + f0 * (1.0 - f0) / (2.0 * S)
+    var_n = f_null * (1.0 - f_null) * (1.0 / (2.0 * R) + 1.0 / (2.0 * S))
+    sd = np.sqrt(np.concatenate([var_c, var_n]))
+    z = rng.normal(0.0, 1.0, (reps, eff.n_causal + m_null)) * sd
+    z[:, : eff.n_causal] += f1 - f0
+    return np.abs(z) * w
 
 
 def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.Generator, reps: int | None = None
@@ -184,8 +196,9 @@ def predict_topk(sites: list[Site], s: Settings, eff: Effect, *, rng: np.random.
     eps0 = math.sqrt(8.0 * rho_sel / ks)
     picks = np.zeros((reps, M), dtype=bool)
     site_scores = []
+    f_null = _draw_af(rng, m_null, s.af_spectrum)
     for site in sites:
-        sc = _site_scores(rng, m_null, eff, site, reps)
+        sc = _site_scores(rng, m_null, eff, site, reps, f_null)
         site_scores.append(sc)
         scale = 2.0 * selection_sensitivity(max(site.cases, 1), max(site.controls, 1)) / eps0
         noisy = sc + rng.gumbel(0.0, scale, sc.shape)

@@ -15,7 +15,9 @@ budget ρ (:func:`fedgen.privacy.accounting.rho_for_epsilon`) and split between 
   counts of every variant passing QC (σ = 2√M / √(2ρ_assoc)) → ``<PHENO>.assoc`` (PLINK 1.9
   allelic test on the pooled noisy counts);
 * per binary phenotype with ``topk`` in the analyses, ``select``: each site picks k variants with the one-shot Gumbel
-  mechanism on its own allelic χ² (ε₀ = √(8ρ_select / k) per pick), and ``topk``: noisy
+  mechanism on its own case-control allele-frequency differences, weighted by the released pooled
+  frequencies so that common variants rank by their z-score (ε₀ = √(8ρ_select / k) per pick;
+  :func:`fedgen.analyses.dp.selection_weights`), and ``topk``: noisy
   case/control allele counts (σ = 2√U / √(2ρ_topk)) of the U variants any site picked; the
   aggregator ranks them by the pooled noisy χ² and writes the top k as
   ``<PHENO>.dp_topk.assoc`` (PLINK 1.9 columns).
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from fedgen.analyses.dp import selection_weights
 from fedgen.errors import ConfigError, FedgenError
 from fedgen.federation.transport import Request, Transport
 from fedgen.study.runner import StudyContext, blockwise_sum, run_published, write_qc_outputs
@@ -264,8 +267,13 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         kk = min(k, len(rows))
         ks = min(int(priv.get("select_k") or kk), len(rows))  # candidates each site picks (>= k)
         eps0 = math.sqrt(8 * rho_sel / ks)
+        # selection weights from the released pooled frequencies (post-processing of the counts release)
+        called = counts[rows, 0] + counts[rows, 1] + counts[rows, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            freq = (counts[rows, 1] + 2 * counts[rows, 2]) / (2.0 * called)
+        weight = selection_weights(freq)
         with ctx.timed(f"dp_topk_select.{ph}"):
-            picked, scales = _select(ctx, aln, rows, params, ks, eps0)
+            picked, scales = _select(ctx, aln, rows, params, ks, eps0, weight)
         union = np.unique(np.concatenate(list(picked.values())))
         U = len(union)
         sigma_top = sigma_for_rho(2 * math.sqrt(U), rho_top)
@@ -402,15 +410,17 @@ def _noisy_test(counts: np.ndarray, metas: dict[str, dict[str, Any]], sigma: flo
 
 
 def _select(
-    ctx: StudyContext, aln, rows: np.ndarray, params: dict[str, Any], k: int, eps0: float
+    ctx: StudyContext, aln, rows: np.ndarray, params: dict[str, Any], k: int, eps0: float, weight: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Each site's k Gumbel picks (positions within ``rows``) and its Gumbel noise scale."""
+    """Each site's k Gumbel picks (positions within ``rows``, scores weighted by ``weight``,
+    :func:`fedgen.analyses.dp.selection_weights`) and its Gumbel noise scale."""
     # one request with every candidate: the Gumbel picks are over the whole set (a site whose
     # policy caps variants per request below this refuses, and says so)
     req = Request(
         "dp_topk_select",
         params={**params, "k": k, "epsilon_per_pick": eps0},
-        per_site_arrays={s: {"idx": aln.idx[s][rows], "flip": aln.flip[s][rows]} for s in aln.idx},
+        per_site_arrays={s: {"idx": aln.idx[s][rows], "flip": aln.flip[s][rows],
+                             "weight": np.ascontiguousarray(weight, dtype=np.float64)} for s in aln.idx},
     )
     replies = ctx.query(req)
     out = {}
