@@ -442,10 +442,11 @@ class FlowerTransport:
                 pending[mid] = site
 
         deadline = time.monotonic() + float(timeout)
-        from fedgen.federation.polling import Backoff
+        from fedgen.federation.polling import LONG_POLL_SECONDS, Backoff
 
         backoff = Backoff(self._poll[0], max(self._poll))
         while pending:
+            t_pull = time.monotonic()
             for msg in self._grid.pull_messages(list(pending)):
                 site = pending.pop(msg.metadata.reply_to_message_id, None)
                 if site is None:
@@ -462,7 +463,12 @@ class FlowerTransport:
             now = time.monotonic()
             if now >= deadline:
                 break
-            time.sleep(min(backoff.next(), deadline - now))
+            # the backoff is the period between pulls; a pull the SuperLink held (long poll,
+            # fedgen.federation.longpoll) is followed by the next at once
+            took = now - t_pull
+            wait = 0.0 if took >= LONG_POLL_SECONDS else min(backoff.next() - took, deadline - now)
+            if wait > 0:
+                time.sleep(wait)
         for site in pending.values():
             errors[site] = f"{_NO_ANSWER[0]} {timeout:g} s"
         return replies, errors

@@ -22,6 +22,7 @@ HOOKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("flwr.supernode.cli", "flower_supernode"),
         ("flwr.supernode.start_client_internal", "subprocess"),  # → only fedgen's SuperExec is started
         ("flwr.supernode.start_client_internal", "time"),  # → adaptive polling
+        ("flwr.supernode.start_client_internal", "_push_messages"),  # → a new backoff per reply wait
         ("flwr.cli.install", "typer"),  # → quieter FAB unpacking
         ("flwr.supercore.logger", "FLOWER_LOGGER"),
     ),
@@ -43,6 +44,15 @@ HOOKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("flwr.superlink.cli.flower_superlink", "_get_superexec_command"),
         ("flwr.superlink.cli.flower_superlink", "get_uvicorn_log_config"),
         ("flwr.superlink.main", "_get_middleware"),  # → the admin gate on the Control/Runtime APIs
+    ),
+    # optional (fedgen.federation.longpoll: without them the SuperLink answers short polls as Flower does)
+    "longpoll": (
+        ("flwr.superlink.servicer.fleet.fleet_handlers", "pull_messages"),
+        ("flwr.superlink.servicer.fleet.fleet_handlers", "push_messages"),
+        ("flwr.superlink.servicer.fleet.fleet_handlers", "push_object"),
+        ("flwr.superlink.servicer.runtime.runtime_handlers", "pull_messages"),
+        ("flwr.superlink.servicer.runtime.runtime_handlers", "push_messages"),
+        ("flwr.superlink.servicer.runtime.runtime_handlers", "push_object"),
     ),
 }
 

@@ -333,7 +333,7 @@ class LocalFederation:
         for attempt in range(1, self.port_attempts + 1):
             port = _reserve_port(self._ports)
             argv = [
-                flower_cmd("flower-superlink"),
+                sys.executable, "-P", "-m", "fedgen.federation.longpoll",  # flower-superlink with long polls
                 "--insecure",
                 "--host", HOST,
                 "--port", str(port),

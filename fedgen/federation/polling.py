@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 #: default fraction of the time waited so far that the next wait lasts
 FRACTION = 0.1
+#: a check between two sleeps that took at least this long (s) was a long poll (the server held
+#: it until it had something or its hold ran out, :mod:`fedgen.federation.longpoll`): check again at once
+LONG_POLL_SECONDS = 0.5
 
 
 class Backoff:
@@ -51,9 +54,11 @@ def adaptive_sleep(is_idle: Callable[[float], bool], *, idle_floor: float, busy_
     ``idle_floor``) from a wait for work in progress (floor ``busy_floor``); consecutive calls
     of one kind continue one backoff, a change of kind (or ``shim.reset_backoff()``, for an
     event the sleeps cannot see) starts a new one. A sleep never exceeds what the caller asked
-    for, nor ``cap`` when given.
+    for, nor ``cap`` when given. Within one wait the backoff is the period between checks: the time
+    the caller spent between two sleeps is taken off the next, and after a check of
+    :data:`LONG_POLL_SECONDS` or more (a poll the server held) there is no sleep at all.
     """
-    state: dict[str, Any] = {"kind": None, "backoff": None}
+    state: dict[str, Any] = {"kind": None, "backoff": None, "woke": None}
     real_sleep = time.sleep
 
     def sleep(seconds: float) -> None:
@@ -63,12 +68,23 @@ def adaptive_sleep(is_idle: Callable[[float], bool], *, idle_floor: float, busy_
         floor = min(idle_floor if idle else busy_floor, top)
         if floor <= 0:
             real_sleep(max(top, 0.0))
+            state["woke"] = time.monotonic()
             return
         b = state["backoff"]
+        since = None
         if state["kind"] is not idle or b is None or b.cap != top:
             state["kind"] = idle
             b = state["backoff"] = Backoff(floor, top, fraction)
-        real_sleep(b.next())
+        elif state["woke"] is not None:
+            since = time.monotonic() - state["woke"]  # the check between two sleeps of one wait
+        wait = b.next()
+        if since is not None:
+            # the wait is a period between checks, not a pause after each: a check that took long
+            # (a long poll held by the server, LONG_POLL_SECONDS or more) is followed by the next at once
+            wait = 0.0 if since >= LONG_POLL_SECONDS else wait - since
+        if wait > 0:
+            real_sleep(wait)
+        state["woke"] = time.monotonic()
 
     def reset_backoff() -> None:
         state["backoff"] = None

@@ -205,6 +205,16 @@ def _adaptive_polls() -> None:
     floor = float(os.environ.get("FEDGEN_SUPERNODE_POLL") or DEFAULT_SUPERNODE_POLL)
     shim = adaptive_sleep(lambda s: s >= 1.0, idle_floor=max(0.001, floor), busy_floor=0.001)
     flwr_compat.rebind(sci, "time", shim)
+    # every wait for a reply starts its own backoff: against a SuperLink with long polls no idle
+    # sleep comes between two requests to reset it, and the reply checks of later rounds would
+    # otherwise continue the first round's backoff up to Flower's 0.5 s
+    real_push = sci._push_messages
+
+    def push_messages(*args: Any, **kwargs: Any) -> Any:
+        shim.reset_backoff()
+        return real_push(*args, **kwargs)
+
+    flwr_compat.rebind(sci, "_push_messages", push_messages)
 
 
 def _run_superexec() -> None:

@@ -202,6 +202,11 @@ def main() -> None:
     hosts = admin_hosts_from_env()
     _install(hosts)
     log.info("admin gate: Control and Runtime APIs open to %s only; Fleet API open to sites", ", ".join(hosts))
+    from fedgen.federation.longpoll import install as long_polls
+
+    held = long_polls()
+    if held > 0:
+        log.info("long polls: an empty pull waits up to %g s for a message (FEDGEN_LONG_POLL)", held)
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv[0] = "flower-superlink"

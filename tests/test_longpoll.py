@@ -1,0 +1,153 @@
+"""Long polls at the SuperLink (fedgen.federation.longpoll) and the callers' adaptive sleeps (fedgen.federation.polling).
+
+No timing is measured here: a held pull is checked to answer because of a push (the hold is far
+longer than the test may take), and the sleeps run on a fake clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+from fedgen.federation import longpoll, polling
+
+HOLD = 60.0  # a pull answered by its hold running out would stall the test for a minute
+
+
+@dataclass
+class Tree:
+    object_id: str
+    children: list["Tree"] = field(default_factory=list)
+
+
+@dataclass
+class Response:
+    messages_list: list[str]
+    message_object_trees: list[Tree]
+
+
+class Link:
+    """A SuperLink's state: messages by node, objects that arrive after their message."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Tree]] = []
+        self.objects: dict[str, bytes] = {}
+        self.pulls = 0
+
+    def get(self, oid: str) -> bytes | None:
+        return self.objects.get(oid)
+
+    def pull(self, request: object, state: object, store: object) -> Response:
+        self.pulls += 1
+        msgs, self.messages = self.messages, []
+        return Response([m for m, _ in msgs], [t for _, t in msgs])
+
+
+def _held(link: Link, should_hold=lambda req: True, hold: float = HOLD):
+    return longpoll._held(link.pull, hold, should_hold, lambda a, k: k.get("store"))
+
+
+def _in_thread(fn):
+    out: dict[str, object] = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_held_pull_answers_when_the_message_and_all_its_objects_have_arrived():
+    link = Link()
+    pull = _held(link)
+    t, out = _in_thread(lambda: pull(request=object(), state=None, store=link))
+    tree = Tree("m", [Tree("a"), Tree("b", [Tree("c")])])
+    push_message = longpoll._pushing(lambda: link.messages.append(("msg", tree)))
+    push_object = longpoll._pushing(lambda oid: link.objects.__setitem__(oid, b"x"))
+    push_message()
+    for oid in ("m", "a", "b"):
+        push_object(oid)
+        t.join(0.3)
+        assert t.is_alive(), f"answered before object c arrived (after {oid})"
+    push_object("c")
+    t.join(20)
+    assert not t.is_alive() and out["r"].messages_list == ["msg"]
+
+
+def test_a_pull_that_must_not_be_held_answers_at_once_and_an_empty_hold_answers_empty():
+    link = Link()
+    # the ServerApp's pull names no reply: not held (the thread would otherwise wait a minute)
+    t, out = _in_thread(lambda: _held(link, should_hold=lambda req: False)(request=object(), state=None, store=link))
+    t.join(20)
+    assert not t.is_alive() and out["r"].messages_list == [] and link.pulls == 1
+    # with a short hold and nothing pushed, the answer is empty, after a few re-checks
+    r = _held(link, hold=0.6)(request=object(), state=None, store=link)
+    assert r.messages_list == [] and link.pulls >= 3
+
+
+def test_install_patches_flowers_handlers_once(monkeypatch):
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    from flwr.superlink.servicer.runtime import runtime_handlers
+
+    names = ("pull_messages", "push_messages", "push_object")
+    for mod in (fleet_handlers, runtime_handlers):
+        for n in names:
+            monkeypatch.setattr(mod, n, getattr(mod, n))  # restored after the test
+    assert longpoll.install(hold=0) == 0 and not hasattr(fleet_handlers.pull_messages, "_fedgen_longpoll")
+    assert longpoll.install(hold=1.5) == 1.5
+    first = {(m.__name__, n): getattr(m, n) for m in (fleet_handlers, runtime_handlers) for n in names}
+    assert all(getattr(f, "_fedgen_longpoll", False) for f in first.values())
+    longpoll.install(hold=1.5)  # idempotent: no wrapper around a wrapper
+    assert first == {(m.__name__, n): getattr(m, n) for m in (fleet_handlers, runtime_handlers) for n in names}
+
+
+def test_hold_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "0")
+    assert longpoll.hold_seconds() == 0.0
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "1000")
+    assert longpoll.hold_seconds() == 20.0  # below Flower's 30 s client timeout
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "soon")
+    with pytest.raises(ValueError, match="FEDGEN_LONG_POLL"):
+        longpoll.hold_seconds()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(round(s, 6))
+        self.now += s
+
+
+@pytest.fixture()
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(polling, "time", types.SimpleNamespace(monotonic=c.monotonic, sleep=c.sleep))
+    return c
+
+
+def test_the_backoff_is_a_period_between_checks(clock):
+    shim = polling.adaptive_sleep(lambda s: s >= 1.0, idle_floor=0.01, busy_floor=0.001)
+    shim.sleep(3.0)  # first idle wait: the floor
+    assert clock.slept == [0.01]
+    clock.now += 0.004  # a quick check (4 ms) is taken off the next wait
+    shim.sleep(3.0)
+    assert clock.slept[-1] == pytest.approx(0.01 - 0.004)
+    for _ in range(200):  # waiting longer: the wait grows towards a tenth of the time waited, up to the cap
+        clock.now += 0.004
+        shim.sleep(3.0)
+    assert 0.1 < clock.slept[-1] < 3.0
+    clock.now += 2.0  # a check the server held (a long poll): the next one follows at once
+    n = len(clock.slept)
+    shim.sleep(3.0)
+    assert len(clock.slept) == n  # no sleep at all
+    shim.sleep(0.5)  # another kind (a busy wait) starts its own backoff at its floor
+    assert clock.slept[-1] == 0.001
+    shim.reset_backoff()
+    shim.sleep(0.5)
+    assert clock.slept[-1] == 0.001
