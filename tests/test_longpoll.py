@@ -151,3 +151,27 @@ def test_the_backoff_is_a_period_between_checks(clock):
     shim.reset_backoff()
     shim.sleep(0.5)
     assert clock.slept[-1] == 0.001
+
+
+def test_a_site_workers_task_poll_waits_in_the_supernode_until_a_request_is_stored():
+    class Resp:
+        def __init__(self, task=None):
+            self.task = task
+
+        def HasField(self, name):  # noqa: N802 - protobuf's name
+            return self.task is not None
+
+    pending: list[str] = []
+    handlers = types.SimpleNamespace(acquire_task=lambda request, state: Resp(pending.pop() if pending else None))
+    assert longpoll.hold_task_polls(handlers, hold=HOLD) == HOLD
+    held = handlers.acquire_task
+    assert getattr(held, "_fedgen_longpoll", False)
+    longpoll.hold_task_polls(handlers, hold=HOLD)
+    assert handlers.acquire_task is held  # idempotent
+    t, out = _in_thread(lambda: handlers.acquire_task(object(), None))
+    t.join(0.3)
+    assert t.is_alive()  # no task yet: the poll waits
+    pending.append("task-1")
+    longpoll.notify()  # what the SuperNode does once it has stored a request
+    t.join(20)
+    assert not t.is_alive() and out["r"].task == "task-1"

@@ -23,6 +23,8 @@ HOOKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("flwr.supernode.start_client_internal", "subprocess"),  # → only fedgen's SuperExec is started
         ("flwr.supernode.start_client_internal", "time"),  # → adaptive polling
         ("flwr.supernode.start_client_internal", "_push_messages"),  # → a new backoff per reply wait
+        ("flwr.supernode.start_client_internal", "_pull_and_store_message"),  # → wakes held task polls
+        ("flwr.supernode.servicer.runtime.runtime_handlers", "acquire_task"),  # → held task polls
         ("flwr.cli.install", "typer"),  # → quieter FAB unpacking
         ("flwr.supercore.logger", "FLOWER_LOGGER"),
     ),

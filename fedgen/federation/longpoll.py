@@ -90,7 +90,11 @@ def _complete(response: Any, store: Any) -> bool:
 
 
 def _held(fn: Callable[..., Any], hold: float, should_hold: Callable[[Any], bool],
-          store_of: Callable[[tuple[Any, ...], dict[str, Any]], Any]) -> Callable[..., Any]:
+          store_of: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+          has_result: Callable[[Any], bool] = lambda r: bool(len(r.messages_list))) -> Callable[..., Any]:
+    """``fn`` (a pull handler) held while it has nothing (``has_result``) and ``should_hold(request)``,
+    and, for message pulls, until the objects of what it returns are in ``store_of(args, kwargs)``."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         request = kwargs.get("request", args[0] if args else None)
@@ -101,7 +105,7 @@ def _held(fn: Callable[..., Any], hold: float, should_hold: Callable[[Any], bool
                 seen = _generation
             if response is None:
                 response = fn(*args, **kwargs)
-                if not len(response.messages_list):
+                if not has_result(response):
                     if not should_hold(request):
                         return response
                     response = None
@@ -147,6 +151,20 @@ def install(hold: float | None = None) -> float:
     flwr_compat.rebind(runtime_handlers, "pull_messages", _held(
         runtime_handlers.pull_messages, hold, lambda req: bool(getattr(req, "message_ids", None)),
         lambda a, k: getattr(k.get("state", a[1] if len(a) > 1 else None), "object_store", None)))
+    return hold
+
+
+def hold_task_polls(runtime_handlers: Any, hold: float | None = None) -> float:
+    """In a SuperNode: its SuperExec's task poll (``AcquireTask``) waits up to the hold for a task;
+    the SuperNode calls :func:`notify` when it has stored a request (a new task)."""
+    from fedgen.federation import flwr_compat
+
+    hold = hold_seconds() if hold is None else float(hold)
+    if hold <= 0 or getattr(runtime_handlers.acquire_task, "_fedgen_longpoll", False):
+        return hold
+    flwr_compat.rebind(runtime_handlers, "acquire_task", _held(
+        runtime_handlers.acquire_task, hold, lambda req: True, lambda a, k: None,
+        has_result=lambda r: r.HasField("task")))
     return hold
 
 

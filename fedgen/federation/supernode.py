@@ -215,6 +215,22 @@ def _adaptive_polls() -> None:
         return real_push(*args, **kwargs)
 
     flwr_compat.rebind(sci, "_push_messages", push_messages)
+    # the SuperExec's task polls wait in this process for the next request (long polls,
+    # fedgen.federation.longpoll): the SuperNode wakes them when it has stored one
+    import flwr.supernode.servicer.runtime.runtime_handlers as rh
+
+    from fedgen.federation import longpoll
+
+    if longpoll.hold_task_polls(rh) > 0:
+        real_pull = sci._pull_and_store_message
+
+        def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+            run_id = real_pull(*args, **kwargs)
+            if run_id is not None:
+                longpoll.notify()
+            return run_id
+
+        flwr_compat.rebind(sci, "_pull_and_store_message", pull_and_store)
 
 
 def _run_superexec() -> None:
