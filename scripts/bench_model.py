@@ -16,8 +16,15 @@ top-k release picks the model's variants (``study.model.variants: top:N``) and t
 DP-SGD training; the baseline is the pooled non-private pipeline: the exact top-N of the same
 study without DP, and a pooled scikit-learn model on those variants.
 
+``--data DIR`` (with ``--select dp``) takes cohorts from a folder instead of the simulation above:
+site subfolders holding ``genotypes.vcf.gz`` + ``samples.tsv`` (as ``fedgen simulate`` writes
+them), ``--train a,b`` the training sites, ``--external c`` the unseen cohort, ``--pheno`` the
+binary trait, and ``truth/causal.tsv`` (if present) the simulated causal variants, of which it
+counts those among the model's features. On ``fedgen simulate`` cohorts (several causal loci
+with linkage) the selection decides what the model can learn.
+
 Run: ``python scripts/bench_model.py [--sites 1400,2000] [--external 1500] [--eps 1,3,8,inf]
-[--select given|dp] [--top 50]``
+[--select given|dp] [--top 50] [--data DIR --train a,b --external c --pheno T2D]``
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", default="1400,2000")
-    ap.add_argument("--external", type=int, default=1500)
+    ap.add_argument("--external", default="1500", help="people in the simulated external cohort, or with --data its site folder")
+    ap.add_argument("--data", help="--select dp: cohorts from this folder (fedgen simulate's layout) instead of a simulation")
+    ap.add_argument("--train", default="a,b", help="--data: the training sites' folders")
+    ap.add_argument("--pheno", default="T2D", help="--data: the binary trait")
     ap.add_argument("--variants", type=int, default=400)
     ap.add_argument("--eps", default="1,3,8,inf")
     ap.add_argument("--rounds", type=int, default=10)
@@ -49,6 +59,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=50, help="--select dp: N variants from the DP top-k release")
     ap.add_argument("--select-share", type=float, default=1 / 3, help="--select dp: share of each ε for the selection")
     args = ap.parse_args()
+    if args.data:
+        if args.select != "dp":
+            raise SystemExit("--data needs --select dp (the given-features mode simulates its own cohorts)")
+        return from_folder(args)
+    args.external = int(args.external)
+    args.pheno = "CC"
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -79,7 +95,7 @@ def main() -> None:
     ext = load_cohort({**files["external"], "state_dir": str(tmp / "external" / "state")})
     y_ext = ext.sample_values("CC")
     if args.select == "dp":
-        return end_to_end(args, tmp, files, parts, data, ext, y_ext)
+        return end_to_end(args, tmp, files, parts, {data.ids[40]}, ext, y_ext)
 
     print(f"training sites {sizes}, external cohort {args.external}, {len(feats)} variants + age, sex; "
           f"{args.rounds} FedAvg rounds; {100 * args.holdout:.0f}% of each site held out for the federated evaluation")
@@ -122,21 +138,48 @@ def main() -> None:
     print(f"(data and results in {tmp})", file=sys.stderr)
 
 
-def end_to_end(args, tmp: Path, files: dict, parts: dict, data, ext, y_ext) -> None:
+def from_folder(args) -> None:
+    """--data: the training sites, the external cohort and the causal variants from a folder."""
+    import csv
+
+    from fedgen.cohort.cohort import load_cohort
+
+    root = Path(args.data)
+    tmp = Path(tempfile.mkdtemp(prefix="fedgen-bench-model-"))
+    files = {}
+    for name in [*args.train.split(","), args.external]:
+        d = root / name
+        if not (d / "genotypes.vcf.gz").exists() or not (d / "samples.tsv").exists():
+            raise SystemExit(f"{d}: no genotypes.vcf.gz + samples.tsv")
+        files["external" if name == args.external else name] = {
+            "site": name, "vcf": str(d / "genotypes.vcf.gz"), "samples": str(d / "samples.tsv")}
+    ext = load_cohort({**files["external"], "state_dir": str(tmp / "external-state")})
+    y_ext = ext.sample_values(args.pheno)
+    causal: set[str] = set()
+    truth = root / "truth" / "causal.tsv"
+    if truth.exists():
+        with open(truth) as fh:
+            causal = {r["ID"] for r in csv.DictReader(fh, delimiter="\t") if r["trait"] == args.pheno}
+    parts = {k: None for k in files}
+    return end_to_end(args, tmp, files, parts, causal, ext, y_ext)
+
+
+def end_to_end(args, tmp: Path, files: dict, parts: dict, causal: set[str], ext, y_ext) -> None:
     """--select dp: DP top-N selection + DP-SGD within each total ε, against exact top-N + pooled sklearn."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
+    from fedgen.cohort.cohort import load_cohort
     from fedgen.federation.transport import InProcessTransport
     from fedgen.learn.score import load_model
     from fedgen.study.learn import model_settings
     from fedgen.study.runner import run_plan
 
     def plan_for(run: Path, eps_total: float) -> dict:
-        model = {"phenotype": "CC", "covariates": ["age", "sex"], "variants": f"top:{args.top}", "rounds": args.rounds,
+        model = {"phenotype": args.pheno, "covariates": ["age", "sex"], "variants": f"top:{args.top}", "rounds": args.rounds,
                  "lr": 0.5, "batch": 256, "holdout": args.holdout, "eval_share": args.eval_share, "clump_kb": 0}
         plan = {"name": "bench", "study_id": "bench-model", "output_dir": str(run / "out"),
-                "sites": [s for s in files if s != "external"], "federation": "inprocess", "phenotypes": ["CC"],
+                "sites": [s for s in files if s != "external"], "federation": "inprocess", "phenotypes": [args.pheno],
                 "covariates": [], "qc": {"maf": None, "geno": None, "hwe": None}, "block_size": 65536,
                 "missing": "impute"}
         if math.isfinite(eps_total):
@@ -148,13 +191,14 @@ def end_to_end(args, tmp: Path, files: dict, parts: dict, data, ext, y_ext) -> N
             plan.update(analyses=["freq", "assoc", "model"], model=model_settings({**model, "dp": False}))
         return plan
 
-    print(f"end to end: training sites {[len(p) for k, p in parts.items() if k != 'external']}, external cohort "
-          f"{len(parts['external'])}; the model's {args.top} variants from the study's own DP top-k "
+    sizes = {k: (len(p) if p is not None else len(load_cohort({**files[k], "state_dir": str(tmp / f"{k}-count")}).sample_cols))
+             for k, p in parts.items()}
+    print(f"end to end: training sites {[n for k, n in sizes.items() if k != 'external']}, external cohort "
+          f"{sizes['external']}; the model's {args.top} variants from the study's own DP top-k "
           f"({args.select_share:.2f} of each ε; the rest DP-SGD), + age, sex; {args.rounds} rounds")
     print(f"{'epsilon/site (total)':>21} {'AUC fedgen':>11} {'AUC pooled exact pipeline':>26} {'gap':>7} "
-          f"{'causal variant picked':>22} {'train s':>8}")
+          f"{'causal variants among features':>31} {'train s':>8}")
     pooled_auc = None
-    causal = data.ids[40]
     for eps_text in ["inf", *[e for e in args.eps.split(",") if e.strip() not in ("inf", "∞")]]:
         eps = math.inf if eps_text == "inf" else float(eps_text)
         run = tmp / f"e2e-{eps_text}"
@@ -169,9 +213,10 @@ def end_to_end(args, tmp: Path, files: dict, parts: dict, data, ext, y_ext) -> N
         ok = np.isfinite(scores) & np.isfinite(y_ext)
         auc = roc_auc_score(y_ext[ok], scores[ok])
         if pooled_auc is None:  # exact top-N (this first, non-private run) + pooled sklearn on the same people
-            pooled_auc = _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score)
-        picked = any(v["id"] == causal for v in model["variants"])
-        print(f"{eps_text:>21} {auc:>11.4f} {pooled_auc:>26.4f} {auc - pooled_auc:>+7.4f} {str(picked):>22} {secs:>8.1f}")
+            pooled_auc = _pooled(model, files, parts, None, ext, y_ext, LogisticRegression, roc_auc_score, args.pheno)
+        picked = sum(v["id"] in causal for v in model["variants"])
+        print(f"{eps_text:>21} {auc:>11.4f} {pooled_auc:>26.4f} {auc - pooled_auc:>+7.4f} {f'{picked} of {len(causal)}':>31} "
+              f"{secs:>8.1f}")
     print(f"(data and results in {tmp})", file=sys.stderr)
 
 
@@ -187,7 +232,7 @@ def _fedgen_score(model_dir: Path, site: dict, out: Path, ext) -> np.ndarray:
     return np.asarray([by_id.get(i, math.nan) for i in ids], dtype=float)
 
 
-def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score) -> float:
+def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_score, pheno: str = "CC") -> float:
     """Pooled non-private scikit-learn model on the same features (same standardisation), same people."""
     from fedgen.cohort.cohort import load_cohort
     from fedgen.learn.evaluate import holdout_mask
@@ -199,7 +244,7 @@ def _pooled(model, files, parts, data, ext, y_ext, LogisticRegression, roc_auc_s
             continue
         c = load_cohort({**files[s], "state_dir": str(Path(files[s]["vcf"]).parent / "pooled-state")})
         Xs, keep, _ = feature_matrix(model, c)
-        ys = c.sample_values("CC")
+        ys = c.sample_values(pheno)
         ids = [c.vcf_samples[j] for j in c.sample_cols.tolist()]
         held = holdout_mask(ids, "bench-model", float(model["training"].get("holdout") or 0.0))
         ok = keep & np.isfinite(ys) & ~held  # the people fedgen trained on
