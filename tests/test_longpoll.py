@@ -175,3 +175,28 @@ def test_a_site_workers_task_poll_waits_in_the_supernode_until_a_request_is_stor
     longpoll.notify()  # what the SuperNode does once it has stored a request
     t.join(20)
     assert not t.is_alive() and out["r"].task == "task-1"
+
+
+def test_a_node_gets_one_held_pull_at_a_time():
+    """A second concurrent pull of the same node is answered at once (a node cannot tie up the
+    server's threads with held pulls); another node's pull is held as usual."""
+    link = Link()
+    pull = _held(link)
+    node = lambda n: types.SimpleNamespace(node=types.SimpleNamespace(node_id=n))  # noqa: E731
+    first, _ = _in_thread(lambda: pull(request=node(1), state=None, store=link))
+    first.join(0.3)
+    assert first.is_alive()
+    second, out = _in_thread(lambda: pull(request=node(1), state=None, store=link))
+    second.join(20)
+    assert not second.is_alive() and out["r"].messages_list == []
+    other, _ = _in_thread(lambda: pull(request=node(2), state=None, store=link))
+    other.join(0.3)
+    assert other.is_alive()
+    link.objects["m"] = b"x"
+    longpoll._pushing(lambda: link.messages.append(("msg", Tree("m"))))()
+    first.join(0.5)
+    other.join(0.5)
+    longpoll._pushing(lambda: link.messages.append(("msg", Tree("m"))))()  # one for each waiting node
+    first.join(20)
+    other.join(20)
+    assert not first.is_alive() and not other.is_alive()

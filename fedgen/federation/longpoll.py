@@ -13,7 +13,8 @@ a message or object signals, and answers as soon as the pull has a message whose
 all arrived (a sender pushes a message before its objects; answering earlier makes the
 receiver ask for objects still on their way). It checks again at least every 0.25 s, so replies
 that Flower makes up itself, e.g. for an expired message, are seen too. A Runtime pull is held only when it names the replies it waits for.
-The callers need no change: Flower's clients wait up to 30 s for an answer, and fedgen's
+Each caller (a node; the ServerApp) has at most one pull held at a time: further concurrent
+pulls are answered at once, so a node cannot tie up the SuperLink's threads. The callers need no change: Flower's clients wait up to 30 s for an answer, and fedgen's
 adaptive sleeps (:mod:`fedgen.federation.polling`) count a held poll as time already waited,
 so a caller polls again at once after an empty held answer. Against a SuperLink without long
 polls they poll as before. ``FEDGEN_LONG_POLL=0`` turns holding off.
@@ -95,27 +96,47 @@ def _held(fn: Callable[..., Any], hold: float, should_hold: Callable[[Any], bool
     """``fn`` (a pull handler) held while it has nothing (``has_result``) and ``should_hold(request)``,
     and, for message pulls, until the objects of what it returns are in ``store_of(args, kwargs)``."""
 
+    holding: dict[Any, int] = {}
+    lock = threading.Lock()
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         request = kwargs.get("request", args[0] if args else None)
+        # one held pull per caller (node) at a time: a caller cannot tie up the server's threads
+        # with many concurrent pulls (each further one is answered at once, as without long polls)
+        who = getattr(getattr(request, "node", None), "node_id", None)
+        with lock:
+            mine = holding.get(who, 0) == 0
+            if mine:
+                holding[who] = 1
+        try:
+            if not mine:
+                return fn(*args, **kwargs)
+            return _wait(request, args, kwargs)
+        finally:
+            if mine:
+                with lock:
+                    holding.pop(who, None)
+
+    def _wait(request: Any, wargs: tuple[Any, ...], wkwargs: dict[str, Any]) -> Any:
         deadline = time.monotonic() + hold
         response = None
         while True:
             with _cond:
                 seen = _generation
             if response is None:
-                response = fn(*args, **kwargs)
+                response = fn(*wargs, **wkwargs)
                 if not has_result(response):
                     if not should_hold(request):
                         return response
                     response = None
             # a message is pushed before its objects: answer once they are all there, so the
             # caller does not ask for objects that are still on their way
-            if response is not None and _complete(response, store_of(args, kwargs)):
+            if response is not None and _complete(response, store_of(wargs, wkwargs)):
                 return response
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return response if response is not None else fn(*args, **kwargs)
+                return response if response is not None else fn(*wargs, **wkwargs)
             with _cond:
                 if _generation == seen:
                     _cond.wait(min(remaining, RECHECK))
