@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from fedgen.errors import ConfigError
 from fedgen.federation import longpoll, polling
 
 HOLD = 60.0  # a pull answered by its hold running out would stall the test for a minute
@@ -106,9 +107,10 @@ def test_hold_from_the_environment(monkeypatch):
     assert longpoll.hold_seconds() == 0.0
     monkeypatch.setenv("FEDGEN_LONG_POLL", "1000")
     assert longpoll.hold_seconds() == 20.0  # below Flower's 30 s client timeout
-    monkeypatch.setenv("FEDGEN_LONG_POLL", "soon")
-    with pytest.raises(ValueError, match="FEDGEN_LONG_POLL"):
-        longpoll.hold_seconds()
+    for bad in ("soon", "nan"):
+        monkeypatch.setenv("FEDGEN_LONG_POLL", bad)
+        with pytest.raises(ConfigError, match="FEDGEN_LONG_POLL must be a number of seconds"):
+            longpoll.hold_seconds()
 
 
 class Clock:

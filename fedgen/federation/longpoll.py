@@ -12,12 +12,16 @@ and the ServerApp polling every few ms, the SuperLink used 240 ms of CPU per rou
 a message or object signals, and answers as soon as the pull has a message whose objects have
 all arrived (a sender pushes a message before its objects; answering earlier makes the
 receiver ask for objects still on their way). It checks again at least every 0.25 s, so replies
-that Flower makes up itself, e.g. for an expired message, are seen too. A Runtime pull is held only when it names the replies it waits for.
-Each caller (a node; the ServerApp) has at most one pull held at a time: further concurrent
-pulls are answered at once, so a node cannot tie up the SuperLink's threads. The callers need no change: Flower's clients wait up to 30 s for an answer, and fedgen's
+that Flower makes up itself, e.g. for an expired message, are seen too. A Runtime pull is held
+only when it names the replies it waits for. Each caller (a node; the ServerApp) has at most
+one pull held at a time: further concurrent pulls are answered at once, so a node cannot tie up
+the SuperLink's threads.
+
+The callers need no change: Flower's clients wait up to 30 s for an answer, and fedgen's
 adaptive sleeps (:mod:`fedgen.federation.polling`) count a held poll as time already waited,
 so a caller polls again at once after an empty held answer. Against a SuperLink without long
-polls they poll as before. ``FEDGEN_LONG_POLL=0`` turns holding off.
+polls they poll as before. ``FEDGEN_LONG_POLL=0`` turns holding off; a value that is not a
+number of seconds stops the process at start with a one-line error.
 
 Used by the aggregator's SuperLink (:mod:`fedgen.node.superlink`) and the local federation's
 (``python -m fedgen.federation.longpoll [flower-superlink arguments]``).
@@ -45,12 +49,19 @@ _generation = 0
 
 
 def hold_seconds() -> float:
+    """``FEDGEN_LONG_POLL`` in seconds (default 2), at most 20 (Flower's clients give up after 30 s)."""
+    import math
+
+    from fedgen.errors import ConfigError
+
     text = os.environ.get("FEDGEN_LONG_POLL")
     try:
         value = float(text) if text not in (None, "") else DEFAULT_HOLD
     except ValueError:
-        raise ValueError(f"FEDGEN_LONG_POLL must be a number of seconds, got {text!r}") from None
-    return min(max(value, 0.0), 20.0)  # Flower's clients give up after 30 s
+        value = math.nan
+    if math.isnan(value):
+        raise ConfigError(f"FEDGEN_LONG_POLL must be a number of seconds (0 = no long polls), got {text!r}")
+    return min(max(value, 0.0), 20.0)
 
 
 def notify() -> None:
@@ -191,13 +202,14 @@ def hold_task_polls(runtime_handlers: Any, hold: float | None = None) -> float:
 
 def main() -> None:
     """``flower-superlink`` with long polls (the local federation's SuperLink)."""
+    from fedgen.errors import FedgenError
     from fedgen.federation import flwr_compat
 
     try:
         flwr_compat.require("superlink")
-    except flwr_compat.FlowerIncompatible as exc:
+        install()
+    except FedgenError as exc:
         sys.exit(f"fedgen superlink: {exc}")
-    install()
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv[0] = "flower-superlink"

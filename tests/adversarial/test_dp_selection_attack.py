@@ -10,7 +10,6 @@ the site to pick one of the two.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
