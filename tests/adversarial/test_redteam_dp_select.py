@@ -1,0 +1,77 @@
+"""Red team: a curious aggregator against ``dp_topk_select`` (aggregator-supplied weights) and
+the refusals around the DP releases of a DP-only site.
+
+Each test tries to tell whether one person is in the site's data (or to read an exact count
+that a DP-only site must not publish) from the site's replies to well-formed requests, and
+asserts that it cannot do better than the release's ε allows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hostile import HostileAggregator, Refusal, Site
+
+DP_ONLY = {"allowed_analyses": ["ping", "site_info", "dp_genotype_counts", "dp_assoc_counts", "dp_topk_select"],
+           "epsilon_budget": 1e6}
+TOPK = {"phenotype": "RC", "kind": "binary", "covariates": [], "k": 1, "epsilon_per_pick": 0.5}
+ASSOC = {"phenotype": "RC", "kind": "binary", "covariates": [], "sigma": 50.0}
+
+
+def _write_rc(site: Site, cases: np.ndarray, drop: int | None = None) -> None:
+    """A samples table with one binary column RC: 1 for the people in ``cases``; ``drop`` left out."""
+    rows = ["IID\tRC"]
+    for k, c in enumerate(site.members.tolist()):
+        if k != drop:
+            rows.append(f"{site.data.samples[c]}\t{1 if k in set(cases.tolist()) else 0}")
+    site.samples.write_text("\n".join(rows) + "\n")
+
+
+def _answers(agg: HostileAggregator, analysis: str, params: dict, arrays: dict, study: str) -> bool:
+    try:
+        agg.ask(analysis, params, arrays, study_id=study)
+        return True
+    except Refusal:
+        return False
+
+
+@pytest.mark.parametrize("n_cases", [10, 1])
+def test_dp_only_site_answers_or_refuses_alike_with_and_without_one_case(tmp_path: Path, n_cases: int):
+    """Whether a DP-only site answers must not depend on exact counts: with its noisy published
+    counts, a refusal decided on the exact number of cases (at the min_count threshold of 10, or
+    at 0 cases) tells the aggregator, at ε = ∞, whether a person who is a case is in the data.
+
+    The attacker's rule: "the target is in" iff the site answers. Worlds: the same hospital with
+    the target (n_cases cases, the target one of them) and without. Under min_count = 1 for the
+    zero-case edge (the policy then allows a phenotype with a single case)."""
+    policy = dict(DP_ONLY, min_count=10 if n_cases == 10 else 1)
+    target = 3
+    cases = np.r_[target, 20:20 + n_cases - 1]
+    worlds = {}
+    for name, drop in (("with", None), ("without", target)):
+        site = Site(tmp_path / name, n=80, v=12, policy=policy)
+        _write_rc(site, cases, drop=drop)
+        agg = HostileAggregator(site.node_config)
+        arrays = {"idx": np.arange(4, dtype=np.int64), "flip": np.zeros(4, np.uint8), "weight": np.ones(4)}
+        worlds[name] = (_answers(agg, "dp_topk_select", TOPK, arrays, f"{name}-sel"),
+                        _answers(agg, "dp_assoc_counts", ASSOC, {k: arrays[k] for k in ("idx", "flip")}, f"{name}-assoc"))
+    # the guess "in iff answered" must be right no more often than a coin: both worlds behave alike
+    assert worlds["with"] == worlds["without"], f"refusal tells membership: {worlds}"
+
+
+def test_dp_only_site_info_tells_no_exact_threshold(tmp_path: Path):
+    """site_info of a DP-only site publishes a binary column's noisy case count only when the
+    EXACT count clears min_count: whether the key is there, before and after one case joins,
+    would tell that person's status at ε = ∞."""
+    target = 3
+    cases = np.r_[target, 20:29]  # 10 = min_count with the target, 9 without
+    seen = {}
+    for name, drop in (("with", None), ("without", target)):
+        site = Site(tmp_path / name, n=80, v=12, policy=DP_ONLY)
+        _write_rc(site, cases, drop=drop)
+        meta = HostileAggregator(site.node_config).ask("site_info", {"phenotypes": ["RC"]})[1]
+        seen[name] = "cases" in meta["columns"]["RC"]
+    assert seen["with"] == seen["without"], f"the presence of the case count tells membership: {seen}"
