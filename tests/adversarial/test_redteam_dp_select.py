@@ -8,6 +8,7 @@ asserts that it cannot do better than the release's ε allows.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,50 @@ def test_dp_only_site_info_tells_no_exact_threshold(tmp_path: Path, fixed_count_
         meta = HostileAggregator(site.node_config).ask("site_info", {"phenotypes": ["RC"]})[1]
         seen[name] = "cases" in meta["columns"]["RC"]
     assert seen["with"] == seen["without"], f"the presence of the case count tells membership: {seen}"
+
+
+def _ledger(site: Site):
+    from fedgen.privacy.ledger import LEDGER_FILE, Ledger
+
+    return Ledger(Path(site.node_config["state_dir"]) / LEDGER_FILE, epsilon_budget=1e6, delta=1e-6)
+
+
+def test_replays_and_reencodings_buy_no_free_picks(tmp_path: Path):
+    """An aggregator that wants many independent Gumbel picks of the same pair (to average the
+    noise away and read the exact order of two scores) repeats the request: the same study gets
+    the same pick again, uncharged; every variant of the request that could get a fresh pick
+    (another study, the weight in another byte order or as -0.0 / a subnormal, the variants in
+    the other order, params spelled differently) is charged as a release of its own. Measured:
+    fresh picks == charged releases, and the site's total ρ is k·ε₀²/8 per charged release."""
+    site = Site(tmp_path / "s", n=120, v=12, policy={"epsilon_budget": 1e6})
+    agg = HostileAggregator(site.node_config)
+    params = {"phenotype": "D", "kind": "binary", "covariates": [], "k": 1, "epsilon_per_pick": 0.5}
+    base = {"idx": np.asarray([2, 5], np.int64), "flip": np.zeros(2, np.uint8), "weight": np.ones(2)}
+    tries = [(params, base, "s1")] * 8  # the same request: replayed
+    tries += [(params, base, f"study-{i}") for i in range(3)]  # many studies
+    tries += [(params, {**base, "weight": np.ones(2).astype(">f8")}, "s1"),
+              (params, {**base, "weight": np.asarray([1.0, -0.0])}, "s1"),
+              (params, {**base, "weight": np.asarray([1.0, 0.0])}, "s1"),  # the same scores, other bytes
+              (params, {**base, "weight": np.asarray([1.0, 1.0 - 2.0 ** -53])}, "s1"),
+              (params, {**base, "weight": np.asarray([5e-324, 1.0])}, "s1"),
+              (params, {**base, "idx": base["idx"][::-1].copy()}, "s1"),
+              ({**params, "k": 1.0}, base, "s1"),
+              ({**params, "epsilon_per_pick": "0.5"}, base, "s1")]
+    answers = []
+    for p, arrays, study in tries:
+        try:
+            out, meta = agg.ask("dp_topk_select", p, arrays, study_id=study)
+        except Refusal:
+            continue
+        answers.append((study, int(arrays["idx"][int(out["selected"][0])]), json.dumps(meta.get("privacy"), sort_keys=True)))
+    from fedgen.site import audit
+
+    sent = [e for e in audit.read(Path(site.node_config["state_dir"])) if e.get("analysis") == "dp_topk_select"
+            and e.get("decision") == "sent"]
+    fresh = [e for e in sent if not e.get("replay_of")]
+    charged = [e for e in _ledger(site).entries() if e.get("analysis") == "dp_topk_select" and e.get("status") == "committed"]
+    assert len(sent) == len(answers)
+    assert len({a for a in answers[:8]}) == 1  # the 8 identical requests: one pick, sent 8 times
+    assert len(fresh) == len(charged) == len(answers) - 7 == 1 + 3 + 8
+    spent = _ledger(site).spent()
+    assert spent["rho"] == pytest.approx(len(charged) * 0.5 ** 2 / 8)
