@@ -138,3 +138,24 @@ def test_replays_and_reencodings_buy_no_free_picks(tmp_path: Path):
     assert len(fresh) == len(charged) == len(answers) - 7 == 1 + 3 + 8
     spent = _ledger(site).spent()
     assert spent["rho"] == pytest.approx(len(charged) * 0.5 ** 2 / 8)
+
+
+def test_a_noisy_count_drawn_for_a_refused_request_stays_charged(tmp_path: Path):
+    """A DP-only site draws its noisy case count once, keeps it, and charges it. A top-k request
+    with a weight out of range was refused AFTER the count was drawn (the weights are checked
+    once the counts are known): the refusal voided every reservation of the request, the count's
+    too, and the kept count then left the site with the next reply without ever being charged.
+    The attacker counts what it is told against what the site charged."""
+    site = Site(tmp_path / "s", n=120, v=12, policy=DP_ONLY)
+    agg = HostileAggregator(site.node_config)
+    arrays = {"idx": np.arange(4, dtype=np.int64), "flip": np.zeros(4, np.uint8)}
+    with pytest.raises(Refusal, match="weight"):
+        agg.ask("dp_topk_select", {**TOPK, "phenotype": "D"}, {**arrays, "weight": np.full(4, 2.0)}, study_id="x")
+    out, meta = agg.ask("dp_assoc_counts", {**ASSOC, "phenotype": "D"}, arrays, study_id="x")
+    assert "n_cases" in meta and "n_controls" in meta  # two noisy counts released
+    from fedgen.privacy.accounting import event_rho
+
+    charged = sum(event_rho(e) for r in _ledger(site).entries() if r["status"] != "void" for e in r["events"])
+    sigma_count = 20.0  # the policy's default dp_count_sigma
+    released = 4 * 4 / (2 * 50.0 ** 2) + 2 * 1 / (2 * sigma_count ** 2)  # the counts (L2 2·√4) + two noisy counts
+    assert charged == pytest.approx(released)
