@@ -213,7 +213,7 @@ def test_a_hold_that_is_not_a_finite_number_is_refused(monkeypatch):
     came (one core per waiting node), then handed it to a caller that had long given up."""
     for text in ("nan", "NaN", "-nan"):
         monkeypatch.setenv("FEDGEN_LONG_POLL", text)
-        with pytest.raises(ValueError, match="FEDGEN_LONG_POLL"):
+        with pytest.raises(ConfigError, match="FEDGEN_LONG_POLL"):
             longpoll.hold_seconds()
     monkeypatch.setenv("FEDGEN_LONG_POLL", "inf")
     assert longpoll.hold_seconds() == 20.0
