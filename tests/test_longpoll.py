@@ -202,3 +202,75 @@ def test_a_node_gets_one_held_pull_at_a_time():
     first.join(20)
     other.join(20)
     assert not first.is_alive() and not other.is_alive()
+
+
+# ----------------------------------------------------------------------------- red team 3
+
+
+def test_a_hold_that_is_not_a_finite_number_is_refused(monkeypatch):
+    """FEDGEN_LONG_POLL=nan passed the clamp as NaN: the deadline never came and cond.wait(NaN)
+    returns at once, so a held pull re-ran Flower's pull handler in a tight loop until a message
+    came (one core per waiting node), then handed it to a caller that had long given up."""
+    for text in ("nan", "NaN", "-nan"):
+        monkeypatch.setenv("FEDGEN_LONG_POLL", text)
+        with pytest.raises(ConfigError, match="FEDGEN_LONG_POLL"):
+            longpoll.hold_seconds()
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "inf")
+    assert longpoll.hold_seconds() == 20.0
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "-inf")
+    assert longpoll.hold_seconds() == 0.0
+    link = Link()
+    with pytest.raises(ValueError, match="hold"):
+        _held(link, hold=float("nan"))
+
+
+def test_bad_long_poll_setting_stops_the_superlink_and_supernode_with_one_line(monkeypatch):
+    """A garbage FEDGEN_LONG_POLL is a configuration error: the process stops with one line
+    naming the variable, not with a traceback half-way through patching Flower."""
+    from fedgen.federation import flwr_compat, supernode
+    from fedgen.node import superlink
+
+    monkeypatch.setenv("FEDGEN_LONG_POLL", "soon")
+    monkeypatch.setattr(flwr_compat, "require", lambda *a, **k: None)
+    monkeypatch.setattr(flwr_compat, "fast_object_pulls", lambda *a, **k: None, raising=False)
+    installed = []
+    monkeypatch.setattr(superlink, "_install", lambda hosts: installed.append(hosts))
+    monkeypatch.setattr(supernode, "_adaptive_polls", lambda: installed.append("polls"))
+    monkeypatch.setattr(supernode, "setup_plain_logging", lambda: None)
+    monkeypatch.setattr(supernode, "_use_fedgen_superexec", lambda: installed.append("superexec"))
+    for mod in (superlink, supernode):
+        monkeypatch.setattr("sys.argv", ["prog"])
+        with pytest.raises(SystemExit) as exc:
+            mod.main()
+        assert "FEDGEN_LONG_POLL" in str(exc.value.code) and "\n" not in str(exc.value.code)
+    assert installed == []  # nothing patched before the refusal
+
+
+def test_held_pulls_leave_the_servers_worker_threads_free():
+    """Every node may hold one pull; the SuperLink answers its Fleet, Runtime and Control APIs
+    from one pool of worker threads (Starlette's default: 40). With more nodes (or sites) than
+    that, held pulls took every thread, the pushes that would answer them queued behind them, and
+    each step of a round waited for a hold to run out. At most MAX_HELD pulls are held at once
+    in a process; a further one is answered at once, as without long polls."""
+    link = Link()
+    pull = _held(link)
+    node = lambda n: types.SimpleNamespace(node=types.SimpleNamespace(node_id=n))  # noqa: E731
+    n = longpoll.MAX_HELD + 10
+    threads = [_in_thread(lambda i=i: pull(request=node(i), state=None, store=link)) for i in range(n)]
+    import time as _t
+
+    for _ in range(400):  # settle (no duration asserted): the pulls over the cap come back empty at once
+        if sum(t.is_alive() for t, _ in threads) <= longpoll.MAX_HELD:
+            break
+        _t.sleep(0.05)
+    alive = sum(t.is_alive() for t, _ in threads)
+    assert alive == longpoll.MAX_HELD and longpoll.MAX_HELD < 40
+    link.objects["m"] = b"x"
+    for _ in range(alive):  # release the held ones: one message each
+        longpoll._pushing(lambda: link.messages.append(("msg", Tree("m"))))()
+        for _ in range(100):
+            if sum(t.is_alive() for t, _ in threads) < alive:
+                break
+            _t.sleep(0.05)
+        alive = sum(t.is_alive() for t, _ in threads)
+    assert alive == 0

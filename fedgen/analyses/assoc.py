@@ -238,8 +238,15 @@ def _check_indicator_cells(params: Mapping[str, Any], C: np.ndarray, keep: np.nd
         col += k
 
 
-def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Phenotype, covariates and the samples used (phenotype and every covariate present)."""
+def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = None, *,
+            noised_release: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phenotype, covariates and the samples used (phenotype and every covariate present).
+
+    ``noised_release``: the caller's release is differentially private for any data (the DP
+    count and selection releases). At a DP-only site the rare-value rule is then skipped: it
+    decides on EXACT counts, so answering at min_count cases and refusing at min_count − 1
+    would tell whether one case is in the data at ε = ∞ (red team 3).
+    """
     try:
         design_predictors(params, cohort.site)
     except ValueError as exc:
@@ -268,7 +275,8 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
                               "sex as a covariate would single them out")
     if rules is not None:
         _check_indicator_cells(params, C, keep, rules.min_count)
-        _check_rare_values(params, y, C, keep, rules.min_count)
+        if not (noised_release and rules.dp_only):
+            _check_rare_values(params, y, C, keep, rules.min_count)
     return y, C, keep
 
 

@@ -121,7 +121,8 @@ def _binary_design(cohort, req: AnalysisRequest):
         raise FedgenError("differentially private association releases need a binary phenotype")
     if params.get("covariates") or params.get("site_columns") or params.get("pcs"):
         raise FedgenError("differentially private association releases take no covariates")
-    y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None}, req.rules)
+    y, _, keep = _design(cohort, {**params, "covariates": [], "site_columns": {}, "pcs": None}, req.rules,
+                         noised_release=True)
     return y[keep] == 1, keep
 
 
@@ -229,12 +230,14 @@ def dp_topk_select(cohort: Any, req: AnalysisRequest):
 
     params = req.params
     case, keep = _binary_design(cohort, req)
-    if int(case.sum()) < 1 or int((~case).sum()) < 1:
-        raise FedgenError("this site has no cases or no controls for the phenotype")
     # The score's denominators are the counts the site publishes (exact, or noised under a DP-only
     # policy): fixed numbers, so the bound L / min(R, S) holds whatever the data, and the Gumbel
-    # scale in the reply reveals nothing beyond them.
-    n_cases, n_controls = (max(1, x) for x in _public_case_counts(cohort, req, case))
+    # scale in the reply reveals nothing beyond them. The refusal below is decided on those
+    # published counts too: one on the exact counts would tell, at a DP-only site, whether the
+    # only case (or control) is in the data.
+    n_cases, n_controls = _public_case_counts(cohort, req, case)
+    if n_cases < 1 or n_controls < 1:
+        raise FedgenError("this site has no cases or no controls for the phenotype")
     # A missing call counts as no copy of A1 (fixed denominators 2R, 2S): the bound holds per variant.
     weight = _check_weights(req.arrays, len(np.asarray(req.arrays.get("idx", []))))
     counts = case_control_allele_counts(cohort, req.arrays, case, keep, missing_as_zero=True)

@@ -96,7 +96,13 @@ def site_info(cohort: Any, req: AnalysisRequest):
                 cases = int(np.nansum(y == 1))
                 # a rare flag (fewer than min_count people on either side) would name how many carry it,
                 # and who, once people join or leave: such a count does not leave the site
-                if min(cases, int(np.sum(~np.isnan(y))) - cases) >= req.rules.min_count:
+                if req.rules.dp_only:
+                    # decided on the noisy counts: on the exact ones, whether the key is there before
+                    # and after one person joins would tell that person's status at ε = ∞
+                    noisy = req.rules.public_count(cohort, f"column_cases:{col}", cases)
+                    if min(noisy, columns[col]["n"] - noisy) >= req.rules.min_count:
+                        columns[col]["cases"] = noisy
+                elif min(cases, int(np.sum(~np.isnan(y))) - cases) >= req.rules.min_count:
                     columns[col]["cases"] = req.rules.public_count(cohort, f"column_cases:{col}", cases)
     table = encode_variant_table(cohort.chrom.tolist(), cohort.pos, cohort.ids.tolist(), cohort.ref.tolist(), cohort.alt.tolist())
     counts = dict(cohort.counts)

@@ -15,7 +15,10 @@ receiver ask for objects still on their way). It checks again at least every 0.2
 that Flower makes up itself, e.g. for an expired message, are seen too. A Runtime pull is held
 only when it names the replies it waits for. Each caller (a node; the ServerApp) has at most
 one pull held at a time: further concurrent pulls are answered at once, so a node cannot tie up
-the SuperLink's threads.
+the SuperLink's threads; and at most :data:`MAX_HELD` pulls are held at once in the process
+(the SuperLink answers all its APIs from Starlette's pool of 40 worker threads: with more nodes
+than that, held pulls would take every thread and the pushes that answer them would queue
+until a hold ran out).
 
 The callers need no change: Flower's clients wait up to 30 s for an answer, and fedgen's
 adaptive sleeps (:mod:`fedgen.federation.polling`) count a held poll as time already waited,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import threading
@@ -44,14 +48,18 @@ DEFAULT_HOLD = 2.0
 #: a held pull checks for new messages at least this often (s)
 RECHECK = 0.25
 
+#: most pulls held at once in one process (below the 40 worker threads of the SuperLink's
+#: HTTP server, so that pushes, object transfers and the Control API always find a thread)
+MAX_HELD = 24
+
 _cond = threading.Condition()
 _generation = 0
+_held_lock = threading.Lock()
+_held_now = 0
 
 
 def hold_seconds() -> float:
     """``FEDGEN_LONG_POLL`` in seconds (default 2), at most 20 (Flower's clients give up after 30 s)."""
-    import math
-
     from fedgen.errors import ConfigError
 
     text = os.environ.get("FEDGEN_LONG_POLL")
@@ -107,27 +115,34 @@ def _held(fn: Callable[..., Any], hold: float, should_hold: Callable[[Any], bool
     """``fn`` (a pull handler) held while it has nothing (``has_result``) and ``should_hold(request)``,
     and, for message pulls, until the objects of what it returns are in ``store_of(args, kwargs)``."""
 
+    hold = float(hold)
+    if not math.isfinite(hold):
+        raise ValueError(f"long-poll hold must be a finite number of seconds, got {hold!r}")
     holding: dict[Any, int] = {}
     lock = threading.Lock()
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _held_now
         request = kwargs.get("request", args[0] if args else None)
-        # one held pull per caller (node) at a time: a caller cannot tie up the server's threads
-        # with many concurrent pulls (each further one is answered at once, as without long polls)
+        # one held pull per caller (node) at a time, and at most MAX_HELD in the process: callers
+        # cannot tie up the server's threads (each further pull is answered at once, as without
+        # long polls)
         who = getattr(getattr(request, "node", None), "node_id", None)
-        with lock:
-            mine = holding.get(who, 0) == 0
+        with lock, _held_lock:
+            mine = holding.get(who, 0) == 0 and _held_now < MAX_HELD
             if mine:
                 holding[who] = 1
+                _held_now += 1
         try:
             if not mine:
                 return fn(*args, **kwargs)
             return _wait(request, args, kwargs)
         finally:
             if mine:
-                with lock:
+                with lock, _held_lock:
                     holding.pop(who, None)
+                    _held_now -= 1
 
     def _wait(request: Any, wargs: tuple[Any, ...], wkwargs: dict[str, Any]) -> Any:
         deadline = time.monotonic() + hold

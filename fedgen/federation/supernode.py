@@ -263,7 +263,10 @@ def main() -> None:
     problem = _refuse(sys.argv[1:])
     if problem:
         sys.exit(problem)
+    from fedgen.federation.longpoll import hold_seconds
+
     try:
+        hold_seconds()  # a bad FEDGEN_LONG_POLL: one line, before anything of Flower is patched
         flwr_compat.require("supernode")
         flwr_compat.require("superexec")
         flwr_compat.fast_object_pulls()

@@ -190,9 +190,12 @@ def main() -> None:
         return
     if "--insecure" in sys.argv[1:]:
         sys.exit("the fedgen aggregator always uses TLS; remove --insecure")
+    from fedgen.federation.longpoll import hold_seconds
+
     try:
+        hold_seconds()  # a bad FEDGEN_LONG_POLL: one line, before anything of Flower is patched
         flwr_compat.require("superlink")
-    except flwr_compat.FlowerIncompatible as exc:
+    except flwr_compat.FedgenError as exc:
         sys.exit(f"fedgen aggregator: {exc}")
     if "--allow-runtime-dependency-installation" in sys.argv[1:]:
         sys.exit("the fedgen aggregator never installs packages at run time")

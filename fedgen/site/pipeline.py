@@ -157,6 +157,8 @@ class _Run:
     replay_of: str | None = None
     #: why an earlier release of the same request could not be replayed (answered afresh, charged)
     replay_note: str | None = None
+    #: reservations committed as soon as made (a noisy count, kept once drawn): never voided
+    kept: list[int] = field(default_factory=list)
 
 
 def handle(
@@ -180,6 +182,8 @@ def handle(
         return _release(node_config, req, state, run, out, meta, policy, contributors)
     except BaseException as exc:
         for rid in run.reservations:
+            if rid in run.kept:  # drawn and kept at the site: charged even if this reply is refused
+                continue
             try:
                 run.ledger.void(rid, f"nothing released: {type(exc).__name__}")
             except Exception:  # noqa: BLE001 - a reservation that cannot be voided stays counted (safe side)
@@ -547,6 +551,11 @@ class _NoisyCounts:
         book["counts"][name] = noisy
         self.state.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(book), private=True)
+        # the count is kept and will leave with this or a later reply (never charged again): its
+        # charge is committed now, not voided if this request is refused further on
+        rid = self.run.reservations[-1]
+        self.run.ledger.commit(rid)
+        self.run.kept.append(rid)
         self.run.events.append(event)
         return noisy
 
