@@ -243,9 +243,10 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
     """Phenotype, covariates and the samples used (phenotype and every covariate present).
 
     ``noised_release``: the caller's release is differentially private for any data (the DP
-    count and selection releases). At a DP-only site the rare-value rule is then skipped: it
-    decides on EXACT counts, so answering at min_count cases and refusing at min_count − 1
-    would tell whether one case is in the data at ε = ∞ (red team 3).
+    count and selection releases, DP-SGD updates and DP evaluations). At a DP-only site the
+    rare-value and indicator-cell rules are then skipped: they decide on EXACT counts, so
+    answering at min_count cases and refusing at min_count − 1 would tell whether one case is in
+    the data at ε = ∞ (red team 3); the release's noise covers any phenotype or covariate.
     """
     try:
         design_predictors(params, cohort.site)
@@ -273,10 +274,9 @@ def _design(cohort: Cohort, params: Mapping[str, Any], rules: Rules | None = Non
         if 0 < n_f < rules.min_count or 0 < int(keep.sum()) - n_f < rules.min_count:
             raise FedgenError("chrX regression: fewer than the site's min_count women or men among the samples used; "
                               "sex as a covariate would single them out")
-    if rules is not None:
+    if rules is not None and not (noised_release and rules.dp_only):
         _check_indicator_cells(params, C, keep, rules.min_count)
-        if not (noised_release and rules.dp_only):
-            _check_rare_values(params, y, C, keep, rules.min_count)
+        _check_rare_values(params, y, C, keep, rules.min_count)
     return y, C, keep
 
 

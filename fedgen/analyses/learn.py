@@ -108,9 +108,13 @@ def _validate(dp: bool):
             settings = settings_of(req.params, req.rules.site, dp=dp)
         except ValueError as exc:
             raise FedgenError(f"{req.analysis}: {exc}") from None
-        _, _, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules)
-        keep &= ~holdout(cohort, req)
-        if int(keep.sum()) * settings.sample_rate < 1:  # Opacus' expected batch would be empty
+        _, _, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules, noised_release=dp)
+        keep = training_mask(cohort, req, keep)
+        # at a DP-only site on the published (noisy) count: the aggregator picks sample_rate, and a
+        # refusal on the exact count would tell N from N - 1 (the count is the one the reply publishes)
+        n = (req.rules.public_count(cohort, f"train:{req.params.get('phenotype')}", int(keep.sum()))
+             if dp and req.rules.dp_only else int(keep.sum()))
+        if n * settings.sample_rate < 1:  # Opacus' expected batch would be empty
             raise FedgenError(f"{req.analysis}: train.sample_rate is too small for this site (expected batch below one person)")
 
     return check
@@ -134,7 +138,7 @@ def features(cohort: Any, req: AnalysisRequest, keep: np.ndarray) -> np.ndarray:
 
 def _update(cohort: Any, req: AnalysisRequest, *, dp: bool):
     kind, hidden = _model(req.params)
-    y, C, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules)
+    y, C, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules, noised_release=dp)
     keep = training_mask(cohort, req, keep)
     X = np.hstack([features(cohort, req, keep), C[keep]])
     w = _weights(req, kind, hidden, X.shape[1])
@@ -328,10 +332,12 @@ def _eval(cohort: Any, req: AnalysisRequest, *, dp: bool):
     from fedgen.privacy.mechanisms import discrete_gaussian
 
     kind, hidden = _model(req.params)
-    y, C, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules)
+    y, C, keep = _design(cohort, {**req.params, "missing": "impute"}, req.rules, noised_release=dp)
     held = keep & holdout(cohort, req)
     n_held = int(held.sum())
-    if n_held < int(req.rules.min_count):
+    # a DP evaluation at a DP-only site is not refused on the exact held-out count (that would tell
+    # N from N - 1): its noise covers any number of people, none included
+    if n_held < int(req.rules.min_count) and not (dp and req.rules.dp_only):
         raise FedgenError(f"{req.analysis}: the held-out people at this site are fewer than the site's min_count")
     X = np.hstack([features(cohort, req, held), C[held]])
     w = _weights(req, kind, hidden, X.shape[1])

@@ -146,7 +146,10 @@ def test_a_noisy_count_drawn_for_a_refused_request_stays_charged(tmp_path: Path)
     once the counts are known): the refusal voided every reservation of the request, the count's
     too, and the kept count then left the site with the next reply without ever being charged.
     The attacker counts what it is told against what the site charged."""
-    site = Site(tmp_path / "s", n=120, v=12, policy=DP_ONLY)
+    # count noise σ = 2: the site's ~36 cases stay far from 0 and min_count (at the default σ = 20 a
+    # noisy count below them made the requests fail for another reason about 1 run in 8)
+    sigma_count = 2.0
+    site = Site(tmp_path / "s", n=120, v=12, policy={**DP_ONLY, "dp_count_sigma": sigma_count})
     agg = HostileAggregator(site.node_config)
     arrays = {"idx": np.arange(4, dtype=np.int64), "flip": np.zeros(4, np.uint8)}
     with pytest.raises(Refusal, match="weight"):
@@ -156,7 +159,6 @@ def test_a_noisy_count_drawn_for_a_refused_request_stays_charged(tmp_path: Path)
     from fedgen.privacy.accounting import event_rho
 
     charged = sum(event_rho(e) for r in _ledger(site).entries() if r["status"] != "void" for e in r["events"])
-    sigma_count = 20.0  # the policy's default dp_count_sigma
     released = 4 * 4 / (2 * 50.0 ** 2) + 2 * 1 / (2 * sigma_count ** 2)  # the counts (L2 2·√4) + two noisy counts
     assert charged == pytest.approx(released)
 
@@ -197,3 +199,43 @@ def test_no_person_moves_a_weighted_score_by_more_than_the_declared_sensitivity(
         worst = max(worst, ratio)
     print(f"largest score change / sensitivity over {len(site.members)} neighbours: {worst:.3f}")
     assert 0.2 < worst <= 1.0 + 1e-12, worst  # the bound holds, and the test can see a change
+
+
+def test_dp_only_site_trains_and_evaluates_alike_with_and_without_one_case(tmp_path: Path, fixed_count_noise):
+    """The same threshold route through the risk-model releases: a DP-only site that refused a
+    DP-SGD round or a DP evaluation on the exact number of cases (rare-value rule at min_count),
+    or on the exact number of people (the expected batch at an aggregator-chosen sample rate),
+    would tell whether the target, a case, is in the data. Attacker's rule: "in" iff answered."""
+    from fedgen.analyses import execute
+    from fedgen.errors import FedgenError
+    from fedgen.learn import models
+
+    policy = dict(DP_ONLY, min_count=10,
+                  allowed_analyses=DP_ONLY["allowed_analyses"] + ["dp_model_update", "dp_model_eval"])
+    target = 3
+    cases = np.r_[target, 20:29]  # 10 cases with the target, 9 without
+    model = {"kind": "logistic", "hidden": 4}
+    arrays = {"idx": np.arange(4, dtype=np.int64), "flip": np.zeros(4, np.uint8), "freq": np.full(4, 0.3),
+              "weights": models.initial_weights("logistic", 4)}
+    worlds = {}
+    for name, drop in (("with", None), ("without", target)):
+        site = Site(tmp_path / name, n=80, v=12, policy=policy)
+        _write_rc(site, cases, drop=drop)
+        answered = []
+        # sample_rate 1/80: an expected batch of one person at 80 trained people (the target in), below
+        # one at 79 (out), on the exact count; the published count (exact + 3) clears it in both worlds
+        for analysis, extra, mtype in (
+            ("dp_model_update", {"train": {"epochs": 1, "sample_rate": 1 / 80, "lr": 0.1, "clip": 1.0,
+                                           "noise_multiplier": 1.3, "remaining_rounds": 1}}, "train"),
+            ("dp_model_eval", {"holdout": 0.5, "bins": {"lo": -1.5, "hi": 1.5, "n": 3}, "sigma": 5.0}, "query.fedgen"),
+        ):
+            params = {"phenotype": "RC", "kind": "binary", "covariates": [], "missing": "impute", "model": model, **extra}
+            try:
+                execute(site.node_config, analysis, params, arrays, context={"study_id": f"{name}-{analysis}",
+                                                                                   "message_type": mtype})
+                answered.append(True)
+            except FedgenError:
+                answered.append(False)
+        worlds[name] = tuple(answered)
+    assert worlds["with"] == worlds["without"], f"refusal tells membership: {worlds}"
+    assert worlds["with"] == (True, True)  # and the releases are made (their noise covers the rare phenotype)
