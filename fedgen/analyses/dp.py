@@ -192,15 +192,16 @@ def selection_sensitivity(n_cases: int, n_controls: int) -> float:
     return 1.0 / min(n_cases, n_controls)
 
 
-def _check_weights(arrays: Mapping[str, Any], n: int) -> np.ndarray | None:
-    w = arrays.get("weight")
+def _check_weights(cohort: Any, req: AnalysisRequest) -> None:
+    """The request's selection weights (validate step: before any count is drawn or charged)."""
+    w = req.arrays.get("weight")
     if w is None:
-        return None
+        return
     w = np.asarray(w, dtype=np.float64)
+    n = len(np.asarray(req.arrays.get("idx", [])))
     if w.shape != (n,) or not np.all(np.isfinite(w)) or w.min(initial=0.0) < 0.0 or w.max(initial=0.0) > 1.0:
         raise FedgenError("selection weights must be one number per requested variant, each in [0, 1] "
                           "(a larger weight would break the score's sensitivity bound)")
-    return w
 
 
 def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
@@ -222,6 +223,7 @@ def _topk_cost(params, dims, node_config) -> list[dict[str, Any]]:
         meta=frozenset({"n_cases", "n_controls", "sensitivity", "gumbel_scale", "epsilon_per_pick", "mechanism"}),
         contributors=meta_count("n_cases", "n_controls"),
         dp_cost=_topk_cost,
+        validate=_check_weights,
         doc="k variant positions chosen by the one-shot Gumbel mechanism on the site's weighted allele-frequency differences",
     ),
 )
@@ -239,9 +241,8 @@ def dp_topk_select(cohort: Any, req: AnalysisRequest):
     if n_cases < 1 or n_controls < 1:
         raise FedgenError("this site has no cases or no controls for the phenotype")
     # A missing call counts as no copy of A1 (fixed denominators 2R, 2S): the bound holds per variant.
-    weight = _check_weights(req.arrays, len(np.asarray(req.arrays.get("idx", []))))
     counts = case_control_allele_counts(cohort, req.arrays, case, keep, missing_as_zero=True)
-    scores = selection_scores(counts, n_cases, n_controls, weight)
+    scores = selection_scores(counts, n_cases, n_controls, req.arrays.get("weight"))  # checked by _check_weights
     k = int(params["k"])
     eps0 = _positive(params, "epsilon_per_pick")
     delta_s = selection_sensitivity(n_cases, n_controls)

@@ -442,7 +442,7 @@ class FlowerTransport:
                 pending[mid] = site
 
         deadline = time.monotonic() + float(timeout)
-        from fedgen.federation.polling import LONG_POLL_SECONDS, Backoff
+        from fedgen.federation.polling import Backoff, wait_after
 
         backoff = Backoff(self._poll[0], max(self._poll))
         while pending:
@@ -463,10 +463,7 @@ class FlowerTransport:
             now = time.monotonic()
             if now >= deadline:
                 break
-            # the backoff is the period between pulls; a pull the SuperLink held (long poll,
-            # fedgen.federation.longpoll) is followed by the next at once
-            took = now - t_pull
-            wait = 0.0 if took >= LONG_POLL_SECONDS else min(backoff.next() - took, deadline - now)
+            wait = min(wait_after(backoff.next(), now - t_pull), deadline - now)  # a held pull: at once
             if wait > 0:
                 time.sleep(wait)
         for site in pending.values():

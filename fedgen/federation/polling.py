@@ -27,6 +27,13 @@ FRACTION = 0.1
 LONG_POLL_SECONDS = 0.5
 
 
+def wait_after(wait: float, took: float) -> float:
+    """The sleep before the next check when the backoff asks for ``wait`` and the check just made
+    took ``took`` s: the backoff is a period between checks, and a check of
+    :data:`LONG_POLL_SECONDS` or more (a poll the server held) is followed by the next at once."""
+    return 0.0 if took >= LONG_POLL_SECONDS else wait - took
+
+
 class Backoff:
     """Waits of ``fraction`` × elapsed, clamped to [floor, cap]; :meth:`reset` starts a new wait."""
 
@@ -77,11 +84,7 @@ def adaptive_sleep(is_idle: Callable[[float], bool], *, idle_floor: float, busy_
             b = state["backoff"] = Backoff(floor, top, fraction)
         elif state["woke"] is not None:
             since = time.monotonic() - state["woke"]  # the check between two sleeps of one wait
-        wait = b.next()
-        if since is not None:
-            # the wait is a period between checks, not a pause after each: a check that took long
-            # (a long poll held by the server, LONG_POLL_SECONDS or more) is followed by the next at once
-            wait = 0.0 if since >= LONG_POLL_SECONDS else wait - since
+        wait = b.next() if since is None else wait_after(b.next(), since)
         if wait > 0:
             real_sleep(wait)
         state["woke"] = time.monotonic()

@@ -275,10 +275,7 @@ def main() -> None:
     os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     os.environ["PYTHONSAFEPATH"] = "1"  # inherited by the SuperExec and every task
     setup_plain_logging()
-    try:
-        _adaptive_polls()
-    except flwr_compat.FedgenError as exc:
-        sys.exit(f"fedgen site node: {exc}")
+    _adaptive_polls()
     _use_fedgen_superexec()
     from flwr.supernode.cli import flower_supernode
 

@@ -207,10 +207,7 @@ def main() -> None:
     log.info("admin gate: Control and Runtime APIs open to %s only; Fleet API open to sites", ", ".join(hosts))
     from fedgen.federation.longpoll import install as long_polls
 
-    try:
-        held = long_polls()
-    except flwr_compat.FedgenError as exc:
-        sys.exit(f"fedgen aggregator: {exc}")
+    held = long_polls()  # FEDGEN_LONG_POLL was checked above
     if held > 0:
         log.info("long polls: an empty pull waits up to %g s for a message (FEDGEN_LONG_POLL)", held)
     from flwr.superlink.cli.flower_superlink import flower_superlink

@@ -268,10 +268,8 @@ def _dp_study(ctx: StudyContext, stage: Path, info, aln, priv: dict[str, Any]) -
         ks = min(int(priv.get("select_k") or kk), len(rows))  # candidates each site picks (>= k)
         eps0 = math.sqrt(8 * rho_sel / ks)
         # selection weights from the released pooled frequencies (post-processing of the counts release)
-        called = counts[rows, 0] + counts[rows, 1] + counts[rows, 2]
         with np.errstate(divide="ignore", invalid="ignore"):
-            freq = (counts[rows, 1] + 2 * counts[rows, 2]) / (2.0 * called)
-        weight = selection_weights(freq)
+            weight = selection_weights((alt_ct / (alt_ct + ref_ct))[rows])
         with ctx.timed(f"dp_topk_select.{ph}"):
             picked, scales = _select(ctx, aln, rows, params, ks, eps0, weight)
         union = np.unique(np.concatenate(list(picked.values())))
