@@ -142,9 +142,10 @@ def test_replays_and_reencodings_buy_no_free_picks(tmp_path: Path):
 
 def test_a_noisy_count_drawn_for_a_refused_request_stays_charged(tmp_path: Path):
     """A DP-only site draws its noisy case count once, keeps it, and charges it. A top-k request
-    with a weight out of range was refused AFTER the count was drawn (the weights are checked
-    once the counts are known): the refusal voided every reservation of the request, the count's
-    too, and the kept count then left the site with the next reply without ever being charged.
+    with a weight out of range used to be refused AFTER the count was drawn: the refusal voided
+    every reservation of the request, the count's too, and the kept count then left the site with
+    the next reply without ever being charged. Weights are now checked in the validate step,
+    before any count is drawn, and a kept count's charge is committed when it is drawn.
     The attacker counts what it is told against what the site charged."""
     # count noise σ = 2: the site's ~36 cases stay far from 0 and min_count (at the default σ = 20 a
     # noisy count below them made the requests fail for another reason about 1 run in 8)
