@@ -16,7 +16,7 @@ install: $(STAMP)
 # torch requirement would pull a multi-GB CUDA build. Developers and CI get the study side
 # (aggregator/analyst: Hydra, msprime, plots) and the test tools; a site node installs only
 # 'fedgen[node]' (nodes/README.md).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py fedgen/stats/_glmkernel.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0

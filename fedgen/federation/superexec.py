@@ -286,6 +286,11 @@ def _prewarm() -> None:
     installed_client_app()
     fedgen.analyses._load_builtin()
     known_analyses()  # the policy check imports every analysis module: once, here
+    from fedgen.stats import kernel
+
+    if kernel.name() != "compiled":
+        log.warning("site kernel: numpy (the compiled logistic kernel was not built with this install: "
+                    "regression rounds run several times slower; reinstall fedgen where a C compiler is available)")
 
 
 def _worker_main() -> None:

@@ -57,11 +57,15 @@ Residual differences from PLINK (measured on the fixtures of ``tests/test_glm.py
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from fedgen.stats import kernel as _kernel
 from fedgen.stats.pvalues import t_ln_p, z_ln_p
 
 __all__ = [
@@ -108,6 +112,52 @@ def _as_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if np.isnan(y).any() or np.isnan(C).any():
         raise ValueError("drop samples with a missing phenotype or covariate before calling")
     return g, y, C
+
+
+_DESIGN_MEMO: OrderedDict[tuple[int, int], tuple[Any, Any, dict[str, Any]]] = OrderedDict()
+_DESIGN_LOCK = threading.Lock()
+
+
+def _design_memo(y: Any, C: Any) -> dict[str, Any]:
+    """Per-design work shared by every block and round of a request: checked ``y``/``C`` and the
+    sample-level products the kernels multiply by. Keyed by the caller's array objects (a site
+    passes the same design arrays to every block); arrays that cannot be weakly referenced, or a
+    design the caller has since dropped, get a fresh entry. Design arrays are never modified."""
+    try:
+        refs = (weakref.ref(y), None if C is None else weakref.ref(C))
+    except TypeError:
+        return {}
+    key = (id(y), id(C))
+    with _DESIGN_LOCK:
+        hit = _DESIGN_MEMO.get(key)
+        if hit is not None and hit[0]() is y and (C is None if hit[1] is None else hit[1]() is C):
+            _DESIGN_MEMO.move_to_end(key)
+            return hit[2]
+        memo: dict[str, Any] = {}
+        _DESIGN_MEMO[key] = (*refs, memo)
+        while len(_DESIGN_MEMO) > 8:
+            _DESIGN_MEMO.popitem(last=False)
+    return memo
+
+
+def _memo_get(memo: dict[str, Any], name: str, build: Any) -> Any:
+    val = memo.get(name)
+    if val is None:
+        val = memo[name] = build()
+    return val
+
+
+def _checked_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`_as_inputs` with the design's checks and products memoised (see :func:`_design_memo`)."""
+    memo = _design_memo(y, C)
+    g = np.asarray(g)
+    if g.ndim != 2:
+        raise ValueError("g must be (variants, samples)")
+    checked = memo.get("inputs")
+    if checked is None or checked[0].shape[0] != g.shape[1]:
+        checked = _as_inputs(g, y, C)[1:]
+        memo["inputs"] = checked
+    return g, checked[0], checked[1], memo
 
 
 def block_rows(n_samples: int) -> int:
@@ -509,11 +559,15 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
         ``H`` (V, p, p) = XᵀVX with V = diag(p(1-p)); ``grad`` (V, p) = Xᵀ(p - y) (PLINK's
         sign: the step is β ← β - H⁻¹ grad); ``n`` (V,) samples used; ``loglik`` (V,).
     """
-    g, y, C = _as_inputs(g, y, C)
+    g, y, C, memo = _checked_inputs(g, y, C)
     beta = np.asarray(beta, dtype=np.float64)
+    fast = _kernel.logistic_sums(g, _memo_get(memo, "kernel", lambda: _kernel.CovariateTerms(y, C)), beta,
+                                 fill=fill, with_loglik=with_loglik) if g.dtype == np.int8 else None
+    if fast is not None:
+        return fast
     V, N = g.shape
     p = 2 + C.shape[1]
-    terms = _SiteTerms(y, C)
+    terms = _memo_get(memo, "terms", lambda: _SiteTerms(y, C))
     H = np.zeros((V, p, p))
     grad = np.zeros((V, p))
     loglik = np.zeros(V)
@@ -831,13 +885,13 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None) 
         (v = p(1 − p); missing calls excluded). :func:`firth_score` turns the pooled sums into
         Firth's modified score.
     """
-    g, y, C = _as_inputs(g, y, C)
+    g, y, C, memo = _checked_inputs(g, y, C)
     beta = np.asarray(beta, dtype=np.float64)
     V, N = g.shape
     k = C.shape[1]
     p = 2 + k
-    terms = _SiteTerms(y, C)
-    triples = _TripleTerms(C)
+    terms = _memo_get(memo, "terms", lambda: _SiteTerms(y, C))
+    triples = _memo_get(memo, "triples", lambda: _TripleTerms(C))
     info = np.zeros((V, p, p))
     loglik = np.zeros(V)
     n = np.zeros(V, dtype=np.int64)

@@ -1,0 +1,92 @@
+"""The compiled site kernel (``_glmkernel.c``), loaded with ctypes when it was built.
+
+``pip install`` builds it where a C compiler is available (``setup.py``, an optional
+extension). Without it, :func:`logistic_sums` returns None and the numpy kernel in
+:mod:`fedgen.stats.glm` computes the same sums. ``FEDGEN_KERNEL=numpy`` turns the compiled kernel
+off (for comparisons); :func:`name` says which one a process uses (recorded in ``site_info``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def _lib() -> Any:
+    if os.environ.get("FEDGEN_KERNEL", "").strip().lower() == "numpy":
+        return None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_glmkernel{suffix}"
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            f = lib.fedgen_logistic_sums
+            f.restype = None
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            f.argtypes = [i64, i64, i64] + [ptr] * 14
+            return lib
+    return None
+
+
+def name() -> str:
+    """``"compiled"`` or ``"numpy"``: the logistic kernel this process runs."""
+    return "compiled" if _lib() is not None else "numpy"
+
+
+def _p(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+class CovariateTerms:
+    """A sample set's covariate rows and their pairwise products, laid out for the kernel
+    (computed once per design and reused by every block of every round)."""
+
+    def __init__(self, y: np.ndarray, C: np.ndarray) -> None:
+        k = C.shape[1]
+        self.y = np.ascontiguousarray(y, dtype=np.float64)
+        self.Ct = np.ascontiguousarray(C.T, dtype=np.float64)
+        iu, ju = np.triu_indices(k)
+        self.iu = np.ascontiguousarray(iu, dtype=np.int64)
+        self.ju = np.ascontiguousarray(ju, dtype=np.int64)
+        self.CC = np.ascontiguousarray(self.Ct[iu] * self.Ct[ju])
+        self.k = k
+
+
+def logistic_sums(g: np.ndarray, terms: CovariateTerms, beta: np.ndarray, *, fill: np.ndarray | None,
+                  with_loglik: bool) -> dict[str, np.ndarray] | None:
+    """The compiled kernel's sums for hard-call blocks (int8, negative = missing), or None
+    when it is not available or ``g`` is not such a block."""
+    lib = _lib()
+    if lib is None or g.dtype != np.int8:
+        return None
+    g = np.ascontiguousarray(g)
+    V, N = g.shape
+    p = terms.k + 2
+    beta = np.ascontiguousarray(beta, dtype=np.float64)
+    if beta.shape != (V, p) or terms.Ct.shape[1] != N:
+        raise ValueError("g, beta and the covariates disagree on their shapes")
+    fill_a = None if fill is None else np.ascontiguousarray(fill, dtype=np.float64)
+    H = np.empty((V, p, p))
+    grad = np.empty((V, p))
+    n = np.empty(V, dtype=np.int64)
+    neff = np.empty(V)
+    loglik = np.empty(V) if with_loglik else None
+    work = np.empty(4 * N)
+    lib.fedgen_logistic_sums(V, N, terms.k, _p(g), _p(fill_a), _p(terms.y), _p(terms.Ct), _p(terms.CC),
+                             _p(terms.iu), _p(terms.ju), _p(beta), _p(H), _p(grad), _p(n), _p(neff), _p(loglik),
+                             _p(work))
+    out = {"H": H, "grad": grad, "n": n, "neff": neff}
+    if with_loglik:
+        out["loglik"] = loglik
+    return out
