@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml setup.py fedgen/stats/_glmkernel.c
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[study,test]'
+	@# an editable install is not byte-compiled, and with PYTHONDONTWRITEBYTECODE set every
+	@# process (each site worker, SuperNode, ServerApp) would compile fedgen again as it starts
+	$(PY) -m compileall -q fedgen
 	@touch $(STAMP)
 
 demo: install

@@ -956,10 +956,13 @@ class FirthDriver:
         it cannot resolve smaller gains; treating them as failures makes the halving/"bail"
         exits happen where PLINK's do (0 gives the exact float64 algorithm, which on very
         slowly converging fits runs to UNFINISHED more often than PLINK).
+    ladder : bool, default True
+        :meth:`evaluations` adds the remaining halvings of a row's step-halving ladder to
+        the round (same results, fewer rounds); False evaluates one β per row and round.
     """
 
     def __init__(self, n_variants: int, n_params: int, *, obs_ct: Any = None,
-                 noise_floor: float = 1e-7) -> None:
+                 noise_floor: float = 1e-7, ladder: bool = True) -> None:
         V, p = int(n_variants), int(n_params)
         self.n_params = p
         self.noise_floor = noise_floor
@@ -983,14 +986,71 @@ class FirthDriver:
         self._h = np.zeros(V, dtype=np.int64)
         self._maxhs = np.zeros(V, dtype=np.int64)
         self._iter = np.zeros(V, dtype=np.int64)
+        self.ladder = ladder
+        self._levels: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None
 
     @property
     def done(self) -> bool:
         return not self.active.any()
 
+    def evaluations(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """What to evaluate this round: ``[(rows, beta), ...]``, one entry per level.
+
+        Level 0 is every active row at its β (the protocol above). A row already halving its
+        step (a failed ℓ* check, h ≥ 2) is also evaluated, in levels 1, 2, ..., at the β its
+        remaining halvings would try, computed exactly as :meth:`step` would compute them. A
+        fit near its optimum usually walks the whole ladder (ℓ* gains below the noise floor),
+        so its halvings cost one round instead of one each; the path and results are the
+        same as one evaluation per round. :meth:`step_levels` takes the sums in this order.
+        """
+        idx = np.flatnonzero(self.active)
+        out = [(idx, self.beta[idx].copy())]
+        lad = idx[(self._state[idx] == _F_HALVING) & (self._h[idx] >= 2)]
+        if self.ladder and lad.size:
+            b = self.beta[lad].copy()
+            h = self._h[lad].copy()
+            maxhs = self._maxhs[lad]
+            d = self._d[lad]
+            live = np.ones(lad.size, bool)
+            while True:
+                live &= h <= maxhs  # at h > maxhs the ladder ends with this evaluation
+                if not live.any():
+                    break
+                b = b - d * np.exp2(-h.astype(np.float64))[:, None]
+                h = h + 1
+                out.append((lad[live], b[live].copy()))
+        self._levels = [(rows, beta, None if k == 0 else self._h[rows] + k) for k, (rows, beta) in enumerate(out)]
+        return out
+
     def step(self, I: Any, loglik: Any, U: Any, T: Any) -> None:
         """Consume the summed sums for the active rows (order of ``np.flatnonzero(active)``)."""
-        idx = np.flatnonzero(self.active)
+        self._levels = None
+        self._consume(np.flatnonzero(self.active), I, loglik, U, T)
+        self.rounds += 1
+
+    def step_levels(self, sums: Sequence[tuple[Any, Any, Any, Any]], usable: Sequence[np.ndarray] | None = None) -> None:
+        """Consume ``(I, loglik, U, T)`` per level of :meth:`evaluations`. ``usable`` (one mask per
+        level) drops speculative rows a site withheld: they are evaluated again next round."""
+        levels = self._levels
+        if levels is None or len(sums) != len(levels):
+            raise ValueError("step_levels needs the sums of every level of evaluations(), in order")
+        self._levels = None
+        rows0 = levels[0][0]
+        self._consume(rows0, *sums[0])
+        for k in range(1, len(levels)):
+            rows, beta, h = levels[k]
+            I, loglik, U, T = (np.asarray(a, dtype=np.float64) for a in sums[k])
+            # the rows whose halvings reached exactly this candidate (a row that left the ladder
+            # at an earlier level, or whose β differs by a bit, is evaluated next round instead)
+            ok = (self.active[rows] & (self._state[rows] == _F_HALVING) & (self._h[rows] == h)
+                  & np.all(self.beta[rows] == beta, axis=1))
+            if usable is not None:
+                ok &= np.asarray(usable[k], bool)
+            if ok.any():
+                self._consume(rows[ok], I[ok], loglik[ok], U[ok], T[ok])
+        self.rounds += 1
+
+    def _consume(self, idx: np.ndarray, I: Any, loglik: Any, U: Any, T: Any) -> None:
         I = np.asarray(I, dtype=np.float64)
         loglik = np.asarray(loglik, dtype=np.float64)
         self._info(idx, I, loglik)
@@ -999,7 +1059,6 @@ class FirthDriver:
             rows = idx[sc]
             ustar = firth_score(np.asarray(U, dtype=np.float64)[sc], np.asarray(T, dtype=np.float64)[sc], self._Iinv[rows])
             self._score(rows, ustar)
-        self.rounds += 1
 
     def _score(self, rows: np.ndarray, u: np.ndarray) -> None:
         gmax = np.abs(u).max(1)

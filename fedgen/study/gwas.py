@@ -455,21 +455,33 @@ def _logistic_rows(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: i
                                                  {"beta": drv.beta[act]})))
         for fidx, fd in firths:
             if not fd.done:
-                act = np.flatnonzero(fd.active)
-                steps.append((fd, fidx[act], row_requests(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params,
-                                                          {"beta": fd.beta[act]})))
+                # one request set per level: the active rows, then the rest of running step-halving
+                # ladders (each request names a variant once)
+                levels = [(fidx[act], row_requests(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params,
+                                                   {"beta": beta}))
+                          for act, beta in fd.evaluations()]
+                steps.append((fd, levels[0][0], [r for _, reqs in levels for r in reqs], levels))
         if not steps:
             break
-        replies = yield [r for _, _, reqs in steps for r in reqs]
+        replies = yield [r for _, _, reqs, *_ in steps for r in reqs]
         rounds += 1
         pos = 0
-        for driver, target, reqs in steps:
-            sums = combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric)
-            pos += len(reqs)
-            held[target] |= _withheld(sums, len(target))
+        for driver, target, reqs, *extra in steps:
             if isinstance(driver, glm.FirthDriver):
-                driver.step(sums["I"], sums["loglik"], sums["U"], sums["T"])
+                level_sums, usable = [], []
+                for k, (tgt, lreqs) in enumerate(extra[0]):
+                    sums = combine_blocks(replies[pos : pos + len(lreqs)], unpack_symmetric)
+                    pos += len(lreqs)
+                    w = _withheld(sums, len(tgt))
+                    if k == 0:
+                        held[tgt] |= w
+                    level_sums.append((sums["I"], sums["loglik"], sums["U"], sums["T"]))
+                    usable.append(~w)
+                driver.step_levels(level_sums, usable)
             else:
+                sums = combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric)
+                pos += len(reqs)
+                held[target] |= _withheld(sums, len(target))
                 driver.step(sums["H"], sums["grad"])
     res = drv.results()
     firth = res["needs_firth"].copy()
