@@ -100,3 +100,18 @@ def test_design_memo_is_per_design() -> None:
     np.testing.assert_array_equal(a["H"], again["H"])
     fresh = glm.site_logistic_partials(g, y2.copy(), C2.copy(), beta)
     np.testing.assert_array_equal(b["H"], fresh["H"])
+
+
+@pytest.mark.skipif(kernel.name() != "compiled", reason="the compiled kernel was not built")
+def test_compiled_kernel_refuses_mismatched_shapes() -> None:
+    """The C code reads every array to the lengths it is given: mismatched inputs never reach it."""
+    rng = np.random.default_rng(5)
+    g = rng.integers(0, 3, (4, 30)).astype(np.int8)
+    y = (rng.random(30) < 0.5).astype(float)
+    terms = kernel.CovariateTerms(y, rng.normal(size=(30, 2)))
+    with pytest.raises(ValueError):
+        kernel.logistic_sums(g, terms, np.zeros((4, 3)), fill=None, with_loglik=False)  # p = 4
+    with pytest.raises(ValueError):
+        kernel.logistic_sums(g, terms, np.zeros((4, 4)), fill=np.zeros(3), with_loglik=False)
+    with pytest.raises(ValueError):
+        kernel.logistic_sums(g[:, :20], terms, np.zeros((4, 4)), fill=None, with_loglik=False)

@@ -74,9 +74,11 @@ def logistic_sums(g: np.ndarray, terms: CovariateTerms, beta: np.ndarray, *, fil
     V, N = g.shape
     p = terms.k + 2
     beta = np.ascontiguousarray(beta, dtype=np.float64)
-    if beta.shape != (V, p) or terms.Ct.shape[1] != N:
-        raise ValueError("g, beta and the covariates disagree on their shapes")
     fill_a = None if fill is None else np.ascontiguousarray(fill, dtype=np.float64)
+    # the C code trusts every length: check them all here (a short array would be read past its end)
+    if (beta.shape != (V, p) or terms.Ct.shape != (terms.k, N) or terms.y.shape != (N,)
+            or terms.CC.shape != (len(terms.iu), N) or (fill_a is not None and fill_a.shape != (V,))):
+        raise ValueError("g, beta, fill and the covariates disagree on their shapes")
     H = np.empty((V, p, p))
     grad = np.empty((V, p))
     n = np.empty(V, dtype=np.int64)
