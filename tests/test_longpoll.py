@@ -6,6 +6,8 @@ longer than the test may take), and the sleeps run on a fake clock.
 
 from __future__ import annotations
 
+import os
+
 import threading
 import types
 from dataclasses import dataclass, field
@@ -90,16 +92,24 @@ def test_install_patches_flowers_handlers_once(monkeypatch):
     from flwr.superlink.servicer.fleet import fleet_handlers
     from flwr.superlink.servicer.runtime import runtime_handlers
 
+    from flwr.superlink.servicer.control import control_handlers
+
     names = ("pull_messages", "push_messages", "push_object")
-    for mod in (fleet_handlers, runtime_handlers):
-        for n in names:
-            monkeypatch.setattr(mod, n, getattr(mod, n))  # restored after the test
+    hooks = [(m, n) for m in (fleet_handlers, runtime_handlers) for n in names]
+    hooks += [(runtime_handlers, "acquire_task"), (control_handlers, "start_run")]
+    for mod, n in hooks:
+        monkeypatch.setattr(mod, n, getattr(mod, n))  # restored after the test
+    monkeypatch.setenv(longpoll.TASK_POLL_ENV, "1")  # so that the test's value is undone afterwards
+    monkeypatch.delenv(longpoll.TASK_POLL_ENV)
     assert longpoll.install(hold=0) == 0 and not hasattr(fleet_handlers.pull_messages, "_fedgen_longpoll")
+    assert longpoll.TASK_POLL_ENV not in os.environ
     assert longpoll.install(hold=1.5) == 1.5
-    first = {(m.__name__, n): getattr(m, n) for m in (fleet_handlers, runtime_handlers) for n in names}
+    first = {(m.__name__, n): getattr(m, n) for m, n in hooks}
+    # every pull waits (including the SuperExec's poll for a new run), every push and StartRun wakes them
     assert all(getattr(f, "_fedgen_longpoll", False) for f in first.values())
+    assert os.environ[longpoll.TASK_POLL_ENV] == "0.05"
     longpoll.install(hold=1.5)  # idempotent: no wrapper around a wrapper
-    assert first == {(m.__name__, n): getattr(m, n) for m in (fleet_handlers, runtime_handlers) for n in names}
+    assert first == {(m.__name__, n): getattr(m, n) for m, n in hooks}
 
 
 def test_hold_from_the_environment(monkeypatch):

@@ -55,6 +55,8 @@ HOOKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("flwr.superlink.servicer.runtime.runtime_handlers", "pull_messages"),
         ("flwr.superlink.servicer.runtime.runtime_handlers", "push_messages"),
         ("flwr.superlink.servicer.runtime.runtime_handlers", "push_object"),
+        ("flwr.superlink.servicer.runtime.runtime_handlers", "acquire_task"),
+        ("flwr.superlink.servicer.control.control_handlers", "start_run"),
     ),
 }
 

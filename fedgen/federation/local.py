@@ -680,7 +680,7 @@ def _submit_and_wait(
         if status is not None and proc.poll() is None:
             # Let the log stream drain (it ends when the run finishes), briefly: the status is in.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=0.3)
         else:
             follower.thread.join(timeout=5.0)
             status = follower.status or _read_status(status_file)
