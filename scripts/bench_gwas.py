@@ -120,6 +120,37 @@ def compare(fed: Path, plink: Path) -> tuple[int, float]:
     return n, worst
 
 
+def wait_until_idle(quiet: float = 0.10, settle: float = 1.0, limit: float = 90.0) -> float:
+    """Wait until this process's children (the local federation) use under ``quiet`` of a core for
+    ``settle`` seconds in a row: a site worker imports its analyses for several seconds after it
+    starts, and a study submitted meanwhile would be timed with those imports. Returns the wait."""
+    import psutil
+
+    me = psutil.Process()
+    t0 = time.perf_counter()
+    calm = 0.0
+
+    def cpu() -> float:
+        total = 0.0
+        for p in me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    last = cpu()
+    while time.perf_counter() - t0 < limit:
+        time.sleep(0.25)
+        now = cpu()
+        calm = calm + 0.25 if now - last < quiet * 0.25 else 0.0
+        last = now
+        if calm >= settle:
+            break
+    return time.perf_counter() - t0
+
+
 def time_on_running_federation(overrides: list[str], out: Path, data: Path, sites: list[str]) -> float:
     """Wall time of the study on a federation that is already up (SuperLink and SuperNodes
     running, as hospitals deploy them): from submission to the results folder. The sites'
@@ -135,7 +166,7 @@ def time_on_running_federation(overrides: list[str], out: Path, data: Path, site
     cfg = compose_config([*overrides, f"output_dir={out}"])
     plan, node_configs = build_plan(cfg)
     with _tf.TemporaryDirectory(prefix="bench-fed-") as work, LocalFederation(node_configs, workdir=Path(work)) as fed:
-        time.sleep(2.0)  # let the site workers finish starting, as on a node that has been up for a while
+        wait_until_idle()  # the site workers have finished starting, as on nodes that have been up for a while
         t0 = time.perf_counter()
         fed.run(plan, timeout=3600)
         return time.perf_counter() - t0

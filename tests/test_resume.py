@@ -322,3 +322,38 @@ def test_fedgen_run_on_flower_killed_by_pid_resumes(tmp_path):
     run_plan(plan, IPT(nodes))
     for name in ("freq.afreq", "missing.vmiss", "hardy.hardy", "variants.tsv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes()
+
+
+def test_journal_writes_in_the_background_in_order_and_reports_a_failed_write(nodes, tmp_path, monkeypatch):
+    """A round is written while the next one runs: every append waits for the one before (records
+    stay in order and complete), and a write that failed stops the study at the next round."""
+    from fedgen.errors import FedgenError
+    from fedgen.federation.transport import Reply
+    from fedgen.study.journal import _scan, open_journal
+
+    plan = _exact_plan(tmp_path / "out", list(nodes))
+    j = open_journal(plan)
+    try:
+        j.replay("")
+        for k in range(3):
+            j.append(f"round-{k}", [{"s1": Reply("s1", {"x": np.arange(5) + k})}])
+        assert j.summary()["rounds_live"] == 3  # summary waits for the last write
+        recs, _ = _scan(j.folder / LOG)
+        assert [r[2] for r in recs] == ["round-0", "round-1", "round-2"]
+        import builtins
+
+        real_open = builtins.open
+
+        def failing_open(path, *a, **kw):
+            if str(path).endswith(LOG) and a and "+" in a[0]:
+                raise OSError(28, "No space left on device")
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(builtins, "open", failing_open)
+        j.append("round-3", [{"s1": Reply("s1", {"x": np.arange(5)})}])  # fails in the background
+        with pytest.raises(FedgenError, match="could not write the study journal"):
+            j.append("round-4", [{"s1": Reply("s1", {"x": np.arange(5)})}])
+        monkeypatch.undo()
+        assert [r[2] for r in _scan(j.folder / LOG)[0]] == ["round-0", "round-1", "round-2"]
+    finally:
+        j.close()

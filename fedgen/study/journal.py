@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -133,6 +134,8 @@ class Journal:
         self._live = not records
         self.rounds_replayed = 0
         self.rounds_live = 0
+        self._writing: threading.Thread | None = None  # the last round's write (see append)
+        self._write_error: BaseException | None = None
 
     # ---------------------------------------------------------------- replay
     def replay(self, digest: str) -> list[dict[str, Reply]] | None:
@@ -174,25 +177,53 @@ class Journal:
 
     # ---------------------------------------------------------------- record
     def append(self, digest: str, replies: list[dict[str, Reply]]) -> None:
-        """Journal one live round (durable before returning)."""
+        """Journal one live round.
+
+        The round is encoded here and written (and fsync'ed) by a background thread while the
+        study goes on: the write of round k overlaps round k+1, and each append first waits
+        for the previous write, so records stay in order and an I/O error stops the study at the
+        next round (or at :meth:`flush`). A crash mid-write leaves a torn last record, which the
+        next start detects by its hash and drops: that round is asked again."""
         if not self._live:  # a live round while records were pending: replay() decides; be safe
             self.replay("")
+        self.flush()
         payload = encode_round(digest, replies)
         record = MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest() + payload
-        with open(self.folder / LOG, "r+b") as f:
-            f.seek(self._end)
-            f.write(record)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
-        self._end += len(record)
-        self.rounds_live += 1
+        self._writing = threading.Thread(target=self._write, args=(record,), name="fedgen-journal", daemon=True)
+        self._writing.start()
+
+    def _write(self, record: bytes) -> None:
+        try:
+            with open(self.folder / LOG, "r+b") as f:
+                f.seek(self._end)
+                f.write(record)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+            self._end += len(record)
+            self.rounds_live += 1
+        except BaseException as exc:  # noqa: BLE001 - raised in the study's thread by flush()
+            self._write_error = exc
+
+    def flush(self) -> None:
+        """Wait until every appended round is on disk; raise the error of a failed write."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._write_error is not None:
+            exc, self._write_error = self._write_error, None
+            raise FedgenError(f"could not write the study journal {self.folder / LOG}: {exc}") from exc
 
     # ---------------------------------------------------------------- end
     def summary(self) -> dict[str, int]:
+        self.flush()
         return {"rounds_replayed": self.rounds_replayed, "rounds_live": self.rounds_live}
 
     def close(self) -> None:
+        try:
+            self.flush()
+        except FedgenError as exc:
+            log.error("%s", exc)
         if self._lock_fd >= 0:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -202,6 +233,10 @@ class Journal:
 
     def abandon(self) -> None:
         """The study failed: keep the journal for a relaunch, unless it holds no round at all."""
+        try:
+            self.flush()  # the last round's write
+        except FedgenError as exc:
+            log.error("%s", exc)
         if self._end == 0:
             self.remove()
         else:
