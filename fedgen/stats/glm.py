@@ -122,13 +122,20 @@ def _design_memo(y: Any, C: Any) -> dict[str, Any]:
     """Per-design work shared by every block and round of a request: checked ``y``/``C`` and the
     sample-level products the kernels multiply by. Keyed by the caller's array objects (a site
     passes the same design arrays to every block); arrays that cannot be weakly referenced, or a
-    design the caller has since dropped, get a fresh entry. Design arrays are never modified."""
+    design the caller has since dropped, get a fresh entry. Design arrays are never modified.
+
+    An entry holds only copies (see :func:`_checked_inputs`), never the caller's arrays, so a
+    design dies with its request and its entry, whose products can be large (Firth's triple
+    products are O(k³ N)), is dropped at the next call instead of being kept until eight newer
+    designs push it out (red team 4)."""
     try:
         refs = (weakref.ref(y), None if C is None else weakref.ref(C))
     except TypeError:
         return {}
     key = (id(y), id(C))
     with _DESIGN_LOCK:
+        for dead in [k for k, (ry, rc, _) in _DESIGN_MEMO.items() if ry() is None or (rc is not None and rc() is None)]:
+            del _DESIGN_MEMO[dead]
         hit = _DESIGN_MEMO.get(key)
         if hit is not None and hit[0]() is y and (C is None if hit[1] is None else hit[1]() is C):
             _DESIGN_MEMO.move_to_end(key)
@@ -155,7 +162,8 @@ def _checked_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.
         raise ValueError("g must be (variants, samples)")
     checked = memo.get("inputs")
     if checked is None or checked[0].shape[0] != g.shape[1]:
-        checked = _as_inputs(g, y, C)[1:]
+        # copies: the memo must not keep the caller's design alive (nor see it change later)
+        checked = tuple(np.array(a, copy=True) for a in _as_inputs(g, y, C)[1:])
         memo["inputs"] = checked
     return g, checked[0], checked[1], memo
 
