@@ -331,3 +331,31 @@ def test_sample_set_changes_between_requests_are_never_served_stale_products(tmp
         H = arrays["H_triu"][ok] * 4
         np.testing.assert_allclose(H[:, triu_col(3, 0, 0)], used.sum(), rtol=1e-12)
         np.testing.assert_allclose(H[:, triu_col(3, 0, 2)], ((site.age[used] - 50.0) / sd).sum(), rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- the Firth ladder's batches
+
+
+def test_a_batch_of_firth_levels_releases_what_separate_rounds_release(tmp_path):
+    """FirthDriver sends one glm_firth request per halving level in one message, each naming a
+    variant once. A batch weakens no site rule: every request passes the pipeline on its own
+    (the repeated-variant rule is per request, as it must be: IRLS evaluates a variant at a new β
+    every round), a batch's replies are exactly those of the same requests sent one per
+    message, and a request that names a variant twice is refused inside a batch too."""
+    site = Site(tmp_path / "hk", n=120, v=30, policy=IRLS_OPT_IN)
+    agg = HostileAggregator(site.node_config)
+    sd = float(np.std(site.age, ddof=1))
+    P = {"phenotype": "D", "kind": "binary",
+         "covariates": [{"name": "age", "kind": "numeric", "mean": 50.0, "sd": sd}]}
+    rng = np.random.default_rng(44)
+    reqs = [("glm_firth", P, {**idx(np.arange(6)), "beta": rng.normal(scale=0.3, size=(6, 3)) / (1 + lvl)})
+            for lvl in range(3)]
+    twice = ("glm_firth", P, {**idx(np.array([0, 1, 1])), "beta": np.zeros((3, 3))})
+    batch = agg.ask_batch([*reqs, twice])
+    assert batch[-1] is None and "more than once" in agg.refusals[-1]
+    for (name, params, arrays), got in zip(reqs, batch[:-1]):
+        assert got is not None
+        alone, _ = agg.ask(name, params, arrays)
+        assert set(alone) == set(got[0])
+        for key in alone:
+            np.testing.assert_array_equal(alone[key], got[0][key])
