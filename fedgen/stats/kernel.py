@@ -79,6 +79,14 @@ def logistic_sums(g: np.ndarray, terms: CovariateTerms, beta: np.ndarray, *, fil
     if (beta.shape != (V, p) or terms.Ct.shape != (terms.k, N) or terms.y.shape != (N,)
             or terms.CC.shape != (len(terms.iu), N) or (fill_a is not None and fill_a.shape != (V,))):
         raise ValueError("g, beta, fill and the covariates disagree on their shapes")
+    # the C code writes H[2 + iu[j], 2 + ju[j]] for j < k(k+1)/2: the triangle must be exactly that
+    kk = terms.k * (terms.k + 1) // 2
+    if (terms.iu.shape != (kk,) or terms.ju.shape != (kk,) or terms.iu.dtype != np.int64 or terms.ju.dtype != np.int64
+            or (kk and (min(terms.iu.min(), terms.ju.min()) < 0 or max(terms.iu.max(), terms.ju.max()) >= terms.k))):
+        raise ValueError("the covariate triangle's indices do not match its covariates")
+    for a in (terms.y, terms.Ct, terms.CC, terms.iu, terms.ju):
+        if not a.flags.c_contiguous:
+            raise ValueError("the covariate terms must be C-contiguous")
     H = np.empty((V, p, p))
     grad = np.empty((V, p))
     n = np.empty(V, dtype=np.int64)

@@ -69,6 +69,13 @@ def test_no_length_the_c_code_reads_can_disagree_with_its_array():
     for case in bad:
         with pytest.raises(ValueError):
             kernel.logistic_sums(case["g"], terms, case["beta"], fill=case.get("fill"), with_loglik=True)
+    # the covariate triangle the C code writes H through: tampered terms never reach it
+    for name, bad_val in (("iu", terms.iu + 1), ("ju", terms.ju[:-1]), ("iu", terms.iu.astype(np.int32)),
+                          ("CC", np.asfortranarray(terms.CC))):
+        tampered = kernel.CovariateTerms(y, C)
+        setattr(tampered, name, bad_val)
+        with pytest.raises(ValueError):
+            kernel.logistic_sums(g, tampered, beta, fill=None, with_loglik=False)
     # a design memo can't hand the C code another sample count either: a g for another N is refused
     with pytest.raises(ValueError):
         glm.site_logistic_partials(g[:, :-1], y, C, beta)
