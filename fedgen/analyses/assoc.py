@@ -214,6 +214,20 @@ def _glm_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict
     return {"p": p, "t": p * (p + 1) // 2, "t3": p * (p + 1) * (p + 2) // 6}
 
 
+#: most predictors a Firth round may have: its third moments are p(p+1)(p+2)/6 numbers per variant
+#: (11,480 at 40), and the site's work for them grows with p³·N (red team 4: 126 predictors, made of
+#: one covariate repeated, took 5.8 GB at 1,000 samples and would exhaust a node at about 5,000)
+MAX_FIRTH_PREDICTORS = 40
+
+
+def _firth_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
+    dims = _glm_dims(params, node_config)
+    if dims["p"] > MAX_FIRTH_PREDICTORS:
+        raise ValueError(f"a Firth round may have at most {MAX_FIRTH_PREDICTORS} predictors (this design has "
+                         f"{dims['p']})")
+    return dims
+
+
 def _covar_dims(params: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, int]:
     return {"c": design_predictors(params, str(node_config.get("site", ""))) - 2}
 
@@ -827,7 +841,7 @@ def glm_logistic(cohort: Any, req: AnalysisRequest):
 @register(
     "glm_firth",
     Spec(
-        **{**GLM_SPEC, "param_dims": _glm_dims},
+        **{**GLM_SPEC, "param_dims": _firth_dims},
         inputs={**VARIANT_INPUTS, "beta": arr("*", "v", "p")},
         outputs={"I_triu": arr("f8", "v", "t"), "loglik": arr("f8", "v"), "n": arr("i8", "v"), "U": arr("f8", "v", "p"),
                  "T": arr("f8", "v", "t3"), **ROW_OUTPUTS},

@@ -219,6 +219,12 @@ def run_association(
             ctx.notes.append(note)
             continue
         if kind == "binary":
+            from fedgen.analyses.assoc import MAX_FIRTH_PREDICTORS
+
+            if len(cov_columns) + 2 > MAX_FIRTH_PREDICTORS:  # sites refuse larger Firth rounds
+                raise ConfigError(f"{pheno}: logistic regression with Firth fallback takes at most "
+                                  f"{MAX_FIRTH_PREDICTORS - 2} covariate columns (this study has {len(cov_columns)}, "
+                                  "counting each categorical level and PC)")
             tasks[f"glm:{pheno}"] = _logistic(ctx, aln, rows, a1_ref, params, out, n_cov=len(cov_columns))
         else:
             tasks[f"glm:{pheno}"] = _linear(ctx, aln, rows, a1_ref, params, out)

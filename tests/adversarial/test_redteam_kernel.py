@@ -366,3 +366,28 @@ def test_a_batch_of_firth_levels_releases_what_separate_rounds_release(tmp_path)
         assert set(alone) == set(got[0])
         for key in alone:
             np.testing.assert_array_equal(alone[key], got[0][key])
+
+
+def test_a_firth_round_with_a_huge_design_is_refused_before_any_work(tmp_path):
+    """Red team 4: one covariate repeated ~120 times made glm_firth build p(p+1)(p+2)/6 ≈ 360,000
+    product columns per person (5.8 GB at 1,000 samples). A Firth design is capped at
+    MAX_FIRTH_PREDICTORS, checked with the request's shapes, before the site reads a genotype;
+    the honest design at the cap's edge is answered."""
+    from fedgen.analyses.assoc import MAX_FIRTH_PREDICTORS
+
+    site = Site(tmp_path / "hk", n=120, v=30, policy=IRLS_OPT_IN)
+    agg = HostileAggregator(site.node_config)
+    sd = float(np.std(site.age, ddof=1))
+    cov = {"name": "age", "kind": "numeric", "mean": 50.0, "sd": sd}
+
+    def params(n_cov):
+        return {"phenotype": "D", "kind": "binary", "covariates": [dict(cov) for _ in range(n_cov)]}
+
+    big = MAX_FIRTH_PREDICTORS - 1  # p = 2 + covariates
+    with pytest.raises(Refusal, match=f"at most {MAX_FIRTH_PREDICTORS} predictors"):
+        agg.ask("glm_firth", params(big), {**idx(np.arange(4)), "beta": np.zeros((4, big + 2))})
+    ok = MAX_FIRTH_PREDICTORS - 2
+    try:
+        agg.ask("glm_firth", params(ok), {**idx(np.arange(4)), "beta": np.zeros((4, ok + 2))})
+    except Refusal as exc:  # a repeated covariate is collinear: other rules may refuse, never the cap
+        assert "predictors" not in str(exc)
