@@ -115,3 +115,75 @@ def test_compiled_kernel_refuses_mismatched_shapes() -> None:
         kernel.logistic_sums(g, terms, np.zeros((4, 4)), fill=np.zeros(3), with_loglik=False)
     with pytest.raises(ValueError):
         kernel.logistic_sums(g[:, :20], terms, np.zeros((4, 4)), fill=None, with_loglik=False)
+
+
+def _vcf_chunk(rng, n_rec: int, n: int, *, bad: bool = False) -> bytes:
+    """VCF data lines mixing every kind of call the fixed-width decoder must take or hand over."""
+    calls_ok = ["0/0", "0/1", "1/1", "0|1", "1|0", "./.", ".|.", "0/.", "./1"]
+    lines = []
+    for r in range(n_rec):
+        alts = ["A", "A,T", "A,T,G"][rng.integers(0, 3)] if r % 3 == 0 else "A"
+        k = alts.count(",") + 1
+        pool = calls_ok + ([f"0/{k}", f"{k}|1", f"{k}/{k}"] if k > 1 else [])
+        calls = [pool[i] for i in rng.integers(0, len(pool), n)]
+        kind = r % 7
+        if kind == 1:
+            calls[rng.integers(0, n)] = "0"  # haploid: not fixed width
+        elif kind == 2 and bad and r > 40:
+            calls[rng.integers(0, n)] = "0/x"  # invalid allele: the general path's error
+        elif kind == 3 and bad and r > 40:
+            calls[-1] = "1/2" if k == 1 else calls[-1]  # an allele beyond the record's ALTs
+        elif kind == 4 and bad and r > 40:
+            calls[rng.integers(0, n)] = "0-1"  # not a GT separator
+        fmt = "GT" if kind != 5 else "GT:DP"
+        if kind == 5:
+            calls = [c + ":7" for c in calls]
+        lines.append("\t".join(["1", str(100 + r), f"rs{r}", "C", alts, ".", "PASS", ".", fmt, *calls]))
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.skipif(kernel.name() != "compiled", reason="the compiled kernel was not built")
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_compiled_gt_decoder_parses_like_the_numpy_path(monkeypatch, tmp_path, n) -> None:
+    """parse_records with the compiled fixed-width decoder gives the numpy path's block: the same
+    dosages (multi-allelic records split, missing alleles), the same records sent to the general
+    path, and the same error for a call neither path can read."""
+    for bad in (False, True):
+        _compare_parses(monkeypatch, tmp_path, n, _vcf_chunk(np.random.default_rng(n), 60, n, bad=bad), bad)
+
+
+def _compare_parses(monkeypatch, tmp_path, n: int, chunk: bytes, bad: bool) -> None:
+    from fedgen.cohort.vcf import ParseStats, parse_records
+    from fedgen.errors import FedgenError
+
+    def parse(use_kernel: bool):
+        if not use_kernel:
+            monkeypatch.setattr(kernel, "_lib", lambda: None)
+        stats = ParseStats()
+        try:
+            out = parse_records(chunk, n, first_line=1, path=tmp_path / "x.vcf", stats=stats)
+            return out, stats, None
+        except FedgenError as exc:
+            return None, stats, str(exc)
+        finally:
+            monkeypatch.undo()
+
+    (a, sa, ea), (b, sb, eb) = parse(True), parse(False)
+    assert ea == eb
+    assert (ea is not None) == bad  # the clean chunk parses; the bad one fails the same way in both
+    if a is not None:
+        np.testing.assert_array_equal(a.dosage, b.dosage)
+        assert a.chrom == b.chrom and list(a.pos) == list(b.pos) and a.alt == b.alt
+        assert sa == sb and sa.multiallelic > 0
+
+
+@pytest.mark.skipif(kernel.name() != "compiled", reason="the compiled kernel was not built")
+def test_compiled_gt_decoder_refuses_out_of_bounds_records() -> None:
+    dosage = np.zeros((2, 3), dtype=np.int8)
+    chunk = b"0/1\t1/1\t0/0"
+    with pytest.raises(ValueError):
+        kernel.decode_gt(chunk, np.array([2]), np.array([0]), np.array([1]), dosage)  # runs past the chunk
+    with pytest.raises(ValueError):
+        kernel.decode_gt(chunk, np.array([0]), np.array([1]), np.array([2]), dosage)  # past the output rows
+    assert kernel.decode_gt(chunk, np.array([0]), np.array([0]), np.array([1]), dosage).tolist() == [True]
+    assert dosage[0].tolist() == [1, 2, 0]

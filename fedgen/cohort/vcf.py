@@ -384,6 +384,17 @@ def parse_records(
         line_no += 1
     dosage = np.full((len(pos), n), -1, dtype=np.int8)
     slow: list[tuple[int, int, int, int]] = []
+    if fixed_rows and n:
+        from fedgen.stats import kernel
+
+        done = kernel.decode_gt(chunk, np.array([s0 for _, s0, _ in fixed_rows], dtype=np.int64),
+                                np.array([r for r, _, _ in fixed_rows], dtype=np.int64),
+                                np.array([k for _, _, k in fixed_rows], dtype=np.int64), dosage)
+        if done is not None:  # the compiled decoder: the records it could not take go the general way
+            for j in np.flatnonzero(~done).tolist():
+                r, s0, k = fixed_rows[j]
+                other_rows.append((r, s0, s0 + width, True, k))
+            fixed_rows = []
     if fixed_rows:
         buf = np.empty((len(fixed_rows), n, 4), dtype=np.uint8)
         flat = buf.reshape(len(fixed_rows), 4 * n)

@@ -1,4 +1,5 @@
-/* fedgen's compiled site kernel: one site's logistic IRLS sums for a block of variants.
+/* fedgen's compiled site kernels: one site's logistic IRLS sums for a block of variants, and
+ * (at the end of this file) the decoding of a VCF's fixed-width GT calls.
  *
  * The same sums as fedgen.stats.glm.site_logistic_partials (numpy), fused per variant so that
  * a sample's fitted value, weight and residual are computed once and reduced at once, instead
@@ -144,5 +145,43 @@ FEDGEN_CLONES void fedgen_logistic_sums(int64_t V, int64_t N, int64_t k, const i
         for (int64_t c = 0; c < k; c++) h[p + 2 + c] = h[(2 + c) * p + 1] = dot(gd, Ct + c * N, N);
         n[v] = (int64_t)(cnt + 0.5);
         neff[v] = sww > 0.0 ? sw * sw / sww : 0.0;
+    }
+}
+
+/* ------------------------------------------------------------------ VCF genotype calls
+ *
+ * fedgen.cohort.vcf.parse_records' fast path: records whose sample columns are all fixed-width
+ * GT calls ("a/b" or "a|b", one character per allele, '.' missing, tab-separated). The same
+ * decoding as its numpy code, in one pass: a record with any other call is flagged (row_ok 0),
+ * left unwritten, and parsed by the general path.
+ *
+ * chunk   the decompressed text; record r's sample columns start at starts[r] and are 4n - 1
+ *         bytes long (the caller checked both)
+ * rows    first output row of record r; nalt[r] its ALT count: row rows[r] + j - 1 gets the
+ *         copies of ALT j (the other ALTs count as REF, as `bcftools norm -m-any` splits)
+ * dosage  (rows, n) int8 out: 0/1/2, -1 for a call with a missing allele
+ */
+static inline int allele_of(uint8_t c) { return c >= '0' && c <= '9' ? c - '0' : (c == '.' ? -1 : 99); }
+
+void fedgen_decode_gt(const uint8_t *chunk, int64_t n_rec, int64_t n, const int64_t *starts, const int64_t *rows,
+                      const int64_t *nalt, int8_t *dosage, uint8_t *row_ok) {
+    for (int64_t r = 0; r < n_rec; r++) {
+        const uint8_t *s = chunk + starts[r];
+        const int64_t k = nalt[r];
+        int ok = k >= 1;
+        for (int64_t i = 0; i < n && ok; i++) {
+            const uint8_t *c = s + 4 * i;
+            ok = (c[1] == '/' || c[1] == '|') && (i == n - 1 || c[3] == '\t') && allele_of(c[0]) <= k
+                 && allele_of(c[2]) <= k;
+        }
+        row_ok[r] = (uint8_t)ok;
+        if (!ok) continue;
+        for (int64_t j = 1; j <= k; j++) {
+            int8_t *out = dosage + (rows[r] + j - 1) * n;
+            for (int64_t i = 0; i < n; i++) {
+                const int a0 = allele_of(s[4 * i]), a1 = allele_of(s[4 * i + 2]);
+                out[i] = (a0 < 0 || a1 < 0) ? (int8_t)-1 : (int8_t)((a0 == j) + (a1 == j));
+            }
+        }
     }
 }

@@ -35,6 +35,9 @@ def _lib() -> Any:
             f.restype = None
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             f.argtypes = [i64, i64, i64] + [ptr] * 14
+            d = lib.fedgen_decode_gt
+            d.restype = None
+            d.argtypes = [ptr, i64, i64] + [ptr] * 5
             return lib
     return None
 
@@ -100,3 +103,25 @@ def logistic_sums(g: np.ndarray, terms: CovariateTerms, beta: np.ndarray, *, fil
     if with_loglik:
         out["loglik"] = loglik
     return out
+
+
+def decode_gt(chunk: bytes, starts: np.ndarray, rows: np.ndarray, nalt: np.ndarray, dosage: np.ndarray) -> np.ndarray | None:
+    """Fixed-width GT records decoded into ``dosage`` by the compiled kernel; returns which records
+    were (the rest need the general path), or None without the kernel. See ``fedgen_decode_gt``."""
+    lib = _lib()
+    if lib is None:
+        return None
+    n = dosage.shape[1]
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    nalt = np.ascontiguousarray(nalt, dtype=np.int64)
+    R = len(starts)
+    # the C code trusts these bounds: every record's calls inside the chunk, every output row inside dosage
+    if (dosage.dtype != np.int8 or not dosage.flags.c_contiguous or rows.shape != (R,) or nalt.shape != (R,)
+            or (R and (starts.min() < 0 or int(starts.max()) + 4 * n - 1 > len(chunk) or rows.min() < 0
+                       or int((rows + np.maximum(nalt, 1)).max()) > dosage.shape[0]))):
+        raise ValueError("decode_gt: records or output rows out of bounds")
+    ok = np.zeros(R, dtype=np.uint8)
+    buf = np.frombuffer(chunk, dtype=np.uint8)
+    lib.fedgen_decode_gt(_p(buf), R, n, _p(starts), _p(rows), _p(nalt), _p(dosage), _p(ok))
+    return ok.astype(bool)
