@@ -161,16 +161,17 @@ def run_study(grid: Grid, plan: dict[str, Any]) -> dict[str, Any]:
         return ping_study(plan, transport)
     if plan.get("task") == "rounds":
         return rounds_study(plan, transport)
-    _prewarm_imports()
     from fedgen.study.runner import run_plan
 
+    _prewarm_imports()
     return run_plan(plan, transport)
 
 
-# what a study imports only once its first results are in (tables, P values, plots, report):
-# imported in the background while the sites open their genotypes, not between two rounds
-_LATE_IMPORTS = ("scipy.stats", "fedgen.study.gwas", "fedgen.results.plots", "fedgen.results.sumstats",
-                 "fedgen.results.report", "plotly.graph_objects")
+# third-party packages a study imports only once its first results are in (P values, plots, the
+# report): imported in the background while the sites open their genotypes, not between two
+# rounds. Only packages that never import fedgen, and after fedgen's study modules are in, so
+# that the two threads cannot wait on each other's half-imported modules
+_LATE_IMPORTS = ("scipy.stats", "matplotlib", "matplotlib.pyplot", "pandas", "plotly.graph_objects")
 
 
 def _prewarm_imports() -> None:
@@ -180,11 +181,11 @@ def _prewarm_imports() -> None:
     def run() -> None:
         for name in _LATE_IMPORTS:
             try:
-                importlib.import_module(name)
-                if name == "fedgen.results.plots":
-                    from fedgen.results.plots import _plt
+                if name == "matplotlib.pyplot":
+                    import matplotlib
 
-                    _plt()  # matplotlib with the Agg backend, as the plots choose it
+                    matplotlib.use("Agg")  # as fedgen.results.plots chooses it
+                importlib.import_module(name)
             except Exception:  # noqa: BLE001 - only a head start: the study imports what it needs itself
                 log.debug("background import of %s failed", name, exc_info=True)
 
