@@ -87,7 +87,7 @@ def test_kernel_is_built_where_a_compiler_is() -> None:
 
 
 def test_design_memo_is_per_design() -> None:
-    """The memoised design products follow the arrays passed, never a previous design's."""
+    """A kernel's design products follow the arrays passed, never a previous design's."""
     rng = np.random.default_rng(4)
     g = rng.integers(0, 3, (6, 40)).astype(np.int8)
     beta = rng.normal(scale=0.3, size=(6, 4))

@@ -777,7 +777,8 @@ def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[di
     parts, cells = [], []
     atom_cells: list[list[np.ndarray]] = [[] for _ in req.rules.cell_structures]
     source = "dosage" if req.params.get("dosage") is True else "gt"
-    y_k, C_k = y[keep], C[keep]
+    design = glm.SiteDesign(y[keep], C[keep])  # checked once; its products are shared by every block
+    y_k, C_k = design.y, design.C
     pool = site_pool(cohort)
     with blas_single_threaded(pool is not None):
         for s, g, fill, c, atoms in _genotypes(cohort, req.arrays, keep, impute=impute,
@@ -787,11 +788,11 @@ def _glm_parts(cohort: Any, req: AnalysisRequest, fn, *per_row: str) -> tuple[di
                 fill = None if fill is None else 0.5 * fill
             extra = [None if rows[k] is None else rows[k][s : s + len(g)] for k in per_row]
             if pool is None:
-                parts.append(fn(g, y_k, C_k, *extra, fill=fill))
+                parts.append(fn(g, y_k, C_k, *extra, fill=fill, design=design))
             else:  # the site's cores share the block: numpy and BLAS release the GIL
                 chunks = chunk_slices(len(g), glm.block_rows(len(y_k)))
                 parts.extend(pool.map(lambda sl: fn(g[sl], y_k, C_k, *[None if e is None else e[sl] for e in extra],
-                                                    fill=None if fill is None else fill[sl]), chunks))
+                                                    fill=None if fill is None else fill[sl], design=design), chunks))
             cells.append(c)
             for k, a in enumerate(atoms):
                 atom_cells[k].append(a)
@@ -832,8 +833,8 @@ def glm_linear(cohort: Any, req: AnalysisRequest):
 def glm_logistic(cohort: Any, req: AnalysisRequest):
     _beta(req.arrays)
 
-    def kernel(g, y, C, beta, *, fill):
-        return glm.site_logistic_partials(g, y, C, beta, with_loglik=False, fill=fill)
+    def kernel(g, y, C, beta, *, fill, design):
+        return glm.site_logistic_partials(g, y, C, beta, with_loglik=False, fill=fill, design=design)
 
     return _glm_parts(cohort, req, kernel, "beta")
 

@@ -57,9 +57,6 @@ Residual differences from PLINK (measured on the fixtures of ``tests/test_glm.py
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +66,7 @@ from fedgen.stats import kernel as _kernel
 from fedgen.stats.pvalues import t_ln_p, z_ln_p
 
 __all__ = [
+    "SiteDesign",
     "site_linear_suffstats",
     "linear_from_suffstats",
     "site_logistic_partials",
@@ -105,67 +103,57 @@ def _as_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if g.ndim != 2:
         raise ValueError("g must be (variants, samples)")
     y = np.asarray(y, dtype=np.float64).reshape(-1)
-    n = g.shape[1]
-    C = np.zeros((n, 0)) if C is None else np.asarray(C, dtype=np.float64).reshape(n, -1)
-    if y.shape[0] != n:
+    if y.shape[0] != g.shape[1]:
         raise ValueError("y and g disagree on the number of samples")
+    return (g, *_as_design(y, C))
+
+
+def _as_design(y: Any, C: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    n = y.shape[0]
+    C = np.zeros((n, 0)) if C is None else np.asarray(C, dtype=np.float64).reshape(n, -1)
     if np.isnan(y).any() or np.isnan(C).any():
         raise ValueError("drop samples with a missing phenotype or covariate before calling")
-    return g, y, C
+    return y, C
 
 
-_DESIGN_MEMO: OrderedDict[tuple[int, int], tuple[Any, Any, dict[str, Any]]] = OrderedDict()
-_DESIGN_LOCK = threading.Lock()
+class SiteDesign:
+    """One request's design at a site: the checked phenotype ``y`` and covariates ``C``, and the
+    sample-level products the kernels multiply by, each built on first use. A site builds one per
+    request and passes it to every block's kernel call (``design=``), so those products are made
+    once per request, not once per block; a kernel called without one builds its own."""
 
+    def __init__(self, y: Any, C: Any) -> None:
+        self.y, self.C = _as_design(y, C)
+        self._terms: _SiteTerms | None = None
+        self._triples: _TripleTerms | None = None
+        self._kernel_terms: Any = None
 
-def _design_memo(y: Any, C: Any) -> dict[str, Any]:
-    """Per-design work shared by every block and round of a request: checked ``y``/``C`` and the
-    sample-level products the kernels multiply by. Keyed by the caller's array objects (a site
-    passes the same design arrays to every block); arrays that cannot be weakly referenced, or a
-    design the caller has since dropped, get a fresh entry. Design arrays are never modified.
+    def check(self, g: Any) -> np.ndarray:
+        g = np.asarray(g)
+        if g.ndim != 2:
+            raise ValueError("g must be (variants, samples)")
+        if g.shape[1] != self.y.shape[0]:
+            raise ValueError("y and g disagree on the number of samples")
+        return g
 
-    An entry holds only copies (see :func:`_checked_inputs`), never the caller's arrays, so a
-    design dies with its request and its entry, whose products can be large (Firth's triple
-    products are O(k³ N)), is dropped at the next call instead of being kept until eight newer
-    designs push it out (red team 4)."""
-    try:
-        refs = (weakref.ref(y), None if C is None else weakref.ref(C))
-    except TypeError:
-        return {}
-    key = (id(y), id(C))
-    with _DESIGN_LOCK:
-        for dead in [k for k, (ry, rc, _) in _DESIGN_MEMO.items() if ry() is None or (rc is not None and rc() is None)]:
-            del _DESIGN_MEMO[dead]
-        hit = _DESIGN_MEMO.get(key)
-        if hit is not None and hit[0]() is y and (C is None if hit[1] is None else hit[1]() is C):
-            _DESIGN_MEMO.move_to_end(key)
-            return hit[2]
-        memo: dict[str, Any] = {}
-        _DESIGN_MEMO[key] = (*refs, memo)
-        while len(_DESIGN_MEMO) > 8:
-            _DESIGN_MEMO.popitem(last=False)
-    return memo
+    @property
+    def terms(self) -> _SiteTerms:
+        if self._terms is None:
+            self._terms = _SiteTerms(self.y, self.C)
+        return self._terms
 
+    @property
+    def triples(self) -> _TripleTerms:
+        if self._triples is None:
+            self._triples = _TripleTerms(self.C)
+        return self._triples
 
-def _memo_get(memo: dict[str, Any], name: str, build: Any) -> Any:
-    val = memo.get(name)
-    if val is None:
-        val = memo[name] = build()
-    return val
-
-
-def _checked_inputs(g: Any, y: Any, C: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """:func:`_as_inputs` with the design's checks and products memoised (see :func:`_design_memo`)."""
-    memo = _design_memo(y, C)
-    g = np.asarray(g)
-    if g.ndim != 2:
-        raise ValueError("g must be (variants, samples)")
-    checked = memo.get("inputs")
-    if checked is None or checked[0].shape[0] != g.shape[1]:
-        # copies: the memo must not keep the caller's design alive (nor see it change later)
-        checked = tuple(np.array(a, copy=True) for a in _as_inputs(g, y, C)[1:])
-        memo["inputs"] = checked
-    return g, checked[0], checked[1], memo
+    @property
+    def kernel_terms(self) -> Any:
+        if self._kernel_terms is None:
+            self._kernel_terms = _kernel.CovariateTerms(self.y, self.C)
+        return self._kernel_terms
 
 
 def block_rows(n_samples: int) -> int:
@@ -372,7 +360,8 @@ def _invalid_cov(cov: np.ndarray) -> np.ndarray:
 
 
 # =============================================================================== linear
-def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None) -> dict[str, np.ndarray]:
+def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None, design: SiteDesign | None = None
+                          ) -> dict[str, np.ndarray]:
     """One site's partial sums for linear regression of ``y`` on ``[1, g, C]``.
 
     Parameters
@@ -386,6 +375,9 @@ def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None) -> dict[s
         Covariates (no NaN).
     fill : (V,) float or None
         Imputation value per variant: a missing call takes it instead of dropping the sample.
+    design : SiteDesign, optional
+        The request's checked ``y``/``C`` (and products), shared by its blocks; ``y`` and ``C``
+        are then not checked again.
 
     Returns
     -------
@@ -393,7 +385,10 @@ def site_linear_suffstats(g: Any, y: Any, C: Any, *, fill: Any = None) -> dict[s
         ``XtX`` (V, p, p), ``Xty`` (V, p), ``yty`` (V,), ``n`` (V,) int64 — sums over this
         site's samples; add them across sites.
     """
-    g, y, C = _as_inputs(g, y, C)
+    if design is not None:
+        g, y, C = design.check(g), design.y, design.C
+    else:
+        g, y, C = _as_inputs(g, y, C)
     V, N = g.shape
     k = C.shape[1]
     p = 2 + k
@@ -544,8 +539,8 @@ class _SiteTerms:
         return out
 
 
-def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bool = True, fill: Any = None
-                           ) -> dict[str, np.ndarray]:
+def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bool = True, fill: Any = None,
+                           design: SiteDesign | None = None) -> dict[str, np.ndarray]:
     """One site's IRLS sums at ``beta``: Hessian, gradient, sample count, log-likelihood.
 
     Parameters
@@ -560,6 +555,8 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
         Coefficients to evaluate, ``[intercept, genotype, covariates...]``.
     with_loglik : bool, default True
         Also return the log-likelihood (the IRLS driver does not need it).
+    design : SiteDesign, optional
+        As :func:`site_linear_suffstats`.
 
     Returns
     -------
@@ -567,15 +564,15 @@ def site_logistic_partials(g: Any, y: Any, C: Any, beta: Any, *, with_loglik: bo
         ``H`` (V, p, p) = XᵀVX with V = diag(p(1-p)); ``grad`` (V, p) = Xᵀ(p - y) (PLINK's
         sign: the step is β ← β - H⁻¹ grad); ``n`` (V,) samples used; ``loglik`` (V,).
     """
-    g, y, C, memo = _checked_inputs(g, y, C)
+    d = design if design is not None else SiteDesign(y, C)
+    g, y, C = d.check(g), d.y, d.C
     beta = np.asarray(beta, dtype=np.float64)
-    fast = _kernel.logistic_sums(g, _memo_get(memo, "kernel", lambda: _kernel.CovariateTerms(y, C)), beta,
-                                 fill=fill, with_loglik=with_loglik) if g.dtype == np.int8 else None
+    fast = _kernel.logistic_sums(g, d.kernel_terms, beta, fill=fill, with_loglik=with_loglik) if g.dtype == np.int8 else None
     if fast is not None:
         return fast
     V, N = g.shape
     p = 2 + C.shape[1]
-    terms = _memo_get(memo, "terms", lambda: _SiteTerms(y, C))
+    terms = d.terms
     H = np.zeros((V, p, p))
     grad = np.zeros((V, p))
     loglik = np.zeros(V)
@@ -875,7 +872,8 @@ def firth_score(U: Any, T: Any, Iinv: Any) -> np.ndarray:
     return U + np.einsum("vjkl,vkl->vj", unpack_triples(T, p), Iinv)
 
 
-def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None) -> dict[str, np.ndarray]:
+def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None,
+                        design: SiteDesign | None = None) -> dict[str, np.ndarray]:
     """One site's Firth sums at ``beta``: everything one Firth evaluation needs, in one round.
 
     Parameters
@@ -884,6 +882,8 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None) 
         As :func:`site_logistic_partials`.
     beta : (V, p) float
         Coefficients to evaluate.
+    design : SiteDesign, optional
+        As :func:`site_linear_suffstats`.
 
     Returns
     -------
@@ -893,13 +893,13 @@ def site_firth_partials(g: Any, y: Any, C: Any, beta: Any, *, fill: Any = None) 
         (v = p(1 − p); missing calls excluded). :func:`firth_score` turns the pooled sums into
         Firth's modified score.
     """
-    g, y, C, memo = _checked_inputs(g, y, C)
+    d = design if design is not None else SiteDesign(y, C)
+    g, y, C = d.check(g), d.y, d.C
     beta = np.asarray(beta, dtype=np.float64)
     V, N = g.shape
     k = C.shape[1]
     p = 2 + k
-    terms = _memo_get(memo, "terms", lambda: _SiteTerms(y, C))
-    triples = _memo_get(memo, "triples", lambda: _TripleTerms(C))
+    terms, triples = d.terms, d.triples
     info = np.zeros((V, p, p))
     loglik = np.zeros(V)
     n = np.zeros(V, dtype=np.int64)

@@ -284,9 +284,10 @@ def test_a_crowd_of_non_carriers_does_not_unlock_one_carriers_covariates(tmp_pat
 
 
 def test_the_design_memo_keeps_no_design_alive():
-    """Each site request builds its design afresh (y[keep], C[keep]), so a memo entry is never hit
-    by a later request; before red team 4 every entry held views of the caller's arrays, which kept
-    the last eight designs and their products (Firth's are O(k³ N)) alive after their requests."""
+    """A design's products live in the request's own SiteDesign and die with it: no module-level
+    memo keeps a finished request's design (Firth's products are O(k³ N)) alive. Before red team 4
+    a memo held views of the last eight designs; the memo is now gone, and blocks that share one
+    SiteDesign get exactly the sums of calls that build their own."""
     import gc
     import weakref
 
@@ -300,18 +301,20 @@ def test_the_design_memo_keeps_no_design_alive():
     ry, rc = weakref.ref(y), weakref.ref(C)
     del y, C
     gc.collect()
-    assert ry() is None and rc() is None, "the memo keeps a finished request's design alive"
-    y2, C2 = (rng.random(30) < 0.5).astype(float), rng.normal(size=(30, 2))
-    glm.site_logistic_partials(g, y2, C2, beta)
-    for ref_y, ref_c, _ in glm._DESIGN_MEMO.values():
-        assert ref_y() is not None and (ref_c is None or ref_c() is not None), "a dead design's entry is kept"
-    # an array reused by identity but changed in place is served as first seen, consistently (copies)
+    assert ry() is None and rc() is None, "a finished request's design is kept alive"
+    assert not [k for k in vars(glm) if "MEMO" in k.upper()], "a module-level design memo is back"
     y3, C3 = (rng.random(30) < 0.5).astype(float), rng.normal(size=(30, 2))
-    a = glm.site_logistic_partials(g, y3, C3, beta)
-    C3 *= 2.0
-    b = glm.site_logistic_partials(g, y3, C3, beta)
-    np.testing.assert_array_equal(a["H"], b["H"])
-    assert first["H"].shape == a["H"].shape
+    design = glm.SiteDesign(y3, C3)
+    for fn in (glm.site_logistic_partials, glm.site_firth_partials, glm.site_linear_suffstats):
+        args = (beta,) if fn is not glm.site_linear_suffstats else ()
+        shared = [fn(g[sl], y3, C3, *(a[sl] for a in args), design=design) for sl in (slice(0, 1), slice(1, 3))]
+        fresh = [fn(g[sl], y3, C3, *(a[sl] for a in args)) for sl in (slice(0, 1), slice(1, 3))]
+        for a, b in zip(shared, fresh):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError):  # a block of another sample count never meets this design
+        glm.site_logistic_partials(g[:, :-1], y3, C3, beta, design=design)
+    assert first["H"].shape == (3, 4, 4)
 
 
 def test_sample_set_changes_between_requests_are_never_served_stale_products(tmp_path, which_kernel):
