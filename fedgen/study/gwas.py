@@ -454,41 +454,34 @@ def _logistic_rows(ctx, aln, rows, a1_ref, params, out: Path | None, *, n_cov: i
         if new.size:
             firths.append((new, glm.FirthDriver(new.size, n_pred, obs_ct=drv.obs_ct[new])))
             started[new] = True
-        steps: list[tuple[Any, np.ndarray, list[Request]]] = []
+        # per driver, its levels: (rows, requests); a Firth driver adds the rest of running
+        # step-halving ladders as further levels (each request names a variant once)
+        steps: list[tuple[Any, list[tuple[np.ndarray, list[Request]]]]] = []
         if not drv.done:
             act = np.flatnonzero(drv.active)
-            steps.append((drv, act, row_requests(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params,
-                                                 {"beta": drv.beta[act]})))
+            steps.append((drv, [(act, row_requests(ctx, "glm_logistic", aln, rows[act], a1_ref[act], params,
+                                                   {"beta": drv.beta[act]}))]))
         for fidx, fd in firths:
             if not fd.done:
-                # one request set per level: the active rows, then the rest of running step-halving
-                # ladders (each request names a variant once)
-                levels = [(fidx[act], row_requests(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]], params,
-                                                   {"beta": beta}))
-                          for act, beta in fd.evaluations()]
-                steps.append((fd, levels[0][0], [r for _, reqs in levels for r in reqs], levels))
+                steps.append((fd, [(fidx[act], row_requests(ctx, "glm_firth", aln, rows[fidx[act]], a1_ref[fidx[act]],
+                                                             params, {"beta": beta}))
+                                   for act, beta in fd.evaluations()]))
         if not steps:
             break
-        replies = yield [r for _, _, reqs, *_ in steps for r in reqs]
+        replies = yield [r for _, levels in steps for _, reqs in levels for r in reqs]
         rounds += 1
         pos = 0
-        for driver, target, reqs, *extra in steps:
-            if isinstance(driver, glm.FirthDriver):
-                level_sums, usable = [], []
-                for k, (tgt, lreqs) in enumerate(extra[0]):
-                    sums = combine_blocks(replies[pos : pos + len(lreqs)], unpack_symmetric)
-                    pos += len(lreqs)
-                    w = _withheld(sums, len(tgt))
-                    if k == 0:
-                        held[tgt] |= w
-                    level_sums.append((sums["I"], sums["loglik"], sums["U"], sums["T"]))
-                    usable.append(~w)
-                driver.step_levels(level_sums, usable)
-            else:
-                sums = combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric)
+        for driver, levels in steps:
+            level_sums = []
+            for k, (target, reqs) in enumerate(levels):
+                level_sums.append(combine_blocks(replies[pos : pos + len(reqs)], unpack_symmetric))
                 pos += len(reqs)
-                held[target] |= _withheld(sums, len(target))
-                driver.step(sums["H"], sums["grad"])
+            withheld = [_withheld(sums, len(target)) for sums, (target, _) in zip(level_sums, levels)]
+            held[levels[0][0]] |= withheld[0]  # a speculative level's withheld rows are asked again
+            if isinstance(driver, glm.FirthDriver):
+                driver.step_levels([(t["I"], t["loglik"], t["U"], t["T"]) for t in level_sums], [~w for w in withheld])
+            else:
+                driver.step(level_sums[0]["H"], level_sums[0]["grad"])
     res = drv.results()
     firth = res["needs_firth"].copy()
     for fidx, fd in firths:

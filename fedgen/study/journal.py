@@ -219,11 +219,15 @@ class Journal:
         self.flush()
         return {"rounds_replayed": self.rounds_replayed, "rounds_live": self.rounds_live}
 
-    def close(self) -> None:
+    def _settle(self) -> None:
+        """The last write finished (its error logged: the study has ended either way)."""
         try:
             self.flush()
         except FedgenError as exc:
             log.error("%s", exc)
+
+    def close(self) -> None:
+        self._settle()
         if self._lock_fd >= 0:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -233,10 +237,7 @@ class Journal:
 
     def abandon(self) -> None:
         """The study failed: keep the journal for a relaunch, unless it holds no round at all."""
-        try:
-            self.flush()  # the last round's write
-        except FedgenError as exc:
-            log.error("%s", exc)
+        self._settle()  # the last round's write
         if self._end == 0:
             self.remove()
         else:
