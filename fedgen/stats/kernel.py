@@ -3,7 +3,8 @@
 ``pip install`` builds it where a C compiler is available (``setup.py``, an optional
 extension). Without it, :func:`logistic_sums` returns None and the numpy kernel in
 :mod:`fedgen.stats.glm` computes the same sums. ``FEDGEN_KERNEL=numpy`` turns the compiled kernel
-off (for comparisons); :func:`name` says which one a process uses (recorded in ``site_info``).
+off (for comparisons); :func:`name` says which one a process uses (a site worker logs a warning
+at start when it is ``numpy``).
 """
 
 from __future__ import annotations
